@@ -1,0 +1,116 @@
+"""lfq.py against brute-force enumeration of the codebook (REFERENCE.md section 2)."""
+import itertools
+
+import pytest
+import torch
+
+from lfq import (LFQ, CodebookUsage, codes_to_indices, entropy_terms, indices_to_codes, join_index,
+                 split_index)
+
+
+def brute_force_entropies(z, inv_temperature):
+    """float64 enumeration of all 2^d codes: p(c | z) = softmax(2 z.c * inv_temperature)."""
+    z = z.reshape(-1, z.shape[-1]).double()
+    d = z.shape[1]
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d)), dtype=torch.float64)  # (2^d, d)
+    p = torch.softmax(2 * z @ codes.T * inv_temperature, dim=-1)                                # (T, 2^d)
+    per_sample = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
+    avg = p.mean(0)
+    codebook = -(avg * avg.clamp_min(1e-300).log()).sum()
+    return per_sample.item(), codebook.item()
+
+
+def test_index_code_round_trip():
+    idx = torch.randint(0, 2 ** 18, (4, 100))
+    codes = indices_to_codes(idx, 18)
+    assert set(codes.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(codes_to_indices(codes), idx)
+    # channel 0 is the least significant bit
+    code = -torch.ones(18)
+    code[0], code[3] = 1, 1
+    assert codes_to_indices(code).item() == 1 + 8
+
+
+def test_subtoken_split_round_trip():
+    idx = torch.randint(0, 2 ** 18, (1000,))
+    pre, post = split_index(idx, 6)
+    assert pre.max() < 64 and post.max() < 4096
+    assert torch.equal(join_index(pre, post, 6), idx)
+    assert split_index(torch.tensor([64 * 5 + 3]))[0].item() == 3
+
+
+@pytest.mark.parametrize("d,inv_t,scale", [(4, 100.0, 0.01), (7, 100.0, 0.02), (10, 100.0, 0.005), (10, 1.0, 1.0),
+                                            (9, 100.0, 1.0)])
+def test_entropy_terms_equal_brute_force(d, inv_t, scale):
+    torch.manual_seed(d)
+    z = torch.randn(3, 37, d) * scale
+    per_sample, codebook = entropy_terms(z, inv_t)
+    ps_ref, cb_ref = brute_force_entropies(z, inv_t)
+    assert per_sample.item() == pytest.approx(ps_ref, rel=1e-4, abs=1e-5)
+    assert codebook.item() == pytest.approx(cb_ref, rel=1e-4, abs=1e-5)
+
+
+def test_entropy_gradient_matches_brute_force():
+    torch.manual_seed(0)
+    z = (torch.randn(20, 6) * 0.01).requires_grad_()
+    ps, cb = entropy_terms(z, 100.0)
+    (ps - cb).backward()
+    z64 = z.detach().double().requires_grad_()
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=6)), dtype=torch.float64)
+    p = torch.softmax(2 * z64 @ codes.T * 100.0, dim=-1)
+    avg = p.mean(0)
+    ((-(p * p.log()).sum(-1).mean()) + (avg * avg.log()).sum()).backward()
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_entropy_terms_scale_to_d18_without_materialising():
+    z = torch.randn(8192, 18)
+    per_sample, codebook = entropy_terms(z)
+    assert torch.isfinite(per_sample) and torch.isfinite(codebook)
+    assert 0 <= codebook.item() <= 18 * torch.log(torch.tensor(2.0)).item() + 1e-4
+
+
+def test_straight_through_gradient_is_identity_and_commitment_value():
+    torch.manual_seed(0)
+    lfq = LFQ(dim=18, entropy_weight=0.0, commit_weight=0.25)
+    z = torch.randn(2, 5, 18, requires_grad=True)
+    out = lfq(z)
+    assert torch.equal(out.z_q.detach(), torch.sign(z.detach()))
+    assert torch.equal(out.indices, codes_to_indices(z.detach()))
+    g = torch.randn_like(z)
+    (out.z_q * g).sum().backward()
+    torch.testing.assert_close(z.grad, g)
+    expected = ((z.detach() - torch.sign(z.detach())) ** 2).mean()
+    torch.testing.assert_close(out.commitment, expected)
+    torch.testing.assert_close(out.loss, 0.25 * expected)
+
+
+def test_loss_is_weighted_sum():
+    torch.manual_seed(1)
+    lfq = LFQ(dim=8, entropy_weight=0.1, commit_weight=0.25)
+    out = lfq(torch.randn(4, 9, 8) * 0.1)
+    want = 0.1 * (out.per_sample_entropy - out.codebook_entropy) + 0.25 * out.commitment
+    torch.testing.assert_close(out.loss, want)
+
+
+def test_bf16_autocast():
+    lfq = LFQ()
+    z = torch.randn(2, 16, 18, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lfq(torch.nn.functional.linear(z, torch.eye(18)))
+    out.loss.backward()
+    assert torch.isfinite(z.grad).all() and out.loss.dtype == torch.float32
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="18 channels"):
+        LFQ()(torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="indices must lie"):
+        indices_to_codes(torch.tensor([2 ** 18]), 18)
+
+
+def test_codebook_usage_accumulates():
+    usage = CodebookUsage(16)
+    usage.update(torch.tensor([[0, 1], [1, 3]]))
+    usage.update(torch.tensor([3, 15]))
+    assert usage.gather().fraction == pytest.approx(4 / 16)

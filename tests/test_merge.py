@@ -1,0 +1,169 @@
+"""merge.py against brute force and its invariants (REFERENCE.md section 1)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from merge import (KeptTokenSampler, assignment_to_source, bipartite_soft_matching, merge_assignment,
+                   merge_schedule, merge_source, merge_wavg, recover, size_bias, source_to_assignment)
+
+
+def brute_force_merge(metric, x, r, class_token=False):
+    """ToMe by loops: returns the merged tokens (size-weighted mean of every group) in ToMe's output order."""
+    N = metric.shape[0]
+    A, Bset = list(range(0, N, 2)), list(range(1, N, 2))
+    best = {}
+    for a in A:
+        if class_token and a == 0:
+            best[a] = (-math.inf, None)
+            continue
+        scores = [(F.cosine_similarity(metric[a], metric[b], dim=0).item(), b) for b in Bset]
+        best[a] = max(scores)
+    r = min(r, (N - (1 if class_token else 0)) // 2)
+    ranked = sorted(A, key=lambda a: -best[a][0])
+    merged, kept = ranked[:r], ranked[r:]
+    if class_token:
+        kept = sorted(kept)
+    groups = [[a] for a in kept] + [[b] + [a for a in merged if best[a][1] == b] for b in Bset]
+    out = torch.stack([x[g].mean(0) for g in groups])
+    return out, groups
+
+
+@pytest.mark.parametrize("N,r,class_token", [(16, 5, False), (17, 8, True), (64, 20, True), (10, 30, False)])
+def test_matching_equals_brute_force(N, r, class_token):
+    torch.manual_seed(N + r)
+    metric, x = torch.randn(N, 8), torch.randn(N, 3)
+    merge, _ = bipartite_soft_matching(metric[None], r, class_token=class_token)
+    got, size = merge_wavg(merge, x[None])
+    want, groups = brute_force_merge(metric, x, r, class_token)
+    torch.testing.assert_close(got[0], want)
+    torch.testing.assert_close(merge(x[None], mode="mean")[0], want)      # plain mean == size-weighted at size 1
+    group_max = torch.stack([x[g].amax(0) for g in groups])
+    torch.testing.assert_close(merge(x[None], mode="amax")[0], group_max)  # the ToMe gather/scatter path
+    assert size[0, :, 0].tolist() == [float(len(g)) for g in groups]
+    if class_token:
+        torch.testing.assert_close(got[0, 0], x[0])  # the class token stays first, unmerged
+
+
+def test_size_sums_to_N_and_source_partitions():
+    torch.manual_seed(0)
+    B, N, C = 3, 64, 16
+    x = torch.randn(B, N, C)
+    size, source, assign = None, None, None
+    for r in merge_schedule(N, 10, 6):
+        merge, _ = bipartite_soft_matching(x, r)
+        source = merge_source(merge, x, source)
+        assign = merge_assignment(merge, assign)
+        x, size = merge_wavg(merge, x, size)
+    assert x.shape == (B, 10, C)
+    torch.testing.assert_close(size.sum(dim=(1, 2)), torch.full((B,), float(N)))
+    assert set(source.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(source.sum(dim=1) == 1)                               # every column exactly one 1
+    torch.testing.assert_close(source.sum(dim=2), size[..., 0])            # row sums are the sizes
+    # cheap assignment tracking gives the very same source as the dense ToMe tracking
+    assert torch.equal(assignment_to_source(assign, 10), source)
+    assert torch.equal(source_to_assignment(source), assign)
+
+
+def test_recover_after_merge_is_exact_on_group_constant_input():
+    torch.manual_seed(1)
+    B, N, C, K = 2, 100, 8, 12
+    metric = torch.randn(B, N, C)
+    merges, assign, tokens = [], None, metric
+    for r in merge_schedule(N, K, 5):
+        merge, _ = bipartite_soft_matching(tokens, r)
+        tokens, _ = merge_wavg(merge, tokens)
+        merges.append(merge)
+        assign = merge_assignment(merge, assign)
+    # an input that is constant within each final merged group: merging it and recovering gives it back
+    values = torch.randn(B, K, 5)
+    x = values.gather(1, assign[..., None].expand(B, N, 5))               # (B, N, 5)
+    size, z = None, x
+    for merge in merges:
+        z, size = merge_wavg(merge, z, size)
+    source = assignment_to_source(assign, K)
+    torch.testing.assert_close(recover(z, source), x)
+    # a generic input is not recovered exactly (recover is not the identity)
+    assert not torch.allclose(recover(torch.randn(B, K, 5), source), x)
+
+
+def test_unmerge_gives_each_token_its_group_value():
+    torch.manual_seed(2)
+    x = torch.randn(2, 20, 4)
+    merge, unmerge = bipartite_soft_matching(x, 7)
+    z, _ = merge_wavg(merge, x)
+    full = unmerge(z)
+    source = merge_source(merge, x)
+    torch.testing.assert_close(full, recover(z, source))
+
+
+def test_proportional_attention_equals_attention_over_duplicated_keys():
+    """softmax(q k^T + log s) over merged keys == softmax over the original keys when groups are constant."""
+    torch.manual_seed(3)
+    B, K, N, d = 2, 6, 15, 8
+    assign = torch.cat([torch.arange(K), torch.randint(0, K, (N - K,))])[None].repeat(B, 1)  # every group non-empty
+    k_merged, v_merged = torch.randn(B, K, d), torch.randn(B, K, d)
+    k_full = k_merged.gather(1, assign[..., None].expand(B, N, d))          # duplicated keys, (B, N, d)
+    v_full = v_merged.gather(1, assign[..., None].expand(B, N, d))
+    size = assignment_to_source(assign, K).sum(-1, keepdim=True)            # (B, K, 1)
+    q = torch.randn(B, 1, 4, d)                                             # (B, heads, queries, d)
+    merged = F.scaled_dot_product_attention(q, k_merged[:, None], v_merged[:, None], attn_mask=size_bias(size))
+    plain = F.scaled_dot_product_attention(q, k_full[:, None], v_full[:, None])
+    torch.testing.assert_close(merged, plain)
+    unbiased = F.scaled_dot_product_attention(q, k_merged[:, None], v_merged[:, None])
+    assert not torch.allclose(unbiased, plain)                              # without the bias it differs
+
+
+@pytest.mark.parametrize("N,K,kind", [(1024, 256, "square"), (256, 144, "square"), (256, 36, "square"),
+                                      (1024, 256, "linear"), (256, 144, "linear"), (256, 36, "linear"),
+                                      (256, 256, "square"), (1024, 1, "square")])
+def test_schedules_for_table_A1(N, K, kind):
+    r = merge_schedule(N, K, 12, kind)
+    assert len(r) == 12 and sum(r) == N - K and min(r) >= 0
+    tokens = N
+    for rl in r:
+        assert rl <= tokens // 2
+        tokens -= rl
+    if kind == "square" and K < N and N - K > 100:
+        assert r[0] > r[5] > r[-1]                                          # decreasing
+    if kind == "linear" and K < N:
+        mean = (N - K) / 12
+        assert abs(r[-1] - 0.5 * mean) <= 1.5 and 1.5 * mean - 1 <= r[0] <= 1.5 * mean + 12  # + remainder
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="keep must be"):
+        merge_schedule(256, 0, 12)
+    with pytest.raises(ValueError, match="keep must be"):
+        merge_schedule(256, 300, 12)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_schedule(1024, 1, 3)
+    with pytest.raises(ValueError, match="kind"):
+        merge_schedule(256, 36, 12, "cubic")
+
+
+@pytest.mark.parametrize("kind,low,high", [("exponential", -1, 7), ("gaussian", -1, 4), ("exponential", 0, 4)])
+def test_sampler_frequencies_match_eq_15_16(kind, low, high):
+    sampler = KeptTokenSampler(target=144, low=low, high=high, kind=kind, seed=0)
+    offsets = np.arange(low, high + 1)
+    if kind == "exponential":
+        w = 2 * np.exp(-2 * np.abs(offsets)) + 0.1
+    else:
+        w = np.exp(-offsets ** 2 / (2 * 0.25)) + 0.05
+    expected = w / w.sum()
+    draws = [sampler.sample(step) for step in range(20000)]
+    freq = np.array([draws.count(c) for c in sampler.candidates]) / len(draws)
+    assert sampler.candidates == [(12 + i) ** 2 for i in offsets]
+    np.testing.assert_allclose(freq, expected, atol=0.012)
+    # the same (seed, step) gives the same K: every rank agrees, a resumed run continues the same draws
+    again = KeptTokenSampler(target=144, low=low, high=high, kind=kind, seed=0)
+    assert [again.sample(s) for s in range(100)] == draws[:100]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="perfect square"):
+        KeptTokenSampler(target=150)
+    with pytest.raises(ValueError, match="kind"):
+        KeptTokenSampler(target=144, kind="uniform")
