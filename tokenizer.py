@@ -1,0 +1,559 @@
+"""The MergeVQ tokenizer: CNN + ToMe-attention encoder, LFQ, source recovery, decoder (paper Sec. 3, Table A1).
+
+    image (B, 3, H, W)
+      -> encoder: CNN (or a ViT patch embedding for R) -> N tokens + CLS -> L ToMe attention blocks that merge
+         N tokens into K (proportional attention, keys as the matching metric, source tracking)   Eq. (7), (14)
+      -> projection to d = 18 channels -> lookup-free quantization (lfq.LFQ)                         Eq. (4)
+      -> K merged indices (B, K), the source matrix (B, K, N), the CLS feature (alignment head, Eq. (10))
+      -> recovery of the N tokens: x_full = source^T z_q  (true source, or one predicted by recovery.py) Eq. (11)
+      -> decoder: conv_in, attention blocks with MixFFN and a depthwise-conv position term, CNN upsampling with
+         adaptive GroupNorm conditioned on the quantized latent, depth-to-space upsampling -> image
+
+Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, keep 256   (encoder 62.3M, decoder 82.8M)
+                      gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, keep 144  (encoder 62.7M, decoder 83.4M)
+                      r  - ViT-B/16, 16x16 = 256 tokens, keep 36          (encoder 86.6M, decoder 83.4M)
+Each has a `paper` preset (the default) and a `tiny` one for the CPU (64x64 images, narrow, few blocks).
+
+The encoder's attention blocks use DINOv2's key names (norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
+mlp.fc2, ls2.gamma) so that the DINOv2 weight selection of G and G+R maps key to key.
+
+    python tokenizer.py            # parameter counts of every paper preset next to Table A1, a tiny round trip
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lfq import LFQ, LFQOutput
+from losses import LayerScale, Mlp
+from merge import (assignment_to_source, bipartite_soft_matching, merge_assignment, merge_schedule, merge_wavg,
+                   recover, size_bias)
+from recovery import SourceRecovery
+
+VARIANTS = ("g", "gr", "r")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: Table A1 (paper) and a CPU preset (tiny)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerConfig:
+    variant: str = "g"
+    image_size: int = 256
+    z_channels: int = 18                    # LFQ bits d
+    # encoder
+    ch: int = 64                            # base CNN width
+    enc_ch_mult: tuple = (1, 2, 4, 8)       # one level per entry; a stride-2 conv after every level but the last
+    enc_res_blocks: int = 4                 # residual blocks per level
+    patch_size: int = 0                     # > 0: a ViT patch embedding instead of the CNN (variant R)
+    embed_dim: int = 512                    # width of the encoder's attention blocks
+    enc_layers: int = 12                    # ToMe attention blocks
+    enc_heads: int = 8
+    # decoder
+    dec_ch_mult: tuple = (1, 2, 4, 8)
+    dec_res_blocks: int = 4                 # level 0; every other level has one more (the release's layout)
+    dec_layers: int = 12
+    dec_heads: int = 8
+    # token merging (Appendix A.1, A.3)
+    keep: int = 256                         # target K
+    keep_low: int = -1                      # candidate offsets (sqrt(K) + i)^2, i = keep_low..keep_high
+    keep_high: int = 7
+    keep_sampling: str = "exponential"      # Eq. (15) exponential, Eq. (16) gaussian, or fixed
+    merge_schedule: str = "square"          # paper: square; the release: linear
+    # alignment head on the CLS token (Eq. 10): G 2 layers, G+R and R 3 layers
+    align_dim: int = 768                    # DINOv2 ViT-B feature size
+    align_hidden: int = 2048
+    align_layers: int = 2
+    # Source Recovery Model (Table A2)
+    rec_dim: int = 384
+    rec_layers: int = 2
+    rec_heads: int = 8
+    rec_ffn: int = 1536
+
+    @property
+    def grid(self):
+        """Side of the token grid the encoder produces (and the decoder consumes)."""
+        if self.patch_size:
+            return self.image_size // self.patch_size
+        return self.image_size // 2 ** (len(self.enc_ch_mult) - 1)
+
+    @property
+    def num_tokens(self):
+        """N, the number of tokens before merging."""
+        return self.grid ** 2
+
+
+PRESETS = {
+    "paper": {
+        "g": TokenizerConfig(variant="g"),
+        "gr": TokenizerConfig(variant="gr", enc_ch_mult=(1, 1, 2, 4, 8), dec_ch_mult=(1, 1, 2, 4, 8), keep=144,
+                              keep_low=-1, keep_high=4, keep_sampling="gaussian", align_layers=3),
+        "r": TokenizerConfig(variant="r", patch_size=16, embed_dim=768, enc_heads=12, dec_ch_mult=(1, 1, 2, 4, 8),
+                             keep=36, keep_low=0, keep_high=4, align_layers=3),
+    },
+    "tiny": {  # 64x64 images, narrow and shallow: trains visibly in minutes on 2 CPU cores
+        "g": TokenizerConfig(variant="g", image_size=64, ch=32, enc_ch_mult=(1, 2, 4), enc_res_blocks=1,
+                             embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 2, 4), dec_res_blocks=1,
+                             dec_layers=2, dec_heads=4, keep=64, keep_low=-1, keep_high=4, align_hidden=256,
+                             rec_dim=64, rec_heads=4, rec_ffn=256),
+        "gr": TokenizerConfig(variant="gr", image_size=64, ch=32, enc_ch_mult=(1, 1, 2, 4), enc_res_blocks=1,
+                              embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1,
+                              dec_layers=2, dec_heads=4, keep=36, keep_low=-1, keep_high=2,
+                              keep_sampling="gaussian", align_hidden=256, align_layers=3,
+                              rec_dim=64, rec_heads=4, rec_ffn=256),
+        "r": TokenizerConfig(variant="r", image_size=64, ch=32, patch_size=8, embed_dim=128, enc_layers=4,
+                             enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1, dec_layers=2, dec_heads=4,
+                             keep=16, keep_low=0, keep_high=4, align_hidden=256, align_layers=3,
+                             rec_dim=64, rec_heads=4, rec_ffn=256),
+    },
+}
+
+
+def get_config(variant, preset="paper", **overrides):
+    """The named preset of a variant, with field overrides (e.g. image_size=128, merge_schedule="linear")."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)} (G, G+R, R)")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown tokenizer config field(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(PRESETS[preset][variant], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def group_norm(channels):
+    return nn.GroupNorm(32 if channels % 32 == 0 else math.gcd(channels, 32), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """MAGVIT-v2 residual block: GroupNorm - SiLU - 3x3 conv, twice (no conv bias); 1x1 shortcut if widths differ."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class ToMeAttention(nn.Module):
+    """Multi-head self-attention with proportional attention (Eq. 14); also returns the matching metric
+    (the keys averaged over heads, (B, T, head_dim))."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, size=None):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)   # (B, T, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                       # 3 x (B, H, T, D/H)
+        bias = None if size is None else size_bias(size).to(q.dtype)              # (B, 1, 1, T) log-size of keys
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)              # (B, H, T, D/H)
+        out = out.transpose(1, 2).reshape(B, T, D)                                 # (B, T, D)
+        return self.proj(out), k.mean(dim=1)                                       # metric (B, T, D/H)
+
+
+class ToMeBlock(nn.Module):
+    """Pre-norm ViT block (LayerScale 1e-5) that merges r tokens between attention and MLP, as ToMe does.
+
+    Returns the merged tokens, their sizes (B, T - r, 1) and the updated assignment (B, N_orig + 1), the index map
+    from every original token (CLS included, at 0) to the token that holds it now.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ToMeAttention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values)
+
+    def forward(self, x, size, assign, r):
+        h, metric = self.attn(self.norm1(x), size)
+        x = x + self.ls1(h)
+        if r > 0:
+            merge, _ = bipartite_soft_matching(metric, r, class_token=True)
+            x, size = merge_wavg(merge, x, size)                                   # (B, T - r, D), (B, T - r, 1)
+            assign = merge_assignment(merge, assign)                               # (B, N_orig + 1)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, size, assign
+
+
+class MixFFN(nn.Module):
+    """fc1 - depthwise 3x3 conv over the token grid - GELU - fc2 (the decoder's FFN)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, hw):
+        B, T, _ = x.shape
+        h = self.fc1(x)                                                            # (B, T, F)
+        h = h.transpose(1, 2).reshape(B, -1, *hw)                                  # (B, F, H, W)
+        h = self.dwconv(h).flatten(2).transpose(1, 2)                              # (B, T, F)
+        return self.fc2(F.gelu(h))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm attention block with LayerScale and a MixFFN (no merging, no CLS token)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ToMeAttention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values)
+
+    def forward(self, x, hw):
+        x = x + self.ls1(self.attn(self.norm1(x))[0])
+        return x + self.ls2(self.mlp(self.norm2(x), hw))
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GroupNorm without affine parameters, then scale and bias predicted from the quantized latent's spatial std
+    and mean (per channel of the latent)."""
+
+    def __init__(self, z_channels, channels, eps=1e-6):
+        super().__init__()
+        self.gn = nn.GroupNorm(32 if channels % 32 == 0 else math.gcd(channels, 32), channels, eps=eps, affine=False)
+        self.gamma = nn.Linear(z_channels, channels)
+        self.beta = nn.Linear(z_channels, channels)
+        self.eps = eps
+
+    def forward(self, x, z):
+        zf = z.flatten(2)                                                          # (B, d, H*W)
+        scale = self.gamma((zf.var(dim=-1, unbiased=False) + self.eps).sqrt())     # (B, C)
+        bias = self.beta(zf.mean(dim=-1))                                          # (B, C)
+        return self.gn(x) * scale[:, :, None, None] + bias[:, :, None, None]
+
+
+class Upsample(nn.Module):
+    """Depth-to-space upsampling: 3x3 conv C -> 4C, then pixel shuffle (B, 4C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4 * channels, 3, padding=1)
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.conv(x), 2)
+
+
+def _init_linear(module):
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """Image -> K merged latents (B, K, d) before quantization, the CLS feature and the assignment map."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        if cfg.patch_size:                                  # R: ViT-B patch embedding
+            self.conv_in = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size)
+            self.norm_in = nn.GroupNorm(D, D, eps=1e-6)
+            self.down = nn.ModuleList()
+        else:                                               # G, G+R: MAGVIT-v2 CNN
+            self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1, bias=False)
+            self.down = nn.ModuleList()
+            c_in = cfg.ch
+            for level, mult in enumerate(cfg.enc_ch_mult):
+                c_out = cfg.ch * mult
+                stage = nn.Module()
+                stage.block = nn.ModuleList([ResBlock(c_in if i == 0 else c_out, c_out)
+                                             for i in range(cfg.enc_res_blocks)])
+                if level < len(cfg.enc_ch_mult) - 1:
+                    stage.downsample = nn.Conv2d(c_out, c_out, 3, stride=2, padding=1)
+                self.down.append(stage)
+                c_in = c_out
+            if c_in != D:
+                raise ValueError(f"the CNN ends at width {c_in} but embed_dim is {D}: set ch * enc_ch_mult[-1] = "
+                                 f"embed_dim")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.blocks = nn.ModuleList([ToMeBlock(D, cfg.enc_heads) for _ in range(cfg.enc_layers)])
+        self.norm_out = group_norm(D)
+        self.proj_out = nn.Linear(D, cfg.z_channels)        # the release's 1x1 conv_out
+        nn.init.normal_(self.cls_token, std=1e-6)
+        _init_linear(self.blocks)
+
+    def features(self, x):
+        """(B, 3, H, W) -> tokens (B, N, D) on an (h, w) grid."""
+        h = self.conv_in(x)
+        if self.cfg.patch_size:
+            h = self.norm_in(h)
+        for level, stage in enumerate(self.down):
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        return h.flatten(2).transpose(1, 2), tuple(h.shape[-2:])                   # (B, N, D), (h, w)
+
+    def forward(self, x, keep):
+        tokens, _ = self.features(x)                                               # (B, N, D)
+        B, N, _ = tokens.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)  # (B, 1 + N, D)
+        size, assign = None, None
+        for block, r in zip(self.blocks, merge_schedule(N, keep, len(self.blocks), self.cfg.merge_schedule)):
+            x, size, assign = block(x, size, assign, r)
+        if assign is None:                                                         # keep == N: nothing merged
+            assign = torch.arange(N + 1, device=x.device).expand(B, -1)
+        cls, z = x[:, 0], x[:, 1:]                                                 # (B, D), (B, K, D)
+        z = self.norm_out(z.transpose(1, 2)).transpose(1, 2)                       # GroupNorm over (B, D, K)
+        z = self.proj_out(F.silu(z))                                               # (B, K, d)
+        # The CLS token never merges and stays at 0: image token j now sits in merged token assign[:, 1 + j] - 1.
+        return z, cls, assign[:, 1:] - 1                                           # assign (B, N) in [0, K)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    """(B, d, h, w) quantized latent grid (all N tokens, after recovery) -> image (B, 3, H, W)."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        mult = cfg.dec_ch_mult
+        c = cfg.ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.pos_embed = nn.Conv2d(c, c, 3, padding=1, groups=c)          # depthwise-conv position term
+        self.blocks = nn.ModuleList([DecoderBlock(c, cfg.dec_heads) for _ in range(cfg.dec_layers)])
+        self.adaptive = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(mult))):                           # deepest level first
+            c_out = cfg.ch * mult[level]
+            n_blocks = cfg.dec_res_blocks + (1 if level > 0 else 0)
+            self.adaptive.insert(0, AdaptiveGroupNorm(cfg.z_channels, c))
+            stage = nn.Module()
+            stage.block = nn.ModuleList([ResBlock(c if i == 0 else c_out, c_out) for i in range(n_blocks)])
+            c = c_out
+            if level > 0:
+                stage.upsample = Upsample(c)
+            self.up.insert(0, stage)
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+        _init_linear(self.blocks)
+
+    def last_layer_weight(self):
+        """The weight the adaptive GAN weight differentiates against."""
+        return self.conv_out.weight
+
+    def forward(self, z):
+        style = z                                                                  # (B, d, h, w)
+        h = self.conv_in(z)                                                        # (B, C, h, w)
+        h = h + self.pos_embed(h)
+        B, C, H, W = h.shape
+        t = h.flatten(2).transpose(1, 2)                                           # (B, h*w, C)
+        for block in self.blocks:
+            t = block(t, (H, W))
+        h = t.transpose(1, 2).reshape(B, C, H, W)                                  # (B, C, h, w)
+        for level in reversed(range(len(self.up))):
+            h = self.adaptive[level](h, style)
+            for block in self.up[level].block:
+                h = block(h)
+            if level > 0:
+                h = self.up[level].upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Encoding(NamedTuple):
+    """What stage 2 needs from an image: the K merged indices, the source and the kept count."""
+    indices: torch.Tensor           # (B, K) int64 LFQ indices of the merged tokens
+    source: torch.Tensor            # (B, K, N) binary; row k = the original tokens merged into token k
+    z_q: torch.Tensor               # (B, K, d) quantized merged tokens in {-1, +1} (straight-through)
+    keep: int                       # K
+    cls: torch.Tensor               # (B, D) the encoder's CLS output (before the alignment head)
+    lfq: LFQOutput                  # the quantizer's losses and statistics
+
+
+class TokenizerOutput(NamedTuple):
+    recon: torch.Tensor             # (B, 3, H, W)
+    enc: Encoding
+    recovery_loss: torch.Tensor     # Eq. (9): cross-entropy of the Source Recovery Model
+
+
+class MergeVQTokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {cfg.variant!r}: choose one of {', '.join(VARIANTS)}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = LFQ(cfg.z_channels)
+        self.decoder = Decoder(cfg)
+        self.recovery = SourceRecovery(cfg.num_tokens, z_dim=cfg.z_channels, dim=cfg.rec_dim,
+                                       depth=cfg.rec_layers, num_heads=cfg.rec_heads, ffn=cfg.rec_ffn)
+        D, Hd = cfg.embed_dim, cfg.align_hidden
+        layers = [nn.Linear(D, Hd), nn.GELU()]              # Eq. (10) head: G 2 layers (LayerNorm), G+R/R 3 layers
+        layers += [nn.LayerNorm(Hd)] if cfg.align_layers == 2 else [nn.Linear(Hd, Hd), nn.GELU()]
+        self.align_head = nn.Sequential(*layers, nn.Linear(Hd, cfg.align_dim))
+
+    # ---- kept-token counts ---------------------------------------------------------------------------------
+
+    def check_keep(self, keep):
+        """K must be an integer in [1, N] that the L merging layers can reach (each removes at most half)."""
+        N, L = self.cfg.num_tokens, self.cfg.enc_layers
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise ValueError(f"the kept-token count K must be an int, got {keep!r}")
+        if not 1 <= keep <= N:
+            raise ValueError(f"kept-token count K={keep} is not allowed: it must be between 1 and N={N}")
+        try:
+            merge_schedule(N, keep, L, self.cfg.merge_schedule)
+        except ValueError as e:
+            raise ValueError(f"kept-token count K={keep} is not allowed: {e}") from None
+        return keep
+
+    # ---- encode / decode -----------------------------------------------------------------------------------
+
+    def _check_image(self, x):
+        S = self.cfg.image_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2:] != (S, S):
+            raise ValueError(f"the {self.cfg.variant} tokenizer expects images (B, 3, {S}, {S}) in [-1, 1], "
+                             f"got {tuple(x.shape)}")
+
+    def encode(self, x, keep=None):
+        """Images (B, 3, H, W) in [-1, 1] -> Encoding (merged indices, source, z_q, K, CLS, LFQ terms)."""
+        self._check_image(x)
+        keep = self.check_keep(self.cfg.keep if keep is None else keep)
+        z, cls, assign = self.encoder(x, keep)                                     # (B, K, d), (B, D), (B, N)
+        q = self.quantizer(z.float())                                              # LFQ in fp32
+        source = assignment_to_source(assign, keep)                                # (B, K, N)
+        return Encoding(q.indices, source, q.z_q, keep, cls, q)
+
+    def decode_codes(self, z_q, source=None):
+        """Merged codes (B, K, d) + a source (B, K, N) -> images. No source: the Source Recovery Model predicts one."""
+        if source is None:
+            source = self.recovery.predict_source(z_q)
+        if source.shape[-1] != self.cfg.num_tokens or source.shape[1] != z_q.shape[1]:
+            raise ValueError(f"source {tuple(source.shape)} does not fit {z_q.shape[1]} merged tokens and "
+                             f"N={self.cfg.num_tokens}")
+        z_full = recover(z_q, source)                                              # Eq. (11): (B, N, d)
+        g = self.cfg.grid
+        z_full = z_full.transpose(1, 2).reshape(z_q.shape[0], -1, g, g)            # (B, d, g, g)
+        return self.decoder(z_full)
+
+    def decode(self, indices, source=None):
+        """Merged indices (B, K) + a source (true or predicted; None: predict it) -> images (B, 3, H, W)."""
+        z_q = self.quantizer.indices_to_codes(indices).to(self.decoder.conv_in.weight.dtype)   # (B, K, d)
+        return self.decode_codes(z_q, source)
+
+    def forward(self, x, keep=None):
+        """The stage-1 forward: encode at K, recover with the true source, decode; the recovery loss (Eq. 9)."""
+        enc = self.encode(x, keep)
+        recon = self.decode_codes(enc.z_q, enc.source)
+        recovery_loss = self.recovery.loss(enc.z_q, enc.source)
+        return TokenizerOutput(recon, enc, recovery_loss)
+
+    # ---- global alignment (Eq. 10) -------------------------------------------------------------------------
+
+    def align(self, view, keep=None):
+        """The student's prediction of the teacher's CLS feature, from a view of any size (multiple of the
+        encoder's stride). The view is merged at the same ratio K / N as the reconstruction (keep at image size)."""
+        keep = self.cfg.keep if keep is None else keep
+        tokens_view = (view.shape[-1] // (self.cfg.image_size // self.cfg.grid)) ** 2
+        keep_view = max(1, min(tokens_view, round(keep * tokens_view / self.cfg.num_tokens)))
+        try:
+            merge_schedule(tokens_view, keep_view, self.cfg.enc_layers, self.cfg.merge_schedule)
+        except ValueError:
+            keep_view = tokens_view                                                # unreachable ratio: no merging
+        _, cls, _ = self.encoder(view, keep_view)
+        return self.align_head(cls)                                                # (B, align_dim)
+
+    # ---- DINOv2 weight selection (G, G+R) ------------------------------------------------------------------
+
+    def load_dinov2_selection(self, teacher_state):
+        """Initialise the encoder's attention blocks and CLS token from a DINOv2 state dict by taking evenly spaced
+        elements along every dimension (768 -> 512: round(linspace(0, T - 1, S))). Returns the keys loaded."""
+        own = self.encoder.state_dict()
+        selected = {}
+        for key, value in own.items():
+            if not (key.startswith("blocks.") or key == "cls_token") or key not in teacher_state:
+                continue
+            t = teacher_state[key]
+            if t.dim() != value.dim() or any(a < b for a, b in zip(t.shape, value.shape)):
+                raise ValueError(f"DINOv2 weight selection: teacher {key} {tuple(t.shape)} cannot give "
+                                 f"{tuple(value.shape)}")
+            for dim, S in enumerate(value.shape):
+                idx = torch.round(torch.linspace(0, t.shape[dim] - 1, S)).long()
+                t = t.index_select(dim, idx)
+            selected[key] = t.to(value.dtype)
+        if not selected:
+            raise ValueError("DINOv2 weight selection: no teacher key matches the encoder (blocks.*, cls_token)")
+        self.encoder.load_state_dict(selected, strict=False)
+        return sorted(selected)
+
+
+def build_tokenizer(variant, preset="paper", config=None, **overrides):
+    """The MergeVQ tokenizer of a variant ('g', 'gr', 'r') at a preset ('paper' default, 'tiny'), or from a config."""
+    if config is None:
+        config = get_config(variant, preset, **overrides)
+    elif config.variant != variant:
+        raise ValueError(f"config is for variant {config.variant!r}, not {variant!r}")
+    return MergeVQTokenizer(config)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# Table A1 (millions): encoder (without the alignment head and the quantizer) and decoder
+TABLE_A1 = {"g": (62.3, 82.8), "gr": (62.7, 83.4), "r": (86.6, 83.4)}
+
+
+if __name__ == "__main__":
+    with torch.device("meta"):
+        models = {v: build_tokenizer(v) for v in VARIANTS}
+    print(f"{'variant':8s} {'encoder':>10s} {'Table A1':>9s} {'decoder':>10s} {'Table A1':>9s} {'recovery':>9s}")
+    for v, m in models.items():
+        e, d = count_parameters(m.encoder) / 1e6, count_parameters(m.decoder) / 1e6
+        print(f"{v:8s} {e:9.2f}M {TABLE_A1[v][0]:8.1f}M {d:9.2f}M {TABLE_A1[v][1]:8.1f}M "
+              f"{count_parameters(m.recovery) / 1e6:8.2f}M")
+    torch.manual_seed(0)
+    tok = build_tokenizer("g", "tiny").eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        enc = tok.encode(x, keep=64)
+        print("tiny g: indices", tuple(enc.indices.shape), "source", tuple(enc.source.shape),
+              "recon", tuple(tok.decode(enc.indices, enc.source).shape))
