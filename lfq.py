@@ -80,12 +80,13 @@ def _half_code_probs(logit_pos, logit_neg):
     return log_p.exp()
 
 
-def entropy_terms(z, inv_temperature=100.0):
+def entropy_terms(z, inv_temperature=100.0, sync=True):
     """Exact (per_sample_entropy, codebook_entropy) of p(c | z) = softmax_c(2 z.c * inv_temperature).
 
     z: (..., d) latents; all leading dimensions are tokens. Returns two float32 scalars:
       per_sample_entropy = mean_t H(p(. | z_t)), codebook_entropy = H(mean_t p(. | z_t)).
-    In a distributed run the mean over tokens in the codebook term covers every rank (differentiably).
+    In a distributed run with sync=True the mean over tokens in the codebook term covers every rank
+    (differentiably): a collective, so every rank must call it. sync=False keeps it local to this process.
     """
     z = z.reshape(-1, z.shape[-1]).float()                                        # (T, d)
     T, d = z.shape
@@ -102,7 +103,7 @@ def entropy_terms(z, inv_temperature=100.0):
     P_hi = _half_code_probs(log_pos[:, lo:], log_neg[:, lo:])                    # (T, 2^(d - lo))
     joint = P_lo.T @ P_hi                                                          # sum_t p(c), (2^lo, 2^(d - lo))
     count = torch.tensor(float(T), device=z.device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         import torch.distributed.nn.functional as dist_fn                          # autograd-aware all-reduce
         joint = dist_fn.all_reduce(joint)
         dist.all_reduce(count)
@@ -136,7 +137,9 @@ class LFQ(nn.Module):
         q = torch.where(z > 0, torch.ones_like(z), -torch.ones_like(z))          # (B, N, d) in {-1, +1}
         z_q = z + (q - z).detach()                                               # straight-through estimator
         indices = codes_to_indices(q)                                            # (B, N)
-        per_sample, codebook = entropy_terms(z, self.inv_temperature)
+        # Only a training forward synchronises across ranks: evaluation (eval mode, e.g. the EMA model drawing
+        # pictures on rank 0 alone) must not enter a collective the other ranks never join.
+        per_sample, codebook = entropy_terms(z, self.inv_temperature, sync=self.training)
         commitment = F.mse_loss(z.float(), q.float())
         loss = self.entropy_weight * (per_sample - codebook) + self.commit_weight * commitment
         return LFQOutput(z_q, indices, loss, per_sample, codebook, commitment)
