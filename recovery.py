@@ -62,13 +62,14 @@ class SourceRecovery(nn.Module):
         self.cross = CrossAttentionBlock(dim, num_heads, ffn)
         self.blocks = nn.ModuleList([Block(dim, num_heads, ffn / dim) for _ in range(depth)])
         self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim, bias=False)  # a key bias shifts a row of logits: softmax-invariant
         nn.init.trunc_normal_(self.queries, std=0.02)
         nn.init.trunc_normal_(self.slot_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def logits(self, z_q):
         """(B, K, d) quantized merged tokens -> (B, N, K) scores of each original position against each token."""
