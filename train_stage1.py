@@ -508,9 +508,12 @@ def train(args, rank, world, device):
                 terms.update(d_terms)
 
             # ---- EMA of the tokenizer weights ---------------------------------------------------------------
+            # Warm-up (as TF's ExponentialMovingAverage with num_updates): the decay grows as (1 + t) / (10 + t)
+            # up to cfg.ema, so a short run's EMA is not mostly its random initialisation (0.999^600 = 0.55).
+            decay = min(cfg.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1 - cfg.ema)
+                    pe.lerp_(pm.detach(), 1 - decay)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
 
