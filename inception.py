@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import _load_strict, _resolve_state_dict
+
 # ----------------------------------------------------------------------------------------------------------------
 # Official weight file
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,29 +275,15 @@ def _sha256(path, chunk=1 << 20):
 
 
 def _resolve_inception_state_dict(weights):
-    """weights: a path, a state dict, or "download" (the official URL through torch.hub) -> a state dict."""
-    if isinstance(weights, dict):
-        return weights
-    if not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(f"Inception weights must be a path, a state dict or 'download', got {type(weights).__name__}")
-    if str(weights) == "download":
-        try:
-            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True,
-                                                      weights_only=True)
-        except Exception as e:  # no internet, proxy, corrupted file ...
-            raise RuntimeError(f"FID Inception: could not download {FID_WEIGHTS_URL} ({type(e).__name__}: {e}). "
-                               f"Download the file by hand and pass its local path with --inception-weights PATH."
-                               ) from e
-    path = os.fspath(weights)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception: weight file '{path}' does not exist. Pass the local path of "
-                                f"pt_inception-2015-12-05-6726825d.pth (from {FID_WEIGHTS_URL}) or 'download'.")
-    if os.path.basename(path) == os.path.basename(FID_WEIGHTS_URL):
-        digest = _sha256(path)
+    """weights: a path, a state dict, or "download" (the official URL through torch.hub) -> a state dict.
+    A local copy of the official file is also checked against its published SHA-256 prefix."""
+    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights) and \
+            os.path.basename(os.fspath(weights)) == os.path.basename(FID_WEIGHTS_URL):
+        digest = _sha256(weights)
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            _warn_loudly(f"'{path}' has SHA-256 {digest[:8]}..., the official file starts with "
+            _warn_loudly(f"'{weights}' has SHA-256 {digest[:8]}..., the official file starts with "
                          f"{FID_WEIGHTS_SHA256_PREFIX}: is the download complete?")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _resolve_state_dict(weights, FID_WEIGHTS_URL, "FID Inception")
 
 
 def load_inception(model, weights):
@@ -304,21 +292,10 @@ def load_inception(model, weights):
     The published file predates BatchNorm's `num_batches_tracked` buffer: those (unused in eval) may be missing.
     """
     state_dict = dict(_resolve_inception_state_dict(weights))
-    expected = model.state_dict()
-    for k, v in expected.items():                       # tolerate only the missing BatchNorm step counters
+    for k, v in model.state_dict().items():             # tolerate only the missing BatchNorm step counters
         if k.endswith("num_batches_tracked") and k not in state_dict:
             state_dict[k] = v
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong_shape:
-        def show(items):
-            return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "") if items else "-"
-        raise ValueError("FID Inception: the state dict does not match pt_inception-2015-12-05 (is it the right "
-                         f"file?).\n  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
-                         f"  wrong shapes: {show(wrong_shape)}")
-    model.load_state_dict(state_dict, strict=True)
+    _load_strict(model, state_dict, "FID Inception (pt_inception-2015-12-05)")
     model.is_random = False
     return model
 
