@@ -98,7 +98,7 @@ def test_two_processes_equal_one_process(tmp_path):
     codebook entropy averages the code distribution over ranks), so the two runs agree up to float reduction order.
     """
     args = ["--variant", "g", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--disc-start", "100",
-            "--log-every", "1", "--sample-every", "100000"]
+            "--log-every", "1", "--sample-every", "100000", "--lr", "1e-4"]               # the paper's lr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = str(tmp_path / "two")
     subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29533", os.path.join(ROOT, "train_stage1.py"),
@@ -110,11 +110,11 @@ def test_two_processes_equal_one_process(tmp_path):
         for term in ["recon", "commit", "entropy", "recovery"]:
             assert r2[term] == pytest.approx(r1[term], rel=1e-4, abs=1e-5), (r1["step"], term)
     # Parameters: Adam divides each gradient by its own running RMS, so a coordinate whose gradient is ~0 turns
-    # reduction-order noise into a step of up to lr. Measured: max |diff| 2.7e-5, 13 of 3.57M coordinates > 1e-5.
+    # reduction-order noise into a step of up to lr. Measured at lr 1e-4: max |diff| 6.3e-6 (at lr 1e-3, 1e-4).
     a, b = params(one), params(two)
     far = 0
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5, msg=name)
         far += ((a[name] - b[name]).abs() > 1e-5).sum().item()
     assert far < 1e-4 * sum(p.numel() for p in a.values())
 
