@@ -112,11 +112,10 @@ def bipartite_soft_matching(metric, r, class_token=False):
 
 def merge_wavg(merge, x, size=None):
     """Size-weighted average: x <- merge(x * size, sum) / merge(size, sum). size (B, N, 1) starts at ones."""
-    if size is None:
-        size = torch.ones_like(x[..., :1])                                  # (B, N, 1)
-    # One reduction pass for both sums: [x * size, size] side by side.
-    both = merge(torch.cat([x * size, size.to(x.dtype)], dim=-1), mode="sum")   # (B, N - r, C + 1)
-    x, size = both[..., :-1], both[..., -1:]                                # (B, N - r, C), (B, N - r, 1)
+    if size is None:                                                        # all sizes 1: a plain mean
+        return merge(x, mode="mean"), merge(torch.ones_like(x[..., :1]), mode="sum")   # (B, N - r, C), (.., 1)
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")                                          # (B, N - r, 1)
     return x / size, size
 
 
