@@ -73,7 +73,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     log = read_log(out)
     first = np.mean([r["recon"] for r in log[:3]])
     last = np.mean([r["recon"] for r in log[-3:]])
-    assert last < 0.7 * first, (first, last)        # measured: 0.38 -> 0.20 in 40 steps
+    assert last < 0.5 * first, (first, last)        # measured: 0.43 -> 0.12
     assert log[-1]["recovery"] < log[0]["recovery"]
 
 
