@@ -22,7 +22,7 @@ mlp.fc2, ls2.gamma) so that the DINOv2 weight selection of G and G+R maps key to
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn

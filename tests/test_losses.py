@@ -7,7 +7,6 @@ or closed-form computation written independently below.
     python -m pytest tests/test_losses.py -q
 """
 import math
-import warnings
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 source for any K, and after a few steps on a fixed batch it predicts the true source far above chance."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from merge import recover
 from recovery import SourceRecovery
