@@ -286,6 +286,10 @@ def parse_args(argv=None):
     p.add_argument("--gan-loss", choices=["hinge", "non-saturating"], default=None)
     p.add_argument("--adaptive-gan-weight", action="store_true", default=None)
     p.add_argument("--align-loss", choices=["ce", "kl"], default=None)
+    p.add_argument("--gan-weight", type=float, default=None, dest="w_gan", metavar="W",
+                   help="generator GAN loss weight (Table A1: 0.8; the release: 0.1)")
+    p.add_argument("--perceptual-weight", type=float, default=None, dest="w_perceptual", metavar="W",
+                   help="LPIPS weight (Table A1: 0.7; the release: 1.0)")
     p.add_argument("--disc-start", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
@@ -306,8 +310,8 @@ def parse_args(argv=None):
 def build_train_config(args):
     cfg = TRAIN_PRESETS[args.preset][args.variant]
     overrides = {k: getattr(args, k) for k in ["steps", "epochs", "batch_size", "lr", "workers", "recon_loss",
-                                               "gan_loss", "adaptive_gan_weight", "align_loss", "disc_start",
-                                               "log_every", "ckpt_every", "sample_every"]
+                                               "gan_loss", "adaptive_gan_weight", "align_loss", "disc_start", "w_gan",
+                                               "w_perceptual", "log_every", "ckpt_every", "sample_every"]
                  if getattr(args, k) is not None}
     return dataclasses.replace(cfg, **overrides)
 

@@ -171,3 +171,14 @@ def test_lr_schedules():
     cos = train_stage1.TRAIN_PRESETS["paper"]["r"]
     assert train_stage1.lr_at(500, 1000, cos) == pytest.approx(0.5e-4)
     assert train_stage1.lr_at(1000, 1000, cos) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cli_defaults_are_table_a1_and_release_flags_override():
+    paper = train_stage1.build_train_config(train_stage1.parse_args(["--variant", "gr"]))
+    assert (paper.batch_size, paper.lr, paper.betas, paper.grad_clip, paper.ema) == (256, 1e-4, (0.5, 0.9), 5.0, 0.999)
+    assert (paper.w_recon, paper.w_perceptual, paper.w_gan, paper.w_align, paper.recon_loss) == (1.0, 0.7, 0.8, 1.0, "l2")
+    release = train_stage1.build_train_config(train_stage1.parse_args(
+        ["--variant", "g", "--recon-loss", "l1", "--gan-loss", "non-saturating", "--gan-weight", "0.1",
+         "--perceptual-weight", "1.0", "--align-loss", "kl"]))
+    assert (release.recon_loss, release.gan_loss, release.w_gan, release.w_perceptual, release.align_loss) == \
+        ("l1", "non-saturating", 0.1, 1.0, "kl")
