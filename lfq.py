@@ -23,8 +23,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-LFQOutput = namedtuple("LFQOutput", ["z_q", "indices", "loss", "per_sample_entropy", "codebook_entropy",
-                                     "commitment"])
+from common import all_reduce_sum_differentiable
+
+# The quantizer returns its terms unweighted; their weights (Table A1: entropy 0.1, commitment 0.25) are set in one
+# place, the training configuration, and applied by losses.generator_loss.
+LFQOutput = namedtuple("LFQOutput", ["z_q", "indices", "per_sample_entropy", "codebook_entropy", "commitment"])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Codes and indices
@@ -104,8 +107,7 @@ def entropy_terms(z, inv_temperature=100.0, sync=True):
     joint = P_lo.T @ P_hi                                                          # sum_t p(c), (2^lo, 2^(d - lo))
     count = torch.tensor(float(T), device=z.device)
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        import torch.distributed.nn.functional as dist_fn                          # autograd-aware all-reduce
-        joint = dist_fn.all_reduce(joint)
+        joint = all_reduce_sum_differentiable(joint)                               # sum over every rank's tokens
         dist.all_reduce(count)
     avg = joint / count                                                           # mean_t p(c)
     codebook = -(avg * avg.clamp_min(1e-30).log()).sum()
@@ -118,17 +120,13 @@ def entropy_terms(z, inv_temperature=100.0, sync=True):
 
 
 class LFQ(nn.Module):
-    """Lookup-free quantizer, Eq. (4): q = sign(z), straight-through gradient, entropy + commitment losses.
+    """Lookup-free quantizer, Eq. (4): q = sign(z), straight-through gradient; returns the (unweighted) entropy
+    terms per_sample_entropy, codebook_entropy (the loss is their difference) and the commitment mse(z, q)."""
 
-    loss = entropy_weight * (per_sample_entropy - codebook_entropy) + commit_weight * mse(z, q).
-    """
-
-    def __init__(self, dim=18, entropy_weight=0.1, commit_weight=0.25, inv_temperature=100.0):
+    def __init__(self, dim=18, inv_temperature=100.0):
         super().__init__()
         self.dim = dim
         self.codebook_size = 2 ** dim
-        self.entropy_weight = entropy_weight
-        self.commit_weight = commit_weight
         self.inv_temperature = inv_temperature
 
     def forward(self, z):
@@ -141,8 +139,7 @@ class LFQ(nn.Module):
         # pictures on rank 0 alone) must not enter a collective the other ranks never join.
         per_sample, codebook = entropy_terms(z, self.inv_temperature, sync=self.training)
         commitment = F.mse_loss(z.float(), q.float())
-        loss = self.entropy_weight * (per_sample - codebook) + self.commit_weight * commitment
-        return LFQOutput(z_q, indices, loss, per_sample, codebook, commitment)
+        return LFQOutput(z_q, indices, per_sample, codebook, commitment)
 
     def indices_to_codes(self, indices):
         return indices_to_codes(indices, self.dim)
@@ -187,4 +184,4 @@ if __name__ == "__main__":
     print("indices[0, :8]:", out.indices[0, :8].tolist())
     print("round trip:", torch.equal(indices_to_codes(out.indices, 18), out.z_q.detach()))
     print(f"per-sample entropy {out.per_sample_entropy:.4f}  codebook entropy {out.codebook_entropy:.4f} "
-          f"(max {18 * torch.log(torch.tensor(2.0)):.4f})  commitment {out.commitment:.4f}  loss {out.loss:.4f}")
+          f"(max {18 * torch.log(torch.tensor(2.0)):.4f})  commitment {out.commitment:.4f}")

@@ -3,12 +3,14 @@
   - LPIPS-VGG (v0.1): the perceptual loss and metric, VGG16 features + the learned 1x1 "lin" layers
     (Zhang et al. 2018). Loads torchvision's `vgg16-397923af.pth` and LPIPS' `v0.1/vgg.pth` with strict key checks.
   - NLayerDiscriminator: taming-transformers' PatchGAN (ndf 64, 3 layers, BatchNorm; 2.77M parameters).
-  - GAN losses: hinge / vanilla discriminator losses, hinge / non-saturating generator losses, the LeCam
-    regulariser with EMA logit anchors, and taming's adaptive generator weight.
+  - GAN losses: the hinge discriminator loss, hinge / non-saturating generator losses, the LeCam regulariser with
+    EMA logit anchors, and taming's adaptive generator weight.
   - DINOv2 ViT-B/14: the frozen teacher of the global alignment (Eq. (10)); its state dict matches
     `dinov2_vitb14_pretrain.pth` key for key.
   - The global alignment losses: the paper's DINO-style cross-entropy (Eq. (10)) and the authors' release's
     temperature-scaled KL.
+  - The stage-1 objective: `generator_loss` (the tokenizer's named terms and their weighted sum) and
+    `discriminator_loss` (hinge + LeCam), the weights read from the training configuration in one place.
 
 No pretrained weight can be downloaded in a sandbox: every network here builds with random weights, says so loudly,
 and loads the published files (local path, state dict, or "download" from the official URL) with strict checks.
@@ -22,6 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import all_reduce_mean, all_reduce_sum_differentiable
+from vit import Block, PatchEmbed
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official weight files
@@ -213,6 +218,30 @@ class LPIPS(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode batch statistics cover the whole global batch under torchrun, so the
+    discriminator computes what one process with the whole batch computes (torch's SyncBatchNorm is GPU-only).
+    Same parameters, buffers and key names as nn.BatchNorm2d; one process: exactly nn.BatchNorm2d."""
+
+    def forward(self, x):
+        if not self.training or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        sums = torch.stack([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3))])   # (2, C)
+        sums = all_reduce_sum_differentiable(sums)                                   # over every rank's images
+        count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
+        dist.all_reduce(count)
+        mean = sums[0] / count                                                       # (C,)
+        var = (sums[1] / count - mean * mean).clamp_min(0.0)                         # biased, as BatchNorm
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            unbiased = var * count / (count - 1).clamp_min(1.0)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
+
+
 class NLayerDiscriminator(nn.Module):
     """PatchGAN (pix2pix / taming): (B, input_nc, H, W) -> (B, 1, H', W') logits; 256 -> 30 with n_layers = 3.
 
@@ -229,7 +258,7 @@ class NLayerDiscriminator(nn.Module):
             prev, mult = mult, min(2 ** n, 8)
             stride = 2 if n < n_layers else 1
             layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+                       SyncBatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():                      # taming's weights_init
@@ -255,26 +284,16 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
-def vanilla_d_loss(logits_real, logits_fake):
-    """0.5 (mean softplus(-D(x)) + mean softplus(D(x_hat))): the binary cross-entropy of a real/fake classifier."""
-    return 0.5 * (F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean())
-
-
 def hinge_g_loss(logits_fake):
     """-mean D(x_hat)."""
     return -logits_fake.float().mean()
 
 
-def non_saturating_g_loss(logits_fake, patch_mean_first=False):
-    """mean softplus(-D(x_hat)) = -log sigmoid(D(x_hat)).
-
-    patch_mean_first=True averages the PatchGAN logits of every image before the softplus, as the authors'
-    release (Open-MAGVIT2's non_saturate_gen_loss) does; the default treats every patch as a sample.
-    """
-    logits = logits_fake.float()
-    if patch_mean_first:
-        logits = logits.flatten(1).mean(dim=1)        # (B, 1, H', W') -> (B,)
-    return F.softplus(-logits).mean()
+def non_saturating_g_loss(logits_fake):
+    """The authors' release (Open-MAGVIT2's non-saturating generator loss): average each image's PatchGAN logits
+    first, then mean softplus(-mean D(x_hat)) = -log sigmoid(.) over the batch. (B, 1, H', W') -> scalar."""
+    per_image = logits_fake.float().flatten(1).mean(dim=1)                     # (B, 1, H', W') -> (B,)
+    return F.softplus(-per_image).mean()
 
 
 class LeCam(nn.Module):
@@ -310,80 +329,20 @@ class LeCam(nn.Module):
 def adaptive_weight(nll_loss, g_loss, last_layer, eps=1e-4, max_weight=1e4):
     """taming's adaptive GAN weight: ||grad_w nll|| / (||grad_w g|| + 1e-4), clamped to [0, 1e4], detached.
 
-    last_layer: the decoder's last weight tensor w. Both graphs are retained for the real backward.
+    last_layer: the decoder's last weight tensor w. Both graphs are retained for the real backward. Under torchrun
+    the two gradients are averaged over the ranks before their norms are taken: they are then the gradients of the
+    global batch's loss, and the weight is the one a single process with the whole batch computes.
     """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + eps)
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0].float()
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float()
+    grads = all_reduce_mean(torch.stack([nll_grad, g_grad]))                   # (2, *w.shape)
+    w = torch.linalg.vector_norm(grads[0]) / (torch.linalg.vector_norm(grads[1]) + eps)
     return torch.clamp(w, 0.0, max_weight).detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # DINOv2 ViT-B/14 teacher (facebookresearch/dinov2, key-compatible with dinov2_vitb14_pretrain.pth)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_chans, embed_dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        x = self.proj(x)                              # (B, D, h, w)
-        return x.flatten(2).transpose(1, 2)           # (B, h*w, D)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                      # 3 x (B, H, T, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)                               # (B, H, T, D/H)
-        x = x.transpose(1, 2).reshape(B, T, D)                                    # (B, T, D)
-        return self.proj(x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init_values=1.0):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block with LayerScale: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
-
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
-
-    def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class DINOv2(nn.Module):
@@ -515,6 +474,57 @@ def alignment_loss_kl(student, teacher, tau=4.0):
         log_p_s = F.log_softmax(student.float() / tau, dim=-1)                      # (B, D)
         kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
         return kl * tau * tau
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage-1 objective (Sec. 3, Table A1)
+# ----------------------------------------------------------------------------------------------------------------
+# `cfg` is the training configuration (train_stage1.TrainConfig): the one place where every weight is set.
+#   w_recon, w_perceptual, w_gan, w_lecam, w_commit, w_entropy, w_recovery, w_align   (Table A1)
+#   recon_loss ("l2" | "l1"), gan_loss ("hinge" | "non-saturating"), adaptive_gan_weight, align_loss ("ce" | "kl")
+
+
+def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_layer=None):
+    """The tokenizer's loss of one step. Returns (total, terms): the weighted sum and the unweighted terms by name.
+
+      total = w_recon L_rec + w_perceptual LPIPS                                           (reconstruction, "nll")
+            + w_commit ||z - sg(q)||^2 + w_entropy (E[H(p(c|z))] - H(E[p(c|z)]))            (LFQ, Eq. (4))
+            + w_recovery CE(recovery logits, source)                                       (Eq. (9))
+            + w_align H(P_teacher, P_student)                                              (Eq. (10))
+            + lambda w_gan L_G                 lambda = 1, or taming's adaptive weight (then logged as gan_lambda)
+    x: images; out: the tokenizer's TokenizerOutput; lpips: the perceptual metric or None (term dropped);
+    disc: the discriminator for a step with the GAN on, else None; align_pair: (student, teacher) CLS features or
+    None; last_layer: the decoder weight the adaptive weight differentiates against.
+    """
+    recon, lfq = out.recon.float(), out.enc.lfq
+    terms = {"recon": F.mse_loss(recon, x) if cfg.recon_loss == "l2" else F.l1_loss(recon, x)}
+    if lpips is not None:
+        terms["perceptual"] = lpips(recon, x).mean()
+    terms["commit"] = lfq.commitment
+    terms["entropy"] = lfq.per_sample_entropy - lfq.codebook_entropy                   # Eq. (4)'s entropy loss
+    terms["recovery"] = out.recovery_loss                                               # Eq. (9)
+    if align_pair is not None:
+        align = alignment_loss_ce if cfg.align_loss == "ce" else alignment_loss_kl
+        terms["align"] = align(*align_pair)                                             # Eq. (10)
+    nll = cfg.w_recon * terms["recon"] + cfg.w_perceptual * terms.get("perceptual", 0.0)
+    total = (nll + cfg.w_commit * terms["commit"] + cfg.w_entropy * terms["entropy"]
+             + cfg.w_recovery * terms["recovery"] + cfg.w_align * terms.get("align", 0.0))
+    if disc is not None:
+        logits_fake = disc(recon)
+        terms["gan_g"] = hinge_g_loss(logits_fake) if cfg.gan_loss == "hinge" else non_saturating_g_loss(logits_fake)
+        lam = 1.0
+        if cfg.adaptive_gan_weight:
+            lam = terms["gan_lambda"] = adaptive_weight(nll, terms["gan_g"], last_layer)
+        total = total + lam * cfg.w_gan * terms["gan_g"]
+    return total, terms
+
+
+def discriminator_loss(disc, x, recon, lecam, cfg):
+    """The discriminator's loss of one step: hinge (paper and release) + w_lecam LeCam. recon must be detached, so
+    nothing of it reaches the tokenizer. Returns (total, terms); call lecam.update after the step."""
+    logits_real, logits_fake = disc(x).float(), disc(recon).float()
+    terms = {"disc": hinge_d_loss(logits_real, logits_fake), "lecam": lecam.penalty(logits_real, logits_fake)}
+    return terms["disc"] + cfg.w_lecam * terms["lecam"], terms, (logits_real.detach(), logits_fake.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------------

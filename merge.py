@@ -8,12 +8,15 @@ Implements (paper Sec. 3.1-3.3, Appendix A.1 and A.3; ToMe, Bolya et al. 2023):
   - merge schedules over L layers (square-decreasing: paper; linear: authors' release)
   - kept-token sampling around the target K (exponential: Eq. (15); Gaussian: Eq. (16))
 
-Shapes: B batch, N tokens in, K tokens kept, C channels. A source is (B, K, N_orig), binary, one 1 per column.
+Shapes: B batch, N tokens in, K tokens kept, C channels.
 
-Source tracking comes in two forms. `merge_source` is ToMe's dense (B, N, N_orig) matrix merged with an
-elementwise max at every layer: simple to read, O(N^2) memory. `merge_assignment` keeps only an index map
-(B, N_orig) from each original token to the merged token that now holds it, which costs O(N) per layer; the dense
-source is built once at the end with `assignment_to_source`. Both give the same matrix (tests/test_merge.py).
+The source. The paper's source matrix is (K, N), binary with one 1 per column: row k holds the original tokens
+merged into token k. Everywhere in this project the source crosses the code in one equivalent form, the index map
+`source` (B, N) int64 with source[b, j] = k where the matrix has its 1 (the column-wise argmax). It costs O(N) per
+merging layer (`track_source`: push the map through every merge's `dst`), recovery is a gather (Eq. (11)), and the
+Source Recovery Model's target and prediction are the same map (Eq. (8)-(9)). ToMe's dense matrix, merged with
+an elementwise max at every layer (`merge_source_matrix`, O(N^2) memory), is kept as the reference the tests and
+the bench compare with; `source_to_matrix` / `matrix_to_source` convert.
 
     python merge.py          # a small demo: merge a piecewise-constant sequence and recover it exactly
 """
@@ -119,7 +122,7 @@ def merge_wavg(merge, x, size=None):
     return x / size, size
 
 
-def merge_source(merge, x, source=None):
+def merge_source_matrix(merge, x, source=None):
     """Dense source tracking (ToMe): rows are merged with an elementwise max, so the matrix stays binary.
 
     source: (B, N, N_orig), the identity when None (then N_orig = N). Returns (B, N - r, N_orig).
@@ -130,38 +133,38 @@ def merge_source(merge, x, source=None):
     return merge(source, mode="amax")
 
 
-def merge_assignment(merge, assign=None):
-    """Cheap source tracking: assign (B, N_orig) int64, the merged token that holds each original token.
+def track_source(merge, source=None):
+    """Source tracking: source (B, N_orig) int64, the merged token that holds each original token.
 
     It starts as arange(N) and is pushed through every merge by the merge's `dst` map: O(N) per layer.
     """
     dst = merge.dst                                                         # (B, N)
-    if assign is None:
+    if source is None:
         return dst.clone()
-    return dst.gather(dim=1, index=assign)                                  # (B, N_orig)
+    return dst.gather(dim=1, index=source)                                  # (B, N_orig)
 
 
-def assignment_to_source(assign, K, dtype=torch.float32):
-    """(B, N_orig) assignment -> (B, K, N_orig) binary source with exactly one 1 per column."""
-    B, N = assign.shape
-    source = torch.zeros(B, K, N, device=assign.device, dtype=dtype)
-    return source.scatter_(1, assign[:, None, :], 1.0)                      # (B, K, N)
+def source_to_matrix(source, K, dtype=torch.float32):
+    """The index map (B, N) -> the paper's source matrix (B, K, N), binary with exactly one 1 per column."""
+    B, N = source.shape
+    matrix = torch.zeros(B, K, N, device=source.device, dtype=dtype)
+    return matrix.scatter_(1, source[:, None, :], 1.0)                      # (B, K, N)
 
 
-def source_to_assignment(source):
-    """(B, K, N_orig) source -> (B, N_orig) index of the merged token that holds each original token."""
-    return source.argmax(dim=1)
+def matrix_to_source(matrix):
+    """The source matrix (B, K, N) -> the index map (B, N): the row holding each column's 1."""
+    return matrix.argmax(dim=1)
 
 
 def recover(z, source):
-    """Token recovery, Eq. (11): x_full[:, j] = z[:, k] where source[:, k, j] = 1, i.e. source^T @ z.
+    """Token recovery, Eq. (11): x_full = source_matrix^T z, i.e. x_full[:, j] = z[:, source[:, j]].
 
-    z: (B, K, C) merged tokens; source: (B, K, N) binary. Returns (B, N, C).
+    z: (B, K, C) merged tokens; source: (B, N) int64 index map with values in [0, K). Returns (B, N, C).
     """
-    if source.shape[0] != z.shape[0] or source.shape[1] != z.shape[1]:
-        raise ValueError(f"recover: source {tuple(source.shape)} does not match tokens {tuple(z.shape)}: "
-                         "expected source (B, K, N) for z (B, K, C)")
-    return source.transpose(1, 2).to(z.dtype) @ z                           # (B, N, K) @ (B, K, C) -> (B, N, C)
+    if source.dim() != 2 or source.shape[0] != z.shape[0] or source.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"recover: source {tuple(source.shape)} {source.dtype} does not fit tokens "
+                         f"{tuple(z.shape)}: expected an int64 index map (B, N) for z (B, K, C)")
+    return z.gather(1, source[..., None].long().expand(-1, -1, z.shape[-1]))   # Eq. (11): (B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,46 +185,44 @@ def size_bias(size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def merge_schedule(num_tokens, keep, num_layers, kind="square"):
-    """Per-layer r (tokens removed by each layer) that takes num_tokens down to keep in num_layers layers.
+def merge_schedule(N, K, L, kind="square"):
+    """Per-layer r (tokens removed by each of the L layers) that takes N tokens down to K.
 
     kind="square" (paper, Appendix A.1): r_l proportional to (L - l)^2, l = 0..L-1, many merges early.
     kind="linear" (authors' release): r_l decreasing linearly from about 1.5 r to 0.5 r, r = (N - K) / L.
     The rounding remainder goes to the first layer. A layer can remove at most half of the tokens it receives
-    (bipartite matching); any excess is carried to the next layer. A class token is not counted in num_tokens.
+    (bipartite matching); any excess is carried to the next layer. A class token is not counted in N.
     """
     if kind not in ("square", "linear"):
         raise ValueError(f"merge schedule kind must be 'square' or 'linear', got {kind!r}")
-    if not 1 <= keep <= num_tokens:
-        raise ValueError(f"keep must be between 1 and the number of tokens N={num_tokens}, got keep={keep}")
-    if num_layers < 1:
-        raise ValueError(f"need at least one merging layer, got num_layers={num_layers}")
-    total = num_tokens - keep
-    L = num_layers
+    if not 1 <= K <= N:
+        raise ValueError(f"K must be between 1 and the number of tokens N={N}, got K={K}")
+    if L < 1:
+        raise ValueError(f"need at least one merging layer, got L={L}")
     if kind == "square":
         weights = [(L - l) ** 2 for l in range(L)]
     else:
         weights = [1.5 - l / max(L - 1, 1) for l in range(L)]
-    r = [int(total * w / sum(weights)) for w in weights]
-    r[0] += total - sum(r)
+    r = [int((N - K) * w / sum(weights)) for w in weights]                 # N - K tokens removed in all
+    r[0] += (N - K) - sum(r)
 
     # Feasibility: a layer removes at most half of the tokens it receives. Walk the layers in order; where the plan
-    # would leave too many tokens for the layers after it to reach keep, take more now; carry any difference on.
+    # would leave too many tokens for the layers after it to reach K, take more now; carry any difference on.
     def fewest_after(tokens, layers):                                      # halving `layers` times
         for _ in range(layers):
             tokens -= tokens // 2
         return tokens
 
-    if fewest_after(num_tokens, L) > keep:
-        raise ValueError(f"cannot merge N={num_tokens} tokens down to keep={keep} in {L} layers: each layer removes "
-                         f"at most half of its tokens, so the fewest reachable is {fewest_after(num_tokens, L)}")
-    tokens, carry = num_tokens, 0
+    if fewest_after(N, L) > K:
+        raise ValueError(f"cannot merge N={N} tokens down to K={K} in {L} layers: each layer removes at most half "
+                         f"of its tokens, so the fewest reachable is {fewest_after(N, L)}")
+    tokens, carry = N, 0
     for l in range(L):
         want = r[l] + carry
         lower = 0
-        while fewest_after(tokens - lower, L - l - 1) > keep:
+        while fewest_after(tokens - lower, L - l - 1) > K:
             lower += 1
-        r[l] = min(max(want, lower), tokens // 2, tokens - keep)
+        r[l] = min(max(want, lower), tokens // 2, tokens - K)
         carry = want - r[l]
         tokens -= r[l]
     return r
@@ -234,17 +235,21 @@ def merge_schedule(num_tokens, keep, num_layers, kind="square"):
 
 @dataclass
 class KeptTokenSampler:
-    """Draws the kept-token count K for each training step around a target (Appendix A.3).
+    """Draws the kept-token count K of each training step around the target K (Appendix A.3).
 
-    Candidates are perfect squares (sqrt(target) + i)^2 for offsets i = low..high, so the merged tokens can
-    always form a square grid. Weights (i is the offset from the target, i = 0 is the target):
-      exponential, Eq. (15): p_i ~ 2 exp(-2 |i|) + 0.1        (G and R: mostly the target, a tail of larger K)
-      gaussian,    Eq. (16): p_i ~ exp(-i^2 / (2 * 0.5^2)) + 0.05  (G+R: centred on the target)
-      fixed: always the target.
+    Candidates are perfect squares (sqrt(K) + i)^2 for offsets i = low..high, so the merged tokens can always form
+    a square grid. Weights over the offsets:
+      exponential, Eq. (15): p_i ~ 2 exp(-2 i) + 0.1, i = 0, 1, ...: the target is the most likely, then a tail of
+                  larger K. Our reading: the exponential starts AT the target (low = 0), so no candidate is below it;
+                  the candidate range of Eq. (15) is not legible in our copy of the paper, and a weight through
+                  exp(-2 |i|) would give a K below the target almost the weight of the next one up.
+      gaussian,   Eq. (16): p_i ~ exp(-i^2 / (2 * 0.5^2)) + 0.05: centred on the target, one smaller candidate
+                  (low = -1). The paper uses it for G+R; the authors' release uses it for G too, over 225..529.
+      fixed:      always the target.
     The draw depends only on (seed, step), so every rank draws the same K and a resumed run draws what the
     uninterrupted run would have.
     """
-    target: int
+    K: int
     low: int = 0
     high: int = 4
     kind: str = "exponential"
@@ -253,15 +258,18 @@ class KeptTokenSampler:
     probs: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        root = math.isqrt(self.target)
-        if root * root != self.target:
-            raise ValueError(f"the target kept-token count must be a perfect square, got {self.target}")
+        root = math.isqrt(self.K)
+        if root * root != self.K:
+            raise ValueError(f"the target kept-token count K must be a perfect square, got {self.K}")
         if self.low > self.high or root + self.low < 1:
-            raise ValueError(f"bad candidate offsets low={self.low}, high={self.high} for target {self.target}")
+            raise ValueError(f"bad candidate offsets low={self.low}, high={self.high} for the target K={self.K}")
         offsets = np.arange(self.low, self.high + 1)
         self.candidates = [int((root + i) ** 2) for i in offsets]
         if self.kind == "exponential":
-            w = 2.0 * np.exp(-2.0 * np.abs(offsets)) + 0.1                 # Eq. (15)
+            if self.low < 0:
+                raise ValueError(f"the exponential weights (Eq. (15)) start at the target: low must be >= 0, got "
+                                 f"{self.low} (a smaller candidate needs the gaussian weights, Eq. (16))")
+            w = 2.0 * np.exp(-2.0 * offsets) + 0.1                         # Eq. (15)
         elif self.kind == "gaussian":
             w = np.exp(-offsets.astype(float) ** 2 / (2 * 0.5 ** 2)) + 0.05  # Eq. (16)
         elif self.kind == "fixed":
@@ -283,13 +291,13 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     B, N, C, K = 1, 16, 4, 8
     x = torch.randn(B, K, C).repeat_interleave(2, dim=1)                    # pairs of equal tokens, (B, N, C)
-    size, assign, tokens = None, None, x
-    for r in merge_schedule(N, K, num_layers=1):  # one layer: every A token finds its twin in B
+    size, source, tokens = None, None, x
+    for r in merge_schedule(N, K, L=1):           # one layer: every A token finds its twin in B
         m, _ = bipartite_soft_matching(tokens, r)
         tokens, size = merge_wavg(m, tokens, size)
-        assign = merge_assignment(m, assign)
-    source = assignment_to_source(assign, tokens.shape[1])
+        source = track_source(m, source)
     print("schedule (square, N=1024 -> K=256, 12 layers):", merge_schedule(1024, 256, 12))
     print("sizes:", size[0, :, 0].tolist())
-    print("source (K x N):\n", source[0].int())
+    print("source map (N,):", source[0].tolist())
+    print("source matrix (K x N):\n", source_to_matrix(source, K)[0].int())
     print("recover(merge(x)) == x:", torch.allclose(recover(tokens, source), x, atol=1e-6))

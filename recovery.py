@@ -7,10 +7,12 @@ model predicts, for every original position j, which merged token holds it:
     keys     E = LN(W_e z_q + slot_k)  (B, K, D)  -- the quantized merged tokens (slot_k: embedding of slot k)
     Q1 = CrossAttentionBlock(Q0, E); Q = SelfAttentionBlock^2(Q1)                      (Table A2: 2 layers)
     logits[b, j, k] = <W_q Q[b, j], W_k E[b, k]> / sqrt(D)   -- the merged tokens act as cluster centres   Eq. (8)
-    loss = cross-entropy(logits[b, j, :], argmax_k source[b, k, j])                                       Eq. (9)
+    loss = cross-entropy(logits[b, j, :], source[b, j])                                                   Eq. (9)
 
-The predicted source is the one-hot of the argmax, (B, K, N), usable wherever the true source is. Any K <= N
-works: the model attends to whatever merged tokens it is given.
+The source is merge.py's index map (B, N): source[b, j] = the merged token holding original position j (the
+column-wise argmax of the paper's K x N source matrix). The predicted source is the argmax of the logits, the same
+(B, N) map, usable wherever the true source is. Any K <= N works: the model attends to whatever merged tokens it
+is given.
 
 The slot embedding is our addition (the paper is silent, the authors' release ships an untrained stub): two
 merged tokens with the same 18-bit code would otherwise be indistinguishable cluster centres, while their slot
@@ -22,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import Block, Mlp
-from merge import assignment_to_source
+from vit import Block, CrossAttention, Mlp
 
 
 class CrossAttentionBlock(nn.Module):
@@ -31,23 +32,14 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, dim, num_heads, ffn):
         super().__init__()
-        self.num_heads = num_heads
         self.norm_q = nn.LayerNorm(dim, eps=1e-6)
         self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, ffn)
 
     def forward(self, q, context):
-        B, N, D = q.shape
-        K, H = context.shape[1], self.num_heads
-        qh = self.q(self.norm_q(q)).reshape(B, N, H, D // H).transpose(1, 2)             # (B, H, N, D/H)
-        kv = self.kv(self.norm_kv(context)).reshape(B, K, 2, H, D // H)                 # (B, K, 2, H, D/H)
-        k, v = kv.permute(2, 0, 3, 1, 4)                                                # 2 x (B, H, K, D/H)
-        out = F.scaled_dot_product_attention(qh, k, v)                                  # (B, H, N, D/H)
-        q = q + self.proj(out.transpose(1, 2).reshape(B, N, D))                         # (B, N, D)
+        q = q + self.attn(self.norm_q(q), self.norm_kv(context))                        # (B, N, D)
         return q + self.mlp(self.norm2(q))
 
 
@@ -84,18 +76,16 @@ class SourceRecovery(nn.Module):
         return (self.to_q(q) @ self.to_k(e).transpose(1, 2)) * scale                    # Eq. (8): (B, N, K)
 
     def loss(self, z_q, source):
-        """Eq. (9): mean cross-entropy of the assignment of every original position (source (B, K, N))."""
+        """Eq. (9): mean cross-entropy of the merged token of every original position, source (B, N)."""
         logits = self.logits(z_q).float()                                               # (B, N, K)
-        target = source.argmax(dim=1)                                                   # (B, N)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), source.reshape(-1))  # (B*N, K) vs (B*N,)
 
     @torch.no_grad()
     def predict_source(self, z_q):
-        """The predicted source: one-hot of the argmax over merged tokens, (B, K, N), dtype of z_q."""
-        assign = self.logits(z_q).argmax(dim=-1)                                        # (B, N)
-        return assignment_to_source(assign, z_q.shape[1], dtype=z_q.dtype)
+        """The predicted source: the most likely merged token of every original position, (B, N) int64."""
+        return self.logits(z_q).argmax(dim=-1)                                          # (B, N)
 
     @torch.no_grad()
     def accuracy(self, z_q, source):
         """Fraction of original positions whose merged token is predicted right."""
-        return (self.logits(z_q).argmax(dim=-1) == source.argmax(dim=1)).float().mean().item()
+        return (self.predict_source(z_q) == source).float().mean().item()

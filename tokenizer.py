@@ -4,14 +4,16 @@
       -> encoder: CNN (or a ViT patch embedding for R) -> N tokens + CLS -> L ToMe attention blocks that merge
          N tokens into K (proportional attention, keys as the matching metric, source tracking)   Eq. (7), (14)
       -> projection to d = 18 channels -> lookup-free quantization (lfq.LFQ)                         Eq. (4)
-      -> K merged indices (B, K), the source matrix (B, K, N), the CLS feature (alignment head, Eq. (10))
-      -> recovery of the N tokens: x_full = source^T z_q  (true source, or one predicted by recovery.py) Eq. (11)
+      -> K merged indices (B, K), the source (B, N): the merged token holding each original token, i.e. the
+         column-wise argmax of the paper's K x N source matrix (merge.py), the CLS feature (alignment head, Eq. (10))
+      -> recovery of the N tokens: x_full[:, j] = z_q[:, source[:, j]]  (true source, or one predicted by
+         recovery.py)                                                                                  Eq. (11)
       -> decoder: conv_in, attention blocks with MixFFN and a depthwise-conv position term, CNN upsampling with
          adaptive GroupNorm conditioned on the quantized latent, depth-to-space upsampling -> image
 
-Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, keep 256   (encoder 62.3M, decoder 82.8M)
-                      gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, keep 144  (encoder 62.7M, decoder 83.4M)
-                      r  - ViT-B/16, 16x16 = 256 tokens, keep 36          (encoder 86.6M, decoder 83.4M)
+Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, K 256   (encoder 62.3M, decoder 82.8M)
+                      gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, K 144  (encoder 62.7M, decoder 83.4M)
+                      r  - ViT-B/16, 16x16 = 256 tokens, K 36          (encoder 86.6M, decoder 83.4M)
 Each has a `paper` preset (the default) and a `tiny` one for the CPU (64x64 images, narrow, few blocks).
 
 The encoder's attention blocks use DINOv2's key names (norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
@@ -28,11 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import read_checkpoint
 from lfq import LFQ, LFQOutput
-from losses import LayerScale, Mlp
-from merge import (assignment_to_source, bipartite_soft_matching, merge_assignment, merge_schedule, merge_wavg,
+from merge import (bipartite_soft_matching, track_source, merge_schedule, merge_wavg,
                    recover, size_bias)
 from recovery import SourceRecovery
+from vit import Attention, LayerScale, Mlp
 
 VARIANTS = ("g", "gr", "r")
 
@@ -61,10 +64,10 @@ class TokenizerConfig:
     dec_layers: int = 12
     dec_heads: int = 8
     # token merging (Appendix A.1, A.3)
-    keep: int = 256                         # target K
-    keep_low: int = -1                      # candidate offsets (sqrt(K) + i)^2, i = keep_low..keep_high
-    keep_high: int = 7
-    keep_sampling: str = "exponential"      # Eq. (15) exponential, Eq. (16) gaussian, or fixed
+    K: int = 256                         # target K
+    K_low: int = 0                          # candidate offsets (sqrt(K) + i)^2, i = K_low..K_high (G: 256..529)
+    K_high: int = 7
+    K_sampling: str = "exponential"         # Eq. (15) exponential (from the target up), Eq. (16) gaussian, fixed
     merge_schedule: str = "square"          # paper: square; the release: linear
     # alignment head on the CLS token (Eq. 10): G 2 layers, G+R and R 3 layers
     align_dim: int = 768                    # DINOv2 ViT-B feature size
@@ -92,10 +95,10 @@ class TokenizerConfig:
 PRESETS = {
     "paper": {
         "g": TokenizerConfig(variant="g"),
-        "gr": TokenizerConfig(variant="gr", enc_ch_mult=(1, 1, 2, 4, 8), dec_ch_mult=(1, 1, 2, 4, 8), keep=144,
-                              keep_low=-1, keep_high=4, keep_sampling="gaussian", align_layers=3),
+        "gr": TokenizerConfig(variant="gr", enc_ch_mult=(1, 1, 2, 4, 8), dec_ch_mult=(1, 1, 2, 4, 8), K=144,
+                              K_low=-1, K_high=4, K_sampling="gaussian", align_layers=3),
         "r": TokenizerConfig(variant="r", patch_size=16, embed_dim=768, enc_heads=12, dec_ch_mult=(1, 1, 2, 4, 8),
-                             keep=36, keep_low=0, keep_high=4, align_layers=3),
+                             K=36, K_low=0, K_high=4, align_layers=3),
     },
     # tiny: 64x64 images, narrow and shallow, for 2 CPU cores. GroupNorm(32) on 32-128 channels is nearly an
     # instance norm that strips colour; 4 groups learn about twice as fast there (measured: MSE 0.21 vs 0.10 after
@@ -103,16 +106,16 @@ PRESETS = {
     "tiny": {
         "g": TokenizerConfig(variant="g", image_size=64, ch=32, enc_ch_mult=(1, 2, 4), enc_res_blocks=1, norm_groups=4,
                              embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 2, 4), dec_res_blocks=1,
-                             dec_layers=2, dec_heads=4, keep=64, keep_low=-1, keep_high=4, align_hidden=256,
+                             dec_layers=2, dec_heads=4, K=64, K_low=0, K_high=4, align_hidden=256,
                              rec_dim=64, rec_heads=4, rec_ffn=256),
         "gr": TokenizerConfig(variant="gr", image_size=64, ch=32, enc_ch_mult=(1, 1, 2, 4), enc_res_blocks=1, norm_groups=4,
                               embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1,
-                              dec_layers=2, dec_heads=4, keep=36, keep_low=-1, keep_high=2,
-                              keep_sampling="gaussian", align_hidden=256, align_layers=3,
+                              dec_layers=2, dec_heads=4, K=36, K_low=-1, K_high=2,
+                              K_sampling="gaussian", align_hidden=256, align_layers=3,
                               rec_dim=64, rec_heads=4, rec_ffn=256),
         "r": TokenizerConfig(variant="r", image_size=64, ch=32, patch_size=8, embed_dim=128, enc_layers=4, norm_groups=4,
                              enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1, dec_layers=2, dec_heads=4,
-                             keep=16, keep_low=0, keep_high=4, align_hidden=256, align_layers=3,
+                             K=16, K_low=0, K_high=4, align_hidden=256, align_layers=3,
                              rec_dim=64, rec_heads=4, rec_ffn=256),
     },
 }
@@ -141,6 +144,49 @@ def group_norm(channels, groups=32):
     return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6)
 
 
+# Two convolutions whose natural weights have size-1 dimensions, (C_out, C_in, 1, 1) and (C, 1, 3, 3), are stored
+# without them. The strides of a size-1 dimension are arbitrary: the CPU backward returns gradients laid out unlike
+# the parameters there, and DistributedDataParallel then copies every such gradient into its buckets, warning on
+# every run ("grad strides do not match bucket view strides"). The same function and parameter count; a checkpoint
+# with the 4-d layout (the release's) still loads.
+
+
+class _Squeezed(nn.Module):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 4:                       # the 4-d conv layout
+            state_dict[key] = state_dict[key].reshape(self.weight.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PointwiseConv(_Squeezed):
+    """A 1x1 convolution without bias; weight (C_out, C_in)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c_out, c_in))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))                       # nn.Conv2d's default init
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight[:, :, None, None])                           # (C_out, C_in, 1, 1)
+
+
+class DepthwiseConv(_Squeezed):
+    """A depthwise k x k convolution (one filter per channel, padding k // 2) with bias; weight (C, k, k)."""
+
+    def __init__(self, channels, kernel_size=3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        bound = 1 / kernel_size                                                     # nn.Conv2d's default init
+        nn.init.uniform_(self.weight, -bound * math.sqrt(3), bound * math.sqrt(3))
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        k = self.weight.shape[-1]
+        return F.conv2d(x, self.weight[:, None], self.bias, padding=k // 2, groups=x.shape[1])  # (C, 1, k, k)
+
+
 class ResBlock(nn.Module):
     """MAGVIT-v2 residual block: GroupNorm - SiLU - 3x3 conv, twice (no conv bias); 1x1 shortcut if widths differ."""
 
@@ -150,34 +196,12 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.norm2 = group_norm(c_out, groups)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+        self.shortcut = PointwiseConv(c_in, c_out) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.shortcut(x) + h
-
-
-class ToMeAttention(nn.Module):
-    """Multi-head self-attention with proportional attention (Eq. 14); also returns the matching metric
-    (the keys averaged over heads, (B, T, head_dim))."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x, size=None):
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)   # (B, T, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                       # 3 x (B, H, T, D/H)
-        bias = None if size is None else size_bias(size).to(q.dtype)              # (B, 1, 1, T) log-size of keys
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)              # (B, H, T, D/H)
-        out = out.transpose(1, 2).reshape(B, T, D)                                 # (B, T, D)
-        return self.proj(out), k.mean(dim=1)                                       # metric (B, T, D/H)
 
 
 class ToMeBlock(nn.Module):
@@ -190,21 +214,22 @@ class ToMeBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1e-5, mlp=Mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = ToMeAttention(dim, num_heads)
+        self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, init_values)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values)
 
-    def forward(self, x, size, assign, r):
-        h, metric = self.attn(self.norm1(x), size)
+    def forward(self, x, size, source, r):
+        bias = None if size is None else size_bias(size)                           # Eq. (14): + log size of keys
+        h, metric = self.attn(self.norm1(x), bias, return_keys=True)               # metric (B, T, D/H)
         x = x + self.ls1(h)
         if r > 0:
             merge, _ = bipartite_soft_matching(metric, r, class_token=True)
             x, size = merge_wavg(merge, x, size)                                   # (B, T - r, D), (B, T - r, 1)
-            assign = merge_assignment(merge, assign)                               # (B, N_orig + 1)
+            source = track_source(merge, source)                               # (B, N_orig + 1)
         x = x + self.ls2(self.mlp(self.norm2(x)))
-        return x, size, assign
+        return x, size, source
 
 
 class MixFFN(nn.Module):
@@ -213,7 +238,7 @@ class MixFFN(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.dwconv = DepthwiseConv(hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x, hw):
@@ -231,7 +256,7 @@ class DecoderBlock(ToMeBlock):
         super().__init__(dim, num_heads, mlp_ratio, init_values, mlp=MixFFN)
 
     def forward(self, x, hw):
-        x = x + self.ls1(self.attn(self.norm1(x))[0])
+        x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x), hw))
 
 
@@ -278,7 +303,7 @@ def _init_linear(module):
 
 
 class Encoder(nn.Module):
-    """Image -> K merged latents (B, K, d) before quantization, the CLS feature and the assignment map."""
+    """Image -> K merged latents (B, K, d) before quantization, the CLS feature and the source (B, N)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -323,20 +348,20 @@ class Encoder(nn.Module):
                 h = stage.downsample(h)
         return h.flatten(2).transpose(1, 2), tuple(h.shape[-2:])                   # (B, N, D), (h, w)
 
-    def forward(self, x, keep):
+    def forward(self, x, K):
         tokens, _ = self.features(x)                                               # (B, N, D)
         B, N, _ = tokens.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)  # (B, 1 + N, D)
-        size, assign = None, None
-        for block, r in zip(self.blocks, merge_schedule(N, keep, len(self.blocks), self.cfg.merge_schedule)):
-            x, size, assign = block(x, size, assign, r)
-        if assign is None:                                                         # keep == N: nothing merged
-            assign = torch.arange(N + 1, device=x.device).expand(B, -1)
+        size, source = None, None
+        for block, r in zip(self.blocks, merge_schedule(N, K, len(self.blocks), self.cfg.merge_schedule)):
+            x, size, source = block(x, size, source, r)
+        if source is None:                                                         # K == N: nothing merged
+            source = torch.arange(N + 1, device=x.device).expand(B, -1)
         cls, z = x[:, 0], x[:, 1:]                                                 # (B, D), (B, K, D)
         z = self.norm_out(z.transpose(1, 2)).transpose(1, 2)                       # GroupNorm over (B, D, K)
         z = self.proj_out(F.silu(z))                                               # (B, K, d)
-        # The CLS token never merges and stays at 0: image token j now sits in merged token assign[:, 1 + j] - 1.
-        return z, cls, assign[:, 1:] - 1                                           # assign (B, N) in [0, K)
+        # The CLS token never merges and stays at 0: image token j now sits in merged token source[:, 1 + j] - 1.
+        return z, cls, source[:, 1:] - 1                                           # source (B, N) in [0, K)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,7 +377,7 @@ class Decoder(nn.Module):
         mult = cfg.dec_ch_mult
         c = cfg.ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.pos_embed = nn.Conv2d(c, c, 3, padding=1, groups=c)          # depthwise-conv position term
+        self.pos_embed = DepthwiseConv(c)                                  # depthwise-conv position term
         self.blocks = nn.ModuleList([DecoderBlock(c, cfg.dec_heads) for _ in range(cfg.dec_layers)])
         self.adaptive = nn.ModuleList()
         self.up = nn.ModuleList()
@@ -401,9 +426,9 @@ class Decoder(nn.Module):
 class Encoding(NamedTuple):
     """What stage 2 needs from an image: the K merged indices, the source and the kept count."""
     indices: torch.Tensor           # (B, K) int64 LFQ indices of the merged tokens
-    source: torch.Tensor            # (B, K, N) binary; row k = the original tokens merged into token k
+    source: torch.Tensor            # (B, N) int64 in [0, K): the merged token that holds original token j
     z_q: torch.Tensor               # (B, K, d) quantized merged tokens in {-1, +1} (straight-through)
-    keep: int                       # K
+    K: int                          # the kept-token count
     cls: torch.Tensor               # (B, D) the encoder's CLS output (before the alignment head)
     lfq: LFQOutput                  # the quantizer's losses and statistics
 
@@ -432,18 +457,18 @@ class MergeVQTokenizer(nn.Module):
 
     # ---- kept-token counts ---------------------------------------------------------------------------------
 
-    def check_keep(self, keep):
+    def check_K(self, K):
         """K must be an integer in [1, N] that the L merging layers can reach (each removes at most half)."""
         N, L = self.cfg.num_tokens, self.cfg.enc_layers
-        if isinstance(keep, bool) or not isinstance(keep, int):
-            raise ValueError(f"the kept-token count K must be an int, got {keep!r}")
-        if not 1 <= keep <= N:
-            raise ValueError(f"kept-token count K={keep} is not allowed: it must be between 1 and N={N}")
+        if isinstance(K, bool) or not isinstance(K, int):
+            raise ValueError(f"the kept-token count K must be an int, got {K!r}")
+        if not 1 <= K <= N:
+            raise ValueError(f"kept-token count K={K} is not allowed: it must be between 1 and N={N}")
         try:
-            merge_schedule(N, keep, L, self.cfg.merge_schedule)
+            merge_schedule(N, K, L, self.cfg.merge_schedule)
         except ValueError as e:
-            raise ValueError(f"kept-token count K={keep} is not allowed: {e}") from None
-        return keep
+            raise ValueError(f"kept-token count K={K} is not allowed: {e}") from None
+        return K
 
     # ---- encode / decode -----------------------------------------------------------------------------------
 
@@ -453,22 +478,21 @@ class MergeVQTokenizer(nn.Module):
             raise ValueError(f"the {self.cfg.variant} tokenizer expects images (B, 3, {S}, {S}) in [-1, 1], "
                              f"got {tuple(x.shape)}")
 
-    def encode(self, x, keep=None):
+    def encode(self, x, K=None):
         """Images (B, 3, H, W) in [-1, 1] -> Encoding (merged indices, source, z_q, K, CLS, LFQ terms)."""
         self._check_image(x)
-        keep = self.check_keep(self.cfg.keep if keep is None else keep)
-        z, cls, assign = self.encoder(x, keep)                                     # (B, K, d), (B, D), (B, N)
+        K = self.check_K(self.cfg.K if K is None else K)
+        z, cls, source = self.encoder(x, K)                                     # (B, K, d), (B, D), (B, N)
         q = self.quantizer(z.float())                                              # LFQ in fp32
-        source = assignment_to_source(assign, keep)                                # (B, K, N)
-        return Encoding(q.indices, source, q.z_q, keep, cls, q)
+        return Encoding(q.indices, source, q.z_q, K, cls, q)
 
     def decode_codes(self, z_q, source=None):
-        """Merged codes (B, K, d) + a source (B, K, N) -> images. No source: the Source Recovery Model predicts one."""
+        """Merged codes (B, K, d) + a source (B, N) -> images. No source: the Source Recovery Model predicts one."""
         if source is None:
             source = self.recovery.predict_source(z_q)
-        if source.shape[-1] != self.cfg.num_tokens or source.shape[1] != z_q.shape[1]:
-            raise ValueError(f"source {tuple(source.shape)} does not fit {z_q.shape[1]} merged tokens and "
-                             f"N={self.cfg.num_tokens}")
+        if source.shape != (z_q.shape[0], self.cfg.num_tokens):
+            raise ValueError(f"source {tuple(source.shape)} does not fit {z_q.shape[0]} images of "
+                             f"N={self.cfg.num_tokens} tokens: expected ({z_q.shape[0]}, {self.cfg.num_tokens})")
         z_full = recover(z_q, source)                                              # Eq. (11): (B, N, d)
         g = self.cfg.grid
         z_full = z_full.transpose(1, 2).reshape(z_q.shape[0], -1, g, g)            # (B, d, g, g)
@@ -479,26 +503,26 @@ class MergeVQTokenizer(nn.Module):
         z_q = self.quantizer.indices_to_codes(indices).to(self.decoder.conv_in.weight.dtype)   # (B, K, d)
         return self.decode_codes(z_q, source)
 
-    def forward(self, x, keep=None):
+    def forward(self, x, K=None):
         """The stage-1 forward: encode at K, recover with the true source, decode; the recovery loss (Eq. 9)."""
-        enc = self.encode(x, keep)
+        enc = self.encode(x, K)
         recon = self.decode_codes(enc.z_q, enc.source)
         recovery_loss = self.recovery.loss(enc.z_q, enc.source)
         return TokenizerOutput(recon, enc, recovery_loss)
 
     # ---- global alignment (Eq. 10) -------------------------------------------------------------------------
 
-    def align(self, view, keep=None):
+    def align(self, view, K=None):
         """The student's prediction of the teacher's CLS feature, from a view of any size (multiple of the
-        encoder's stride). The view is merged at the same ratio K / N as the reconstruction (keep at image size)."""
-        keep = self.cfg.keep if keep is None else keep
-        tokens_view = (view.shape[-1] // (self.cfg.image_size // self.cfg.grid)) ** 2
-        keep_view = max(1, min(tokens_view, round(keep * tokens_view / self.cfg.num_tokens)))
+        encoder's stride). The view is merged at the same ratio K / N as the reconstruction (K at image size)."""
+        K = self.cfg.K if K is None else K
+        N_view = (view.shape[-1] // (self.cfg.image_size // self.cfg.grid)) ** 2
+        K_view = max(1, min(N_view, round(K * N_view / self.cfg.num_tokens)))
         try:
-            merge_schedule(tokens_view, keep_view, self.cfg.enc_layers, self.cfg.merge_schedule)
+            merge_schedule(N_view, K_view, self.cfg.enc_layers, self.cfg.merge_schedule)
         except ValueError:
-            keep_view = tokens_view                                                # unreachable ratio: no merging
-        _, cls, _ = self.encoder(view, keep_view)
+            K_view = N_view                                                # unreachable ratio: no merging
+        _, cls, _ = self.encoder(view, K_view)
         return self.align_head(cls)                                                # (B, align_dim)
 
     # ---- DINOv2 weight selection (G, G+R) ------------------------------------------------------------------
@@ -534,6 +558,29 @@ def build_tokenizer(variant, preset="paper", config=None, **overrides):
     return MergeVQTokenizer(config)
 
 
+def load_tokenizer(path, ema=True, device="cpu", return_checkpoint=False):
+    """The tokenizer stored in a stage-1 checkpoint of train_stage1.py, in eval mode, with its EMA weights (the ones
+    the paper evaluates; ema=False: the raw weights). One-line errors for a missing, empty, truncated or foreign
+    file. With return_checkpoint, also the checkpoint dict (step, configs, ...)."""
+    ckpt = read_checkpoint(path, "stage-1 checkpoint", required=("model", "ema", "tokenizer_config"))
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["tokenizer_config"].items()}
+    fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
+    if set(saved) != fields:
+        raise ValueError(f"stage-1 checkpoint {path} was written by another version of tokenizer.py (config fields "
+                         f"differ: {', '.join(sorted(set(saved) ^ fields))})")
+    config = TokenizerConfig(**saved)
+    model = build_tokenizer(config.variant, config=config)
+    weights = ckpt["ema" if ema else "model"]
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(weights)) + sorted(k for k in own if k in weights and own[k].shape != weights[k].shape)
+    if bad:
+        raise ValueError(f"stage-1 checkpoint {path}: its weights do not fit its own configuration ({len(bad)} "
+                         f"mismatched keys, e.g. {bad[0]})")
+    model.load_state_dict(weights, strict=True)
+    model = model.to(device).eval()
+    return (model, ckpt) if return_checkpoint else model
+
+
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -554,6 +601,6 @@ if __name__ == "__main__":
     tok = build_tokenizer("g", "tiny").eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        enc = tok.encode(x, keep=64)
+        enc = tok.encode(x, K=64)
         print("tiny g: indices", tuple(enc.indices.shape), "source", tuple(enc.source.shape),
               "recon", tuple(tok.decode(enc.indices, enc.source).shape))

@@ -238,13 +238,89 @@ def test_gan_losses_on_hand_made_logits():
     assert losses.hinge_d_loss(REAL, FAKE).item() == pytest.approx(1.0)
     assert losses.hinge_g_loss(FAKE).item() == pytest.approx(1.0 / 6.0)
     sp = lambda v: math.log1p(math.exp(v))  # noqa: E731
-    vanilla = 0.5 * (sum(sp(-r) for r in REAL.tolist()) / 3 + sum(sp(f) for f in FAKE.tolist()) / 3)
-    assert losses.vanilla_d_loss(REAL, FAKE).item() == pytest.approx(vanilla, rel=1e-6)
-    assert losses.non_saturating_g_loss(FAKE).item() == pytest.approx(sum(sp(-f) for f in FAKE.tolist()) / 3,
-                                                                       rel=1e-6)
-    logits = torch.tensor([[[[1.0, -3.0]]], [[[2.0, 0.0]]]])                 # (2, 1, 1, 2): image means -1 and 1
-    assert losses.non_saturating_g_loss(logits, patch_mean_first=True).item() == pytest.approx(
-        0.5 * (sp(1.0) + sp(-1.0)), rel=1e-6)
+    # the release's non-saturating loss averages each image's patch logits first: image means -1 and 1
+    logits = torch.tensor([[[[1.0, -3.0]]], [[[2.0, 0.0]]]])                 # (2, 1, 1, 2)
+    assert losses.non_saturating_g_loss(logits).item() == pytest.approx(0.5 * (sp(1.0) + sp(-1.0)), rel=1e-6)
+    per_patch = sum(sp(-v) for v in [1.0, -3.0, 2.0, 0.0]) / 4               # what it must NOT be
+    assert abs(losses.non_saturating_g_loss(logits).item() - per_patch) > 0.1
+
+
+class _Cfg:
+    """Distinct weights, so every term's contribution is visible in the total."""
+    w_recon, w_perceptual, w_commit, w_entropy, w_recovery, w_align, w_gan = 2.0, 17.0, 3.0, 5.0, 7.0, 11.0, 13.0
+    recon_loss, gan_loss, adaptive_gan_weight, align_loss = "l2", "hinge", False, "ce"
+
+
+def _fake_output():
+    from collections import namedtuple
+    LFQ = namedtuple("LFQ", "commitment per_sample_entropy codebook_entropy")
+    Enc = namedtuple("Enc", "lfq")
+    Out = namedtuple("Out", "recon enc recovery_loss")
+    recon = torch.full((2, 3, 4, 4), 0.5, requires_grad=True)               # vs x = 0: mse 0.25, l1 0.5
+    return Out(recon, Enc(LFQ(torch.tensor(0.1), torch.tensor(2.0), torch.tensor(1.5))), torch.tensor(0.3))
+
+
+def test_generator_loss_composition_closed_form():
+    x, out = torch.zeros(2, 3, 4, 4), _fake_output()
+    # teacher and student constant over D = 4 features: both softmaxes uniform, the cross-entropy is ln 4
+    pair = (torch.zeros(2, 4), torch.zeros(2, 4))
+    disc = lambda img: torch.full((img.shape[0], 1, 3, 3), -0.2)           # noqa: E731  hinge G loss 0.2
+    total, terms = losses.generator_loss(x, out, _Cfg, disc=disc, align_pair=pair)
+    # 2 * 0.25 + 3 * 0.1 + 5 * (2.0 - 1.5) + 7 * 0.3 + 11 * ln 4 + 13 * 0.2
+    assert total.item() == pytest.approx(0.5 + 0.3 + 2.5 + 2.1 + 11 * math.log(4) + 2.6, rel=1e-6)
+    assert {k: round(v.item(), 6) for k, v in terms.items()} == {
+        "recon": 0.25, "commit": 0.1, "entropy": 0.5, "recovery": 0.3, "align": round(math.log(4), 6), "gan_g": 0.2}
+    # without the discriminator (GAN off) and the teacher, those terms are absent from the sum
+    total, terms = losses.generator_loss(x, out, _Cfg)
+    assert total.item() == pytest.approx(0.5 + 0.3 + 2.5 + 2.1, rel=1e-6) and set(terms) == {
+        "recon", "commit", "entropy", "recovery"}
+
+
+def test_generator_loss_l1_non_saturating_and_adaptive_weight():
+    class Cfg(_Cfg):
+        recon_loss, gan_loss, adaptive_gan_weight = "l1", "non-saturating", True
+    x, out = torch.zeros(2, 3, 4, 4), _fake_output()
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    # a "decoder" whose last layer w scales the reconstruction: d recon_loss / d w and d gan / d w are known
+    recon = out.recon * w[0] + 0 * w[1]
+    out = out._replace(recon=recon)
+    disc = lambda img: img.mean(dim=(1, 2, 3), keepdim=True)               # noqa: E731  each image's mean
+    total, terms = losses.generator_loss(x, out, Cfg, disc=disc, last_layer=w)
+    sp = lambda v: math.log1p(math.exp(v))                                  # noqa: E731
+    assert terms["recon"].item() == pytest.approx(0.5)                      # L1 of 0.5 everywhere
+    assert terms["gan_g"].item() == pytest.approx(sp(-0.5), rel=1e-6)      # image mean logit 0.5
+    # d(w_recon * L1)/dw0 = 2 * 0.5 = 1; d(gan)/dw0 = -sigmoid(-0.5) * 0.5: lambda = 1 / (that + 1e-4)
+    g = 0.5 / (1 + math.exp(0.5))
+    assert terms["gan_lambda"].item() == pytest.approx(1.0 / (g + 1e-4), rel=1e-5)
+    expected = 2 * 0.5 + 0.3 + 2.5 + 2.1 + terms["gan_lambda"].item() * 13 * sp(-0.5)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_discriminator_loss_is_hinge_plus_lecam():
+    class Cfg:
+        w_lecam = 0.01
+    lecam = losses.LeCam()
+    lecam.ema_real.fill_(0.5)
+    lecam.ema_fake.fill_(-0.5)
+    disc = lambda img: img[:, :1]                                           # noqa: E731  logits = the first channel
+    x, recon = torch.full((1, 3, 1, 3), 2.0), torch.full((1, 3, 1, 3), -1.5)
+    x[0, 0, 0] = torch.tensor([2.0, 0.5, -1.0])
+    recon[0, 0, 0] = torch.tensor([-2.0, 0.0, 1.5])
+    total, terms, _ = losses.discriminator_loss(disc, x, recon, lecam, Cfg)
+    # hinge: 1.0 (REAL / FAKE above); LeCam: relu(real + 0.5)^2 = [6.25, 1, 0] (mean 7.25/3),
+    # relu(0.5 - fake)^2 = [6.25, 0.25, 0] (mean 6.5/3)
+    assert terms["disc"].item() == pytest.approx(1.0)
+    assert terms["lecam"].item() == pytest.approx(7.25 / 3 + 6.5 / 3)
+    assert total.item() == pytest.approx(1.0 + 0.01 * (7.25 / 3 + 6.5 / 3))
+
+
+def test_sync_batch_norm_is_batch_norm_in_one_process():
+    torch.manual_seed(0)
+    ours, ref = losses.SyncBatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 5, 3, 3)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
 
 
 def test_lecam_update_and_penalty_closed_form():

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from merge import (KeptTokenSampler, assignment_to_source, bipartite_soft_matching, merge_assignment,
-                   merge_schedule, merge_source, merge_wavg, recover, size_bias, source_to_assignment)
+from merge import (KeptTokenSampler, bipartite_soft_matching, matrix_to_source, merge_schedule, merge_source_matrix,
+                   merge_wavg, recover, size_bias, source_to_matrix, track_source)
 
 
 def brute_force_merge(metric, x, r, class_token=False):
@@ -51,40 +51,41 @@ def test_size_sums_to_N_and_source_partitions():
     torch.manual_seed(0)
     B, N, C = 3, 64, 16
     x = torch.randn(B, N, C)
-    size, source, assign = None, None, None
+    size, matrix, source = None, None, None
     for r in merge_schedule(N, 10, 6):
         merge, _ = bipartite_soft_matching(x, r)
-        source = merge_source(merge, x, source)
-        assign = merge_assignment(merge, assign)
+        matrix = merge_source_matrix(merge, x, matrix)
+        source = track_source(merge, source)
         x, size = merge_wavg(merge, x, size)
     assert x.shape == (B, 10, C)
     torch.testing.assert_close(size.sum(dim=(1, 2)), torch.full((B,), float(N)))
-    assert set(source.unique().tolist()) <= {0.0, 1.0}
-    assert torch.all(source.sum(dim=1) == 1)                               # every column exactly one 1
-    torch.testing.assert_close(source.sum(dim=2), size[..., 0])            # row sums are the sizes
-    # cheap assignment tracking gives the very same source as the dense ToMe tracking
-    assert torch.equal(assignment_to_source(assign, 10), source)
-    assert torch.equal(source_to_assignment(source), assign)
+    assert set(matrix.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(matrix.sum(dim=1) == 1)                               # every column exactly one 1
+    torch.testing.assert_close(matrix.sum(dim=2), size[..., 0])            # row sums are the sizes
+    # the cheap index map gives the very same source as ToMe's dense matrix tracking
+    assert torch.equal(source_to_matrix(source, 10), matrix)
+    assert torch.equal(matrix_to_source(matrix), source)
 
 
 def test_recover_after_merge_is_exact_on_group_constant_input():
     torch.manual_seed(1)
     B, N, C, K = 2, 100, 8, 12
     metric = torch.randn(B, N, C)
-    merges, assign, tokens = [], None, metric
+    merges, source, tokens = [], None, metric
     for r in merge_schedule(N, K, 5):
         merge, _ = bipartite_soft_matching(tokens, r)
         tokens, _ = merge_wavg(merge, tokens)
         merges.append(merge)
-        assign = merge_assignment(merge, assign)
+        source = track_source(merge, source)
     # an input that is constant within each final merged group: merging it and recovering gives it back
     values = torch.randn(B, K, 5)
-    x = values.gather(1, assign[..., None].expand(B, N, 5))               # (B, N, 5)
+    x = torch.stack([values[b, source[b]] for b in range(B)])             # (B, N, 5), by plain indexing
     size, z = None, x
     for merge in merges:
         z, size = merge_wavg(merge, z, size)
-    source = assignment_to_source(assign, K)
     torch.testing.assert_close(recover(z, source), x)
+    # Eq. (11) as the paper writes it, source_matrix^T z, gives the same
+    torch.testing.assert_close(source_to_matrix(source, K).transpose(1, 2) @ z, x)
     # a generic input is not recovered exactly (recover is not the identity)
     assert not torch.allclose(recover(torch.randn(B, K, 5), source), x)
 
@@ -95,8 +96,7 @@ def test_unmerge_gives_each_token_its_group_value():
     merge, unmerge = bipartite_soft_matching(x, 7)
     z, _ = merge_wavg(merge, x)
     full = unmerge(z)
-    source = merge_source(merge, x)
-    torch.testing.assert_close(full, recover(z, source))
+    torch.testing.assert_close(full, recover(z, matrix_to_source(merge_source_matrix(merge, x))))
 
 
 def test_proportional_attention_equals_attention_over_duplicated_keys():
@@ -107,7 +107,7 @@ def test_proportional_attention_equals_attention_over_duplicated_keys():
     k_merged, v_merged = torch.randn(B, K, d), torch.randn(B, K, d)
     k_full = k_merged.gather(1, assign[..., None].expand(B, N, d))          # duplicated keys, (B, N, d)
     v_full = v_merged.gather(1, assign[..., None].expand(B, N, d))
-    size = assignment_to_source(assign, K).sum(-1, keepdim=True)            # (B, K, 1)
+    size = source_to_matrix(assign, K).sum(-1, keepdim=True)                # (B, K, 1)
     q = torch.randn(B, 1, 4, d)                                             # (B, heads, queries, d)
     merged = F.scaled_dot_product_attention(q, k_merged[:, None], v_merged[:, None], attn_mask=size_bias(size))
     plain = F.scaled_dot_product_attention(q, k_full[:, None], v_full[:, None])
@@ -134,9 +134,9 @@ def test_schedules_for_table_A1(N, K, kind):
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match="keep must be"):
+    with pytest.raises(ValueError, match="K must be"):
         merge_schedule(256, 0, 12)
-    with pytest.raises(ValueError, match="keep must be"):
+    with pytest.raises(ValueError, match="K must be"):
         merge_schedule(256, 300, 12)
     with pytest.raises(ValueError, match="cannot merge"):
         merge_schedule(1024, 1, 3)
@@ -144,26 +144,36 @@ def test_schedule_errors():
         merge_schedule(256, 36, 12, "cubic")
 
 
-@pytest.mark.parametrize("kind,low,high", [("exponential", -1, 7), ("gaussian", -1, 4), ("exponential", 0, 4)])
-def test_sampler_frequencies_match_eq_15_16(kind, low, high):
-    sampler = KeptTokenSampler(target=144, low=low, high=high, kind=kind, seed=0)
-    offsets = np.arange(low, high + 1)
-    if kind == "exponential":
-        w = 2 * np.exp(-2 * np.abs(offsets)) + 0.1
-    else:
-        w = np.exp(-offsets ** 2 / (2 * 0.25)) + 0.05
-    expected = w / w.sum()
+# Expected probabilities written out (computed by hand from Eq. (15) / (16); not with the sampler's formula):
+#   exponential over i = 0..7:  w_i = 2 exp(-2 i) + 0.1 = 2.1, 0.37067, 0.13663, 0.10496, 0.10067, ...
+#   gaussian over i = -1..7:    w_i = exp(-i^2 / 0.5) + 0.05 = 0.18534, 1.05, 0.18534, 0.05034, 0.05, ...
+SAMPLER_CASES = [
+    ("exponential", 0, 7, [0.67458, 0.11907, 0.04389, 0.03372, 0.03234, 0.03215, 0.03213, 0.03212]),  # paper G
+    ("exponential", 0, 4, [0.74655, 0.13177, 0.04857, 0.03731, 0.03579]),                            # tiny G, R
+    ("gaussian", -1, 7, [0.10769, 0.61011, 0.10769, 0.02925, 0.02905, 0.02905, 0.02905, 0.02905, 0.02905]),
+    ("gaussian", -1, 4, [0.11797, 0.66836, 0.11797, 0.03204, 0.03183, 0.03183]),                      # paper G+R
+]
+
+
+@pytest.mark.parametrize("kind,low,high,expected", SAMPLER_CASES)
+def test_sampler_frequencies_match_eq_15_16(kind, low, high, expected):
+    sampler = KeptTokenSampler(K=144, low=low, high=high, kind=kind, seed=0)
+    assert sampler.candidates == [(12 + i) ** 2 for i in range(low, high + 1)]
+    np.testing.assert_allclose(sampler.probs, expected, atol=1e-5)
     draws = [sampler.sample(step) for step in range(20000)]
     freq = np.array([draws.count(c) for c in sampler.candidates]) / len(draws)
-    assert sampler.candidates == [(12 + i) ** 2 for i in offsets]
     np.testing.assert_allclose(freq, expected, atol=0.012)
+    if kind == "exponential":
+        assert min(draws) == 144                                            # never below the target
     # the same (seed, step) gives the same K: every rank agrees, a resumed run continues the same draws
-    again = KeptTokenSampler(target=144, low=low, high=high, kind=kind, seed=0)
+    again = KeptTokenSampler(K=144, low=low, high=high, kind=kind, seed=0)
     assert [again.sample(s) for s in range(100)] == draws[:100]
 
 
 def test_sampler_errors():
     with pytest.raises(ValueError, match="perfect square"):
-        KeptTokenSampler(target=150)
+        KeptTokenSampler(K=150)
     with pytest.raises(ValueError, match="kind"):
-        KeptTokenSampler(target=144, kind="uniform")
+        KeptTokenSampler(K=144, kind="uniform")
+    with pytest.raises(ValueError, match="start at the target"):
+        KeptTokenSampler(K=144, low=-1, kind="exponential")

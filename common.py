@@ -1,0 +1,326 @@
+"""What every training and evaluation script shares: processes, progress, data order, RNG, checkpoints, EMA,
+learning-rate schedules, the non-finite check and a clean stop on SIGTERM / SIGINT.
+
+One code path for one process and many: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, plain python is rank 0 of 1.
+nccl on GPUs, gloo on the CPU. Rank 0 alone prints and writes; every collective here is entered by every rank.
+
+    from common import setup_distributed, teardown_distributed, rank0_print   # used by train_stage1.py, evaluate.py
+"""
+import math
+import os
+import random
+import signal
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dist_info():
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device=None):
+    """Start the process group under torchrun (nothing for a single process). Returns (rank, world_size, device).
+
+    device: None picks cuda:LOCAL_RANK when a GPU exists, else the CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def teardown_distributed():
+    """Meet every rank, then destroy the process group.
+
+    Without the barrier one rank can destroy its group (and exit) while the other still has gloo work in flight;
+    the survivor's gloo threads are then torn down mid-operation and the C++ runtime aborts ("terminate called
+    without an active exception", SIGABRT) after a run that finished.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def is_main():
+    return dist_info()[0] == 0
+
+
+def rank0_print(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(t):
+    """The mean of t over all ranks (in place; t itself in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable all-reduce (sum). Forward: the sum over ranks; backward: the incoming gradients summed
+    over ranks, so each rank's input receives d(sum_r L_r) / d(input), where L_r is rank r's loss."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum_differentiable(t):
+    """sum over ranks of t, with gradients; t itself in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllReduceSum.apply(t)
+    return t
+
+
+def all_gather_rows(t):
+    """Stack a (R, ...) tensor of every rank along a new dim 1 -> (R, world, ...). R must be equal on all ranks."""
+    rank, world = dist_info()
+    if world == 1:
+        return t.unsqueeze(1)                                                  # (R, 1, ...)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    src = t.to(comm).contiguous()
+    parts = [torch.empty_like(src) for _ in range(world)]
+    dist.all_gather(parts, src)
+    return torch.stack(parts, dim=1).to(t.device)                              # (R, world, ...)
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in one process."""
+    rank, world = dist_info()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress: a bar on a terminal, plain lines in a log
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def progress_bar(total, initial=0, desc=None):
+    """tqdm on rank 0 when stderr is a terminal. In a log file (a scheduler, CI, `> log`) a bar would write
+    thousands of carriage-return updates: it is off there and the scripts print their log rows as lines."""
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not (is_main() and
+                                                                                          sys.stderr.isatty()))
+
+
+def bar_is_live(bar):
+    return not bar.disable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order: a sampler that can start mid-epoch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled, the same permutation on every rank for an epoch) that can start mid-epoch,
+    so a resumed run sees exactly the samples the uninterrupted run would have seen."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG capture / restore
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rng_state():
+    """torch, python and numpy (and CUDA) generator states as tensors (they pass torch.load(weights_only=True))."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, one-line errors on read
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, payload):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written checkpoint,
+    and a failed write (disk full, a signal) removes its temporary file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Delete `<path>.tmp<pid>` files a killed save left behind (a killed process never reaches its finally)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = []
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            if entry.startswith(name + ".tmp") and entry[len(name) + 4:].isdigit():
+                os.remove(os.path.join(folder, entry))
+                removed.append(entry)
+    return removed
+
+
+def read_checkpoint(path, what="checkpoint", required=()):
+    """torch.load(weights_only=True) of a file the user passed, with one-line errors: missing, empty, truncated
+    or corrupt, not a dict, or lacking the `required` entries. Returns the dict."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory, not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): an interrupted copy or write?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{what} {path} cannot be read: truncated, corrupt or not a PyTorch file ({first})") from None
+    except Exception as e:                                     # weights_only refuses pickled code, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{what} {path} is not a plain tensor checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a dict of entries")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ValueError(f"{what} {path} lacks the entries {', '.join(missing)}: not a file of this kind")
+    return ckpt
+
+
+def config_mismatch(saved, current):
+    """Names of the fields whose values differ between two config dicts, as 'field: saved -> current'."""
+    keys = sorted(set(saved) | set(current))
+    fmt = lambda v: list(v) if isinstance(v, tuple) else v                     # noqa: E731 (tuples load as lists)
+    return [f"{k}: {fmt(saved.get(k))!r} -> {fmt(current.get(k))!r}" for k in keys
+            if fmt(saved.get(k)) != fmt(current.get(k))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA, learning-rate schedules, the non-finite check
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ema_decay(step, max_decay):
+    """EMA decay with a warm-up, as TF's ExponentialMovingAverage(num_updates): (1 + t) / (10 + t) up to max_decay,
+    so a short run's EMA is not mostly its random initialisation (0.999^600 = 0.55)."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def lr_at(step, total, lr, schedule="step", drops=(0.9,), warmup=0):
+    """The learning rate of a step: a linear warm-up over `warmup` steps, then constant ("constant"), x0.1 at every
+    fraction of training in `drops` ("step"), or cosine to 0 ("cosine")."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * lr * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    if schedule == "step":
+        return lr * 0.1 ** sum(step >= int(f * total) for f in drops)
+    if schedule == "constant":
+        return lr
+    raise ValueError(f"unknown lr schedule {schedule!r}: step, cosine or constant")
+
+
+def check_finite(terms, step):
+    """Stop every rank with a message naming the loss term when a loss is NaN or infinite."""
+    names = list(terms)
+    values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+    flags = (~torch.isfinite(values)).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags)
+    bad = [n for n, f in zip(names, flags.tolist()) if f > 0]
+    if bad:
+        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)} "
+                                 f"(values on this rank: {[terms[n].item() for n in bad]}); stopping")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A clean stop: SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Installs SIGTERM / SIGINT handlers that only set a flag; the training loop asks `requested()` at the end of
+    every step (all ranks agree through one all-reduce), saves a checkpoint and exits cleanly. Repeated signals
+    are ignored while the first is honoured: torchrun forwards a terminal's Ctrl-C as a second signal, and the
+    save must not be cut short (torchrun kills the workers itself if they take too long)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+
+    def requested(self, device):
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.signal is None:
+            self.signal = "a signal on another rank"
+        return flag.item() > 0
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
