@@ -29,6 +29,20 @@ from PIL import Image, ImageDraw
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def to_rgb8(img):
+    """Any PIL image -> 8-bit RGB. 16-bit and 32-bit greyscale ("I;16", "I") are rescaled from their full range
+    (PIL's own convert("RGB") clips them at 255, so a 16-bit PNG would come out white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.clip(np.round(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def pil_to_tensor(img):
     """PIL RGB image -> (3, H, W) float32 tensor in [-1, 1]."""
     arr = np.array(img, dtype=np.uint8)                                     # (H, W, 3), a writable copy
@@ -88,6 +102,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     # Same interface as ImageFolder: procedural images are never unreadable.
     skipped = property(lambda self: [])
     num_skipped = property(lambda self: 0)
+
+    def set_epoch(self, epoch):
+        """Same interface as ImageFolder: the images are fixed, every epoch sees the same ones."""
 
     def __len__(self):
         return self.num_images
@@ -230,10 +247,10 @@ class ImageFolder(torch.utils.data.Dataset):
       train=False: resize the shorter side to `size` (bicubic), centre crop. Deterministic.
     [i] -> (image (3, size, size) float in [-1, 1], label int)
 
-    Randomness: crop offsets and flips come from torch's default RNG. In a DataLoader worker that RNG is seeded by
-    the DataLoader (base_seed + worker_id, base_seed drawn from the loader's generator or the main process' torch
-    RNG), in the main process (num_workers=0) it is the global one: torch.manual_seed(s) before creating the
-    loader iterator makes a run reproducible, and different workers draw different crops.
+    Randomness: the crop offset and the flip of item i in epoch e are drawn from a generator seeded with
+    (seed, e, i), never from a global RNG. So they do not depend on the worker that loads the item, on the number
+    of workers, or on where a loader iterator started: a run resumed mid-epoch sees exactly the crops of the
+    uninterrupted run. The training loop calls `set_epoch(e)` before it builds each epoch's loader.
 
     Unreadable files (truncated JPEG, junk bytes, empty file, ...): __getitem__ records the path and the error in
     this object's skip list, warns once per file on stderr, and returns the next readable item (index + 1, + 2, ...
@@ -242,7 +259,7 @@ class ImageFolder(torch.utils.data.Dataset):
     empty (the stderr warnings come from every process).
     """
 
-    def __init__(self, root, size=256, train=True, flip=True, max_attempts=64):
+    def __init__(self, root, size=256, train=True, flip=True, max_attempts=64, seed=0):
         root = os.fspath(root)
         if not os.path.exists(root):
             raise FileNotFoundError(f"ImageFolder: '{root}' does not exist (expected the layout "
@@ -273,7 +290,12 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"ImageFolder: size and max_attempts must be >= 1, got {size}, {max_attempts}")
         self.root, self.classes, self.samples = root, classes, samples
         self.size, self.train, self.flip, self.max_attempts = int(size), bool(train), bool(flip), int(max_attempts)
+        self.seed, self.epoch = int(seed), 0
         self._skipped = {}                                                  # path -> error message (this process)
+
+    def set_epoch(self, epoch):
+        """The epoch whose crops and flips __getitem__ draws (see Randomness above)."""
+        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.samples)
@@ -292,9 +314,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def _decode(self, path):
         """Open and fully decode one file to RGB; any error here means an unreadable file."""
         with Image.open(path) as im:
-            return im.convert("RGB")                                        # convert() forces the full decode
+            return to_rgb8(im)                                              # forces the full decode
 
-    def _transform(self, img):
+    def _transform(self, img, index):
         w, h = img.size
         s = self.size
         if w <= h:                                                          # shorter side -> size (torchvision rule)
@@ -303,9 +325,9 @@ class ImageFolder(torch.utils.data.Dataset):
             new_w, new_h = max(s, int(s * w / h)), s
         img = img.resize((new_w, new_h), Image.BICUBIC)
         if self.train:
-            top = int(torch.randint(0, new_h - s + 1, ()).item())
-            left = int(torch.randint(0, new_w - s + 1, ()).item())
-            flip = self.flip and bool(torch.rand(()) < 0.5)
+            rng = np.random.default_rng([self.seed, self.epoch, index])     # (seed, epoch, item): exact on resume
+            top, left = int(rng.integers(0, new_h - s + 1)), int(rng.integers(0, new_w - s + 1))
+            flip = self.flip and bool(rng.random() < 0.5)
         else:
             top, left, flip = (new_h - s) // 2, (new_w - s) // 2, False
         img = img.crop((left, top, left + s, top + s))
@@ -330,16 +352,17 @@ class ImageFolder(torch.utils.data.Dataset):
                     self._skipped[path] = msg
                     print(f"ImageFolder: skipped unreadable image {path} ({msg})", file=sys.stderr)
                 continue
-            return self._transform(img), label
+            return self._transform(img, index), label
         raise ValueError(f"ImageFolder: {len(errors)} consecutive unreadable images from index {index} of "
                          f"'{self.root}' - is the folder corrupt? First: {errors[:3]}")
 
 
-def build_dataset(data=None, split="train", size=64, **kw):
+def build_dataset(data=None, split="train", size=64, crop_seed=0, **kw):
     """The dataset for --data.
 
-    data=None -> ShapesDataset(split, size, **kw) (kw: num_images, num_classes, seed).
-    data=DIR  -> ImageFolder(root, size, train=(split == "train"), **kw) (kw: flip, max_attempts), where root is
+    data=None -> ShapesDataset(split, size, **kw) (kw: num_images, num_classes, seed); its images are fixed.
+    data=DIR  -> ImageFolder(root, size, train=(split == "train"), seed=crop_seed, **kw) (kw: flip, max_attempts)
+                 (crop_seed: the seed of the training crops and flips), where root is
                  the first directory of DIR/<split>, DIR/train, DIR. So DIR may be an ImageNet root holding
                  train/ and val/ (each split reads its own), or a single image folder (both splits read it; "val"
                  then uses the deterministic evaluation transforms, resize + centre crop).
@@ -350,7 +373,7 @@ def build_dataset(data=None, split="train", size=64, **kw):
         return ShapesDataset(split, size=size, **kw)
     data = os.fspath(data)
     root = next((d for d in (os.path.join(data, split), os.path.join(data, "train")) if os.path.isdir(d)), data)
-    return ImageFolder(root, size=size, train=split == "train", **kw)
+    return ImageFolder(root, size=size, train=split == "train", seed=crop_seed, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

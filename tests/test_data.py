@@ -199,16 +199,35 @@ def test_imagefolder_transforms(tmp_path):
     inner = (x[:, :, 2:-2] + 1) * 127.5                                     # away from bicubic ringing
     assert inner[1].min() > 230 and inner[0].max() < 25 and inner[2].max() < 25
 
-    tr = ImageFolder(tmp_path / "d", size=12, train=True)
-    torch.manual_seed(0)
-    crops = [tr[0][0] for _ in range(30)]
-    torch.manual_seed(0)
-    assert all(torch.equal(c, tr[0][0]) for c in crops)                    # reproducible from torch's RNG
+    # training crops and flips: a function of (seed, epoch, index) only, whatever the global RNG does
+    tr = ImageFolder(tmp_path / "d", size=12, train=True, seed=3)
+    crops = []
+    for epoch in range(30):
+        tr.set_epoch(epoch)
+        torch.manual_seed(epoch)                                           # the global RNG plays no part
+        crops.append(tr[0][0])
+    tr.set_epoch(5)
+    assert torch.equal(tr[0][0], crops[5])
+    assert torch.equal(ImageFolder(tmp_path / "d", size=12, seed=3)[0][0], crops[0])    # a new object, epoch 0
     assert any((c[0] > 0).any() for c in crops) and any((c[2] > 0).any() for c in crops)  # crops move
-    left = [tr[1][0][:, :, 0].mean().item() for _ in range(30)]             # the whole image, maybe flipped
+    left = []
+    for epoch in range(30):
+        tr.set_epoch(epoch)
+        left.append(tr[1][0][:, :, 0].mean().item())                      # the whole image, maybe flipped
     assert min(left) < -0.9 and max(left) > 0.9
     noflip = ImageFolder(tmp_path / "d", size=12, train=True, flip=False)
-    assert all(noflip[1][0][:, :, 0].mean() < -0.9 for _ in range(10))
+    for epoch in range(10):
+        noflip.set_epoch(epoch)
+        assert noflip[1][0][:, :, 0].mean() < -0.9
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    """A 16-bit greyscale PNG at 1/4 of its range must read as a quarter grey, not saturate to white."""
+    (tmp_path / "d" / "c").mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), 16384, np.uint16)).save(tmp_path / "d" / "c" / "grey16.png")
+    x, _ = ImageFolder(tmp_path / "d", size=16, train=False)[0]
+    # 16384 / 65535 * 255 = 63.75 -> 64 -> 64 / 127.5 - 1 = -0.498
+    assert torch.allclose(x, torch.full_like(x, 64 / 127.5 - 1), atol=1e-6)
 
 
 def test_build_dataset_rule(tmp_path):
