@@ -1,44 +1,43 @@
 """Stage 1: train the MergeVQ tokenizer (paper Sec. 3, Appendix A.1, Table A1).
 
 One script for one process or many (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): nccl on GPUs, gloo on the CPU.
-Losses (each logged on its own; weights from Table A1 per variant):
-  L2 reconstruction (--recon-loss l1: the authors' release), LPIPS-VGG perceptual, PatchGAN hinge discriminator
-  loss + LeCam regularisation, generator GAN loss, LFQ commitment + entropy, source recovery cross-entropy
-  (Eq. 9), global alignment to a frozen DINOv2 teacher (Eq. 10; --align-loss kl: the release).
+The loop below follows the paper's training: a kept-token count K per step (Appendix A.3, Eq. (15)-(16)), the
+tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commitment and entropy (Eq. (4)), the
+source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
+generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
 Without pretrained weights (VGG16 + LPIPS, DINOv2) the terms that need them are dropped, loudly.
 
     # a CPU smoke run on the embedded procedural data (no download)
     python train_stage1.py --variant g --preset tiny --steps 50
     # the README quick start: two processes on the CPU
-    torchrun --nproc_per_node=2 train_stage1.py --variant g --preset tiny --steps 600
+    torchrun --nproc_per_node=2 train_stage1.py --variant g --preset tiny
     # the paper: G on ImageNet with 8 GPUs (defaults reproduce Table A1)
     torchrun --nproc_per_node=8 train_stage1.py --variant g --data /path/to/imagenet/train \\
         --lpips-vgg-weights download --lpips-lin-weights download --dinov2-weights download
+
+SIGTERM (a scheduler's preemption) or Ctrl-C: the current step ends, a checkpoint is written, the run exits 0;
+`--resume <out>/last.pt` continues exactly.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
-import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
+import common
 import data as data_lib
 import losses
 from merge import KeptTokenSampler
-from tokenizer import build_tokenizer, get_config, TokenizerConfig
+from tokenizer import build_tokenizer, count_parameters, get_config
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training configuration: Table A1 (paper) and a CPU preset (tiny)
@@ -96,172 +95,12 @@ TRAIN_PRESETS = {
     },
 }
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers: one code path for 1 and many processes
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def setup_distributed(device_arg=None):
-    """Returns (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_arg:
-        device = torch.device(device_arg)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_mean(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
-def rank0_print(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled, the same permutation on every rank for an epoch) that can start mid-epoch,
-    so a resumed run sees exactly the samples the uninterrupted run would have seen."""
-
-    def __init__(self, dataset, num_replicas, rank, seed):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self):
-        return self.num_samples - self.start
-
+# Fields a resumed run may change; every other one must equal the checkpoint's (a different batch size or lr would
+# silently make the "continued" run a different run).
+RESUMABLE_CHANGES = ("log_every", "ckpt_every", "sample_every", "workers")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, complete, checked on load
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1], "numpy": torch.from_numpy(
-        np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, payload):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, variant=None):
-    """torch.load(weights_only=True) with clear errors for a missing, corrupt or other-variant checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong file type, pickled code
-        raise ValueError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a mergevq checkpoint "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "tokenizer_config" not in ckpt:
-        raise ValueError(f"{path} is not a mergevq stage-1 checkpoint (no model / tokenizer_config entries)")
-    if variant is not None and ckpt["tokenizer_config"]["variant"] != variant:
-        raise ValueError(f"{path} is a checkpoint of variant {ckpt['tokenizer_config']['variant']!r}, but "
-                         f"--variant {variant!r} was asked for: use the matching --variant or another checkpoint")
-    return ckpt
-
-
-def load_tokenizer_checkpoint(path, ema=True, device="cpu"):
-    """Build the tokenizer stored in a stage-1 checkpoint and load its EMA (default) or raw weights."""
-    ckpt = load_checkpoint(path)
-    config = TokenizerConfig(**ckpt["tokenizer_config"])
-    model = build_tokenizer(config.variant, config=config)
-    model.load_state_dict(ckpt["ema" if ema else "model"], strict=True)
-    return model.to(device).eval(), ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Losses of one step
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Stage1Forward(torch.nn.Module):
-    """The generator's forward for one step in one module call, so DistributedDataParallel sees every parameter:
-    reconstruction at K kept tokens, and the alignment prediction on the student's view."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    def forward(self, x, keep, align_view=None):
-        out = self.tokenizer(x, keep=keep)
-        pred = self.tokenizer.align(align_view, keep=keep) if align_view is not None else None
-        return out, pred
-
-
-def lr_at(step, total, cfg):
-    """Step schedule (x0.1 at each fraction in lr_drops) or cosine, after an optional linear warm-up."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
-    return cfg.lr * 0.1 ** sum(step >= int(f * total) for f in cfg.lr_drops)
-
-
-def check_finite(terms, step):
-    """Stop every rank with a message naming the loss term when a loss is NaN or infinite."""
-    names = list(terms)
-    values = torch.stack([terms[n].detach().float() for n in names])
-    flags = (~torch.isfinite(values)).float()
-    if dist.is_initialized():
-        dist.all_reduce(flags)
-    bad = [n for n, f in zip(names, flags.tolist()) if f > 0]
-    if bad:
-        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)} "
-                                 f"(values on this rank: {[terms[n].item() for n in bad]}); stopping")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pictures: originals, reconstructions at several K, merge groups
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def write_samples(model, x, path, keeps):
-    """Rows: originals, reconstructions at each K, then the merge groups at the first K drawn over the image."""
-    model.eval()
-    rows = [x]
-    for K in keeps:
-        rows.append(model(x, keep=K).recon.clamp(-1, 1))
-    enc = model.encode(x, keep=keeps[0])
-    assign = enc.source.argmax(dim=1)                                       # (B, N) merged token of each token
-    grid = int(round(math.sqrt(assign.shape[1])))
-    rows.append(torch.stack([data_lib.overlay(img, data_lib.colorize_groups(a, (grid, grid), x.shape[-1]))
-                             for img, a in zip(x, assign)]))
-    data_lib.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=x.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Main
+# Command line, checked before anything is built
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -280,10 +119,19 @@ def parse_args(argv=None):
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", type=int, default=None, help="a fixed kept-token count K instead of sampling")
-    p.add_argument("--workers", type=int, default=None, help="data-loader workers per process")
+    p.add_argument("--keep", type=int, default=None, dest="K", metavar="K",
+                   help="a fixed kept-token count K instead of sampling it around the target")
+    p.add_argument("--keep-sampling", choices=["exponential", "gaussian", "fixed"], default=None, dest="K_sampling",
+                   help="weights of the candidate K (paper: Eq. (15) for G and R, Eq. (16) for G+R)")
+    p.add_argument("--keep-offsets", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"), dest="K_offsets",
+                   help="candidates (sqrt(K) + i)^2 for i = LOW..HIGH (the release's G: --keep-sampling gaussian "
+                        "--keep-offsets -1 7, i.e. 225..529)")
+    p.add_argument("--workers", type=int, default=None, help="data-loader workers per process (default: the "
+                                                             "preset's, at most the cores each process has)")
     p.add_argument("--recon-loss", choices=["l2", "l1"], default=None)
-    p.add_argument("--gan-loss", choices=["hinge", "non-saturating"], default=None)
+    p.add_argument("--gan-loss", choices=["hinge", "non-saturating"], default=None,
+                   help="generator GAN loss (paper: hinge; the release: non-saturating on each image's mean "
+                        "PatchGAN logit); the discriminator's loss is hinge in both")
     p.add_argument("--adaptive-gan-weight", action="store_true", default=None)
     p.add_argument("--align-loss", choices=["ce", "kl"], default=None)
     p.add_argument("--gan-weight", type=float, default=None, dest="w_gan", metavar="W",
@@ -304,7 +152,33 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    p.add_argument("--run-anyway", action="store_true",
+                   help="start even where the resource check says the run cannot fit or finish (no GPU, too "
+                        "little memory)")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """One clear line for every argument that cannot work, before anything is built."""
+    positive = ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "stop_at", "image_size"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ["lr", "w_gan", "w_perceptual"]:
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and (name != "lr" or value > 0)):
+            raise ValueError(f"--{name.replace('_', '-').replace('w-', '')} must be positive, got {value}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.disc_start is not None and args.disc_start < 0:
+        raise ValueError(f"--disc-start must be 0 or more, got {args.disc_start}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is an existing file, not a folder")
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume}: no such file")
+    if args.data and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder")
 
 
 def build_train_config(args):
@@ -313,260 +187,388 @@ def build_train_config(args):
                                                "gan_loss", "adaptive_gan_weight", "align_loss", "disc_start", "w_gan",
                                                "w_perceptual", "log_every", "ckpt_every", "sample_every"]
                  if getattr(args, k) is not None}
+    if args.epochs is not None and args.steps is None:
+        overrides["steps"] = 0                                                # --epochs counts, not the preset's steps
     return dataclasses.replace(cfg, **overrides)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+def build_tokenizer_config(args):
+    overrides = {k: v for k, v in [("image_size", args.image_size), ("merge_schedule", args.merge_schedule),
+                                   ("K_sampling", args.K_sampling)] if v is not None}
+    if args.K_offsets is not None:
+        overrides["K_low"], overrides["K_high"] = args.K_offsets
+    return get_config(args.variant, args.preset, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resources: a run that cannot fit stops before it starts
+# ----------------------------------------------------------------------------------------------------------------
+
+# Activation memory of one training image (forward + backward, fp32), per input pixel, for the paper's G (width 64):
+# measured on the CPU, 31 KB at 128 px and 39 KB at 64 px; scaled by the CNN width for other configs.
+ACTIVATION_BYTES_PER_PIXEL = 32e3
+
+
+def memory_available(device):
+    """Bytes this process may use: the GPU's total memory, or the machine's available RAM shared by the processes
+    torchrun started on it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
     try:
-        train(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        total = kb * 1024
+    except (OSError, StopIteration):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return total / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def train(args, rank, world, device):
-    cfg = build_train_config(args)
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+def check_resources(args, cfg, tok_cfg, world, device, n_params):
+    """Estimate the memory of a run (weights, gradients, Adam moments, EMA in fp32 + activations); stop with one
+    line when there is no GPU for the paper preset or the estimate exceeds what the machine has."""
     local_batch = cfg.batch_size // world
-    out_dir = args.out or os.path.join("runs", f"stage1-{args.variant}-{args.preset}")
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
-    torch.manual_seed(args.seed * world + rank)          # per-rank seed (DiT); model init is broadcast by DDP
+    activations = local_batch * tok_cfg.image_size ** 2 * ACTIVATION_BYTES_PER_PIXEL * tok_cfg.ch / 64
+    need, have = 5 * 4 * n_params + activations, memory_available(device)
+    problems = []
+    if device.type != "cuda" and args.preset == "paper":
+        problems.append("no GPU: the paper preset trains for weeks even on 8 GPUs")
+    if need > have:
+        problems.append(f"it needs about {need / 2**30:.1f} GB per process (batch {local_batch} of "
+                        f"{tok_cfg.image_size} px), this machine has {have / 2**30:.1f} GB for each")
+    if problems and not args.run_anyway:
+        raise ValueError("; ".join(problems) + ". On a CPU: torchrun --nproc_per_node=2 train_stage1.py --variant "
+                         f"{args.variant} --preset tiny (--run-anyway starts this run regardless)")
 
-    # ---- model, EMA, discriminator --------------------------------------------------------------------------
-    overrides = {k: v for k, v in [("image_size", args.image_size), ("merge_schedule", args.merge_schedule)]
-                 if v is not None}
-    tok_cfg = get_config(args.variant, args.preset, **overrides)
-    torch.manual_seed(args.seed)                          # identical initial weights on every rank
-    model = build_tokenizer(args.variant, config=tok_cfg).to(device)
-    disc = losses.NLayerDiscriminator().to(device)
-    torch.manual_seed(args.seed * world + rank)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    lecam = losses.LeCam().to(device)
-    sampler_K = KeptTokenSampler(tok_cfg.keep, tok_cfg.keep_low, tok_cfg.keep_high,
-                                 kind="fixed" if args.keep else tok_cfg.keep_sampling, seed=args.seed)
-    if args.keep is not None:
-        model.check_keep(args.keep)                       # a clear error for a K that is not allowed
 
-    # ---- pretrained networks: used when given, dropped loudly when not ---------------------------------------
-    lpips = None
+def default_workers(cfg_workers):
+    """The preset's loader workers, at most the cores each process has beside itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(cfg_workers, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, pretrained networks, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Stage1Forward(torch.nn.Module):
+    """The generator's forward for one step in one module call, so DistributedDataParallel sees every parameter:
+    reconstruction at K kept tokens, and the alignment prediction on the student's view."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, x, K, align_view=None):
+        out = self.tokenizer(x, K=K)
+        pred = self.tokenizer.align(align_view, K=K) if align_view is not None else None
+        return out, pred
+
+
+def load_pretrained(args, model, ema, device):
+    """LPIPS and the DINOv2 teacher when their weights are given (with DINOv2 weight selection for G and G+R on a
+    fresh start); otherwise None, loudly."""
+    lpips = teacher = None
     if args.lpips_vgg_weights and args.lpips_lin_weights:
         lpips = losses.LPIPS(vgg_weights=args.lpips_vgg_weights, lin_weights=args.lpips_lin_weights).to(device)
     else:
-        rank0_print("WARNING: no LPIPS weights (--lpips-vgg-weights, --lpips-lin-weights): the perceptual loss is "
-                    "DROPPED (a random VGG is not a perceptual metric).")
-    teacher = None
+        common.rank0_print("WARNING: no LPIPS weights (--lpips-vgg-weights, --lpips-lin-weights): the perceptual "
+                           "loss is DROPPED (a random VGG is not a perceptual metric).")
     if args.dinov2_weights:
-        teacher = losses.DINOv2()
-        losses.load_dinov2(teacher, args.dinov2_weights)
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        teacher = losses.load_dinov2(losses.DINOv2(), args.dinov2_weights).to(device).eval().requires_grad_(False)
         if args.variant in ("g", "gr") and not args.resume:
             loaded = model.load_dinov2_selection(teacher.state_dict())
             ema.load_state_dict(model.state_dict())
-            rank0_print(f"DINOv2 weight selection: {len(loaded)} encoder tensors initialised from the teacher")
+            common.rank0_print(f"DINOv2 weight selection: {len(loaded)} encoder tensors initialised from the teacher")
     else:
-        rank0_print("WARNING: no DINOv2 weights (--dinov2-weights): the global alignment loss (Eq. 10) is DROPPED "
-                    "and the encoder starts from random weights instead of DINOv2 weight selection.")
+        common.rank0_print("WARNING: no DINOv2 weights (--dinov2-weights): the global alignment loss (Eq. 10) is "
+                           "DROPPED and the encoder starts from random weights instead of DINOv2 weight selection.")
+    return lpips, teacher
 
-    forward = Stage1Forward(model)
+
+def resume(path, state, cfg, tok_cfg, variant, rank):
+    """Load every entry of `state` (model, ema, disc, lecam, opt_g, opt_d) and this rank's RNG states from a
+    checkpoint written by this script with the same settings. Returns the step to continue from."""
+    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "tokenizer_config",
+                                                                 *state])
+    if ckpt["tokenizer_config"].get("variant") != variant:
+        raise ValueError(f"{path} is a checkpoint of variant {ckpt['tokenizer_config'].get('variant')!r}, not "
+                         f"{variant!r}: use the matching --variant")
+    diff = common.config_mismatch(ckpt["tokenizer_config"], dataclasses.asdict(tok_cfg))
+    if diff:
+        raise ValueError(f"{path} was trained with another tokenizer configuration: {'; '.join(diff)}")
+    saved = {k: v for k, v in ckpt["train_config"].items() if k not in RESUMABLE_CHANGES}
+    diff = common.config_mismatch(saved, {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved})
+    if diff:
+        raise ValueError(f"resuming {path} with other training settings: {'; '.join(diff)} (saved -> now); a "
+                         f"resumed run must use the checkpoint's settings")
+    for name, obj in state.items():
+        obj.load_state_dict(ckpt[name])
+    rngs = ckpt["rng"]
+    common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return ckpt["step"]
+
+
+def snapshot(state, step, cfg, tok_cfg, args, world):
+    """Everything a resumed run needs; every rank takes part (the RNG states are gathered)."""
+    return {**{name: obj.state_dict() for name, obj in state.items()}, "step": step,
+            "tokenizer_config": dataclasses.asdict(tok_cfg), "train_config": dataclasses.asdict(cfg),
+            "variant": args.variant, "preset": args.preset, "rng": common.all_gather_objects(common.rng_state()),
+            "world_size": world}
+
+
+@torch.no_grad()
+def write_samples(model, x, path, Ks):
+    """Rows: originals, reconstructions at each K, then the merge groups at the first K drawn over the image."""
+    model.eval()
+    rows = [x] + [model(x, K=K).recon.clamp(-1, 1) for K in Ks]
+    source = model.encode(x, K=Ks[0]).source                                  # (B, N) merged token of each token
+    g = model.cfg.grid
+    rows.append(torch.stack([data_lib.overlay(img, data_lib.colorize_groups(s, (g, g), x.shape[-1]))
+                             for img, s in zip(x, source)]))
+    data_lib.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=x.shape[0])
+
+
+def _ignore_signals_in_worker(worker_id):
+    """Loader workers leave SIGINT / SIGTERM to the training process, which stops cleanly after the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step: the tokenizer, then the discriminator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_step(x, K, step, run):
+    """One optimizer step of the tokenizer and (once the GAN is on) of the discriminator. Returns the loss terms."""
+    cfg, model, disc = run.cfg, run.model, run.disc
+    gan_on = step >= cfg.disc_start
+    align_view = align_target = None
+    if run.teacher is not None:
+        # Eq. (10): the teacher sees the resized image, the student a random resized crop with flip. The crop
+        # draws depend on (seed, step, rank) only: exact on resume.
+        g = torch.Generator().manual_seed((run.seed * 1_000_003 + step) * run.world + run.rank)
+        align_view = data_lib.random_resized_crop(x.cpu(), cfg.align_size, generator=g).to(x.device)
+        with torch.no_grad():
+            align_target = run.teacher(losses.dinov2_preprocess(x, size=cfg.align_size)).float()
+
+    # ---- the tokenizer: the discriminator is frozen, so the generator's loss never reaches it ----------------
+    disc.requires_grad_(False)
+    with run.autocast():
+        out, pred = run.forward(x, K, align_view)
+        total, terms = losses.generator_loss(
+            x, out, cfg, lpips=run.lpips, disc=disc if gan_on else None,
+            align_pair=None if pred is None else (pred.float(), align_target),
+            last_layer=model.decoder.last_layer_weight())
+    disc.requires_grad_(True)
+    common.check_finite(terms, step)
+    run.opt_g.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.opt_g.step()
+
+    # ---- the discriminator on detached reconstructions: its loss never reaches the tokenizer -----------------
+    if gan_on:
+        with run.autocast():
+            d_total, d_terms, logits = losses.discriminator_loss(run.disc_ddp, x, out.recon.detach().float(),
+                                                                 run.lecam, cfg)
+        common.check_finite(d_terms, step)
+        run.opt_d.zero_grad(set_to_none=True)
+        d_total.backward()
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+        run.opt_d.step()
+        run.lecam.update(*logits)
+        terms.update(d_terms)
+
+    common.update_ema(run.ema, model, common.ema_decay(step, cfg.ema))
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def setup(args, rank, world, device):
+    """Configs, models, optimizers, data and (on --resume) the saved state, as one namespace `run`."""
+    run = argparse.Namespace(rank=rank, world=world, seed=args.seed)
+    run.cfg = cfg = build_train_config(args)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    run.tok_cfg = tok_cfg = build_tokenizer_config(args)
+    run.out_dir = args.out or os.path.join("runs", f"stage1-{args.variant}-{args.preset}")
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    run.amp = amp
+    run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16"
+                    else contextlib.nullcontext)
+
+    with torch.device("meta"):                                        # shapes only: count before building
+        n_params = count_parameters(build_tokenizer(args.variant, config=tok_cfg))
+    check_resources(args, cfg, tok_cfg, world, device, n_params + 2_770_000)      # + the PatchGAN's 2.77M
+    torch.manual_seed(args.seed)                                      # identical initial weights on every rank
+    run.model = model = build_tokenizer(args.variant, config=tok_cfg).to(device)
+    run.disc = losses.NLayerDiscriminator().to(device)
+    torch.manual_seed(args.seed * world + rank)                       # per-rank seed (DiT)
+    run.ema = copy.deepcopy(model).eval().requires_grad_(False)
+    run.lecam = losses.LeCam().to(device)
+    run.K_sampler = KeptTokenSampler(tok_cfg.K, tok_cfg.K_low, tok_cfg.K_high,
+                                     kind="fixed" if args.K else tok_cfg.K_sampling, seed=args.seed)
+    run.fixed_K = model.check_K(args.K) if args.K is not None else None
+    run.lpips, run.teacher = load_pretrained(args, model, run.ema, device)
+
+    ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
+    run.forward = Stage1Forward(model)
+    run.disc_ddp = run.disc
     if world > 1:
-        forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=teacher is None)   # without a teacher the alignment head is unused
-        disc_ddp = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        disc_ddp = disc
-    opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        # Without a teacher the alignment head takes no part in the loss.
+        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None, **ddp)
+        run.disc_ddp = DDP(run.disc, **ddp)
+    run.opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    run.opt_d = torch.optim.AdamW(run.disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
-    # ---- data ----------------------------------------------------------------------------------------------
-    dataset = data_lib.build_dataset(args.data, split="train", size=tok_cfg.image_size)
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
-    sampler = ResumableSampler(dataset, world, rank, seed=args.seed)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    run.dataset = data_lib.build_dataset(args.data, split="train", size=tok_cfg.image_size, crop_seed=args.seed)
+    if len(run.dataset) < cfg.batch_size:
+        raise ValueError(f"the dataset has {len(run.dataset)} images, fewer than one batch of {cfg.batch_size}")
+    run.sampler = common.ResumableSampler(run.dataset, world, rank, seed=args.seed)
+    run.steps_per_epoch = len(run.dataset) // cfg.batch_size
+    run.total = cfg.steps if cfg.steps > 0 else cfg.epochs * run.steps_per_epoch
+    run.workers = default_workers(cfg.workers) if args.workers is None else args.workers
     held_out = data_lib.build_dataset(args.data, split="val", size=tok_cfg.image_size)
-    sample_batch = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))]).to(device)
+    run.sample_batch = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))]).to(device)
 
-    # ---- resume --------------------------------------------------------------------------------------------
-    step = 0
+    run.state = {"model": model, "ema": run.ema, "disc": run.disc, "lecam": run.lecam, "opt_g": run.opt_g,
+                 "opt_d": run.opt_d}
+    run.step = 0
     if args.resume:
-        ckpt = load_checkpoint(args.resume, variant=args.variant)
-        if ckpt["tokenizer_config"] != dataclasses.asdict(tok_cfg):
-            raise ValueError(f"{args.resume} was trained with another tokenizer configuration (preset or overrides "
-                             f"differ): {ckpt['tokenizer_config']}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        disc.load_state_dict(ckpt["disc"])
-        lecam.load_state_dict(ckpt["lecam"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        rank0_print(f"resumed from {args.resume} at step {step}")
+        run.step = resume(args.resume, run.state, cfg, tok_cfg, args.variant, rank)
+        common.rank0_print(f"resumed from {args.resume} at step {run.step}")
+    return run
 
+
+def start_log(args, run, device):
+    """Rank 0: the output folder, config.json, a one-line summary; stale temporaries of a killed save removed."""
+    os.makedirs(run.out_dir, exist_ok=True)
+    removed = common.remove_stale_temporaries(os.path.join(run.out_dir, "last.pt"))
+    if removed:
+        print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
+    with open(os.path.join(run.out_dir, "config.json"), "w") as f:
+        json.dump({"args": vars(args), "train": dataclasses.asdict(run.cfg),
+                   "tokenizer": dataclasses.asdict(run.tok_cfg), "world_size": run.world}, f, indent=2)
+    tok_cfg = run.tok_cfg
+    print(f"stage 1 | variant {args.variant} preset {args.preset} | {count_parameters(run.model) / 1e6:.2f}M "
+          f"parameters | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | {run.total} steps "
+          f"({run.steps_per_epoch} per epoch) | N={tok_cfg.num_tokens} tokens, target K={tok_cfg.K} | amp {run.amp} "
+          f"| {run.workers} loader worker(s) per process | out {run.out_dir}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(args, rank, world, device):
+    run = setup(args, rank, world, device)
+    cfg, step = run.cfg, run.step
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "train": dataclasses.asdict(cfg), "tokenizer": dataclasses.asdict(tok_cfg),
-                       "world_size": world}, f, indent=2)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"stage 1 | variant {args.variant} preset {args.preset} | {n_params / 1e6:.2f}M parameters | "
-              f"{world} process(es) on {device} | global batch {cfg.batch_size} | {total} steps "
-              f"({steps_per_epoch} per epoch) | N={tok_cfg.num_tokens} tokens, target K={tok_cfg.keep} | "
-              f"amp {amp} | out {out_dir}", flush=True)
-
-    def snapshot():
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        return {"model": model.state_dict(), "ema": ema.state_dict(), "disc": disc.state_dict(),
-                "lecam": lecam.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "step": step, "tokenizer_config": dataclasses.asdict(tok_cfg), "train_config": dataclasses.asdict(cfg),
-                "variant": args.variant, "preset": args.preset, "rng": rngs, "world_size": world}
-
-    # ---- the loop ------------------------------------------------------------------------------------------
-    log_path = os.path.join(out_dir, "log.jsonl")
-    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"stage1-{args.variant}")
-    t_start, images_seen = time.time(), 0
-    running = {}
-    stop = min(total, args.stop_at) if args.stop_at else total
-    while step < stop:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = in_epoch * local_batch
-        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
-                            drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
+        start_log(args, run, device)
+    ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
+    stop_at = min(run.total, args.stop_at) if args.stop_at else run.total
+    if step >= stop_at:
+        raise ValueError(f"nothing to train: the run is at step {step} and would stop at {stop_at} "
+                         f"(--steps / --stop-at)")
+    stopper = common.StopRequest()
+    bar = common.progress_bar(run.total, initial=step, desc=f"stage1-{args.variant}")
+    t_start, images_seen, running, stopped_by = time.time(), 0, {}, None
+    while step < stop_at and stopped_by is None:
+        # ---- one epoch's loader, starting where the data order is (exact on resume, also mid-epoch) ----------
+        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        run.sampler.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        run.sampler.start = in_epoch * (cfg.batch_size // world)
+        loader = DataLoader(run.dataset, batch_size=cfg.batch_size // world, sampler=run.sampler,
+                            num_workers=run.workers, drop_last=True, pin_memory=device.type == "cuda",
+                            worker_init_fn=_ignore_signals_in_worker)
         for x, _ in loader:
-            if step >= stop:
-                break
             x = x.to(device, non_blocking=True)
-            K = args.keep or sampler_K.sample(step)
-            lr = lr_at(step, total, cfg)
-            for opt in (opt_g, opt_d):
+            K = run.fixed_K or run.K_sampler.sample(step)                     # Appendix A.3
+            lr = common.lr_at(step, run.total, cfg.lr, cfg.lr_schedule, cfg.lr_drops, cfg.warmup_steps)
+            for opt in (run.opt_g, run.opt_d):
                 for group in opt.param_groups:
                     group["lr"] = lr
-            gan_on = step >= cfg.disc_start
-
-            # Views for the global alignment (Eq. 10): the teacher sees the resized image, the student a random
-            # resized crop with flip. The crop draws depend on (seed, step, rank) only: exact on resume.
-            align_view = teacher_in = None
-            if teacher is not None:
-                g = torch.Generator(device="cpu").manual_seed((args.seed * 1_000_003 + step) * world + rank)
-                align_view = data_lib.random_resized_crop(x.cpu(), cfg.align_size, generator=g).to(device)
-                teacher_in = losses.dinov2_preprocess(x, size=cfg.align_size)
-
-            # ---- generator step --------------------------------------------------------------------------
-            with autocast():
-                out, pred = forward(x, K, align_view)
-                recon = out.recon.float()
-                terms = {}
-                terms["recon"] = F.mse_loss(recon, x) if cfg.recon_loss == "l2" else F.l1_loss(recon, x)
-                if lpips is not None:
-                    terms["perceptual"] = lpips(recon, x).mean()
-                lfq = out.enc.lfq
-                terms["commit"] = lfq.commitment
-                terms["entropy"] = lfq.per_sample_entropy - lfq.codebook_entropy
-                terms["recovery"] = out.recovery_loss
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(teacher_in).float()
-                    align = losses.alignment_loss_ce if cfg.align_loss == "ce" else losses.alignment_loss_kl
-                    terms["align"] = align(pred.float(), target)
-                nll = (cfg.w_recon * terms["recon"] + cfg.w_perceptual * terms.get("perceptual", 0.0))
-                total_g = (nll + cfg.w_commit * terms["commit"] + cfg.w_entropy * terms["entropy"]
-                           + cfg.w_recovery * terms["recovery"] + cfg.w_align * terms.get("align", 0.0))
-                if gan_on:
-                    logits_fake = disc_ddp(recon).float()
-                    terms["gan_g"] = (losses.hinge_g_loss(logits_fake) if cfg.gan_loss == "hinge"
-                                      else losses.non_saturating_g_loss(logits_fake))
-                    w = cfg.w_gan
-                    if cfg.adaptive_gan_weight:
-                        w = w * losses.adaptive_weight(nll, terms["gan_g"], model.decoder.last_layer_weight())
-                    total_g = total_g + w * terms["gan_g"]
-            check_finite(terms, step)
-            opt_g.zero_grad(set_to_none=True)
-            total_g.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt_g.step()
-
-            # ---- discriminator step: hinge loss + LeCam ----------------------------------------------------
-            if gan_on:
-                with autocast():
-                    logits_real = disc_ddp(x).float()
-                    logits_fake = disc_ddp(recon.detach()).float()
-                    d_terms = {"disc": (losses.hinge_d_loss(logits_real, logits_fake) if cfg.gan_loss == "hinge"
-                                        else losses.vanilla_d_loss(logits_real, logits_fake)),
-                               "lecam": lecam.penalty(logits_real, logits_fake)}
-                check_finite(d_terms, step)
-                opt_d.zero_grad(set_to_none=True)
-                (d_terms["disc"] + cfg.w_lecam * d_terms["lecam"]).backward()
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-                opt_d.step()
-                lecam.update(logits_real.detach(), logits_fake.detach())
-                terms.update(d_terms)
-
-            # ---- EMA of the tokenizer weights ---------------------------------------------------------------
-            # Warm-up (as TF's ExponentialMovingAverage with num_updates): the decay grows as (1 + t) / (10 + t)
-            # up to cfg.ema, so a short run's EMA is not mostly its random initialisation (0.999^600 = 0.55).
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1 - decay)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
-
+            terms = train_step(x, K, step, run)
             step += 1
             images_seen += cfg.batch_size
             for k, v in terms.items():
                 running[k] = running.get(k, 0.0) + v.detach().float()
             running["_n"] = running.get("_n", 0) + 1
             bar.update(1)
+            if stopper.requested(device):
+                stopped_by = stopper.signal
+            last = step == stop_at or stopped_by is not None
 
-            # ---- logging (all-reduced means), pictures, checkpoints -----------------------------------------
-            if step % cfg.log_every == 0 or step in (total, stop):
+            # ---- logging (all-reduced means), pictures, checkpoints ---------------------------------------------
+            if step % cfg.log_every == 0 or last:
                 n = running.pop("_n")
                 names = sorted(running)
-                vals = all_reduce_mean(torch.stack([running[k] / n for k in names]))
-                row = {"step": step, "lr": lr, "K": K, **{k: round(v, 5) for k, v in zip(names, vals.tolist())},
+                values = common.all_reduce_mean(torch.stack([running[k] / n for k in names]))
+                row = {"step": step, "lr": lr, "K": K, **{k: round(v, 5) for k, v in zip(names, values.tolist())},
                        "images_per_s": round(images_seen / (time.time() - t_start), 2)}
                 running = {}
                 if rank == 0:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr")})
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-            if rank == 0 and (step % cfg.sample_every == 0 or step in (total, stop)):
-                keeps = sorted({tok_cfg.keep, *[c for c in sampler_K.candidates][-1:], tok_cfg.num_tokens})
-                write_samples(ema, sample_batch, os.path.join(out_dir, f"samples_{step:07d}.png"), keeps)
-            if step % cfg.ckpt_every == 0 or step in (total, stop):
-                payload = snapshot()                      # every rank takes part (RNG states are gathered)
+                    if common.bar_is_live(bar):
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr")})
+                    else:
+                        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in row.items()), flush=True)
+            if rank == 0 and (step % cfg.sample_every == 0 or last):
+                Ks = sorted({run.tok_cfg.K, run.K_sampler.candidates[-1], run.tok_cfg.num_tokens})
+                write_samples(run.ema, run.sample_batch, os.path.join(run.out_dir, f"samples_{step:07d}.png"), Ks)
+            if step % cfg.ckpt_every == 0 or last:
+                payload = snapshot(run.state, step, cfg, run.tok_cfg, args, world)
                 if rank == 0:
-                    save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
-                if dist.is_initialized():
-                    dist.barrier()
+                    common.save_checkpoint(ckpt_path, payload)
+            if last:
+                break
+        del loader                                                            # ends its workers before the next
     bar.close()
-    # Unreadable images were skipped (data.ImageFolder replaces them); count them over all ranks. With
-    # --workers > 0 the skips happen in the worker processes and are reported by the workers' warnings only.
-    skipped = torch.tensor([float(getattr(dataset, "num_skipped", 0))], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(skipped)
-    if rank == 0 and skipped.item() > 0:
-        print(f"skipped {int(skipped.item())} unreadable image(s) in {args.data}: "
-              f"{', '.join(map(str, list(getattr(dataset, 'skipped', []))[:5]))}", flush=True)
+    stopper.restore()
+    report_skipped(run.dataset, args.data)
     if rank == 0:
         elapsed = time.time() - t_start
-        print(f"done: {step} steps in {elapsed:.1f} s ({images_seen / max(elapsed, 1e-9):.1f} images/s); "
-              f"checkpoint {os.path.join(out_dir, 'last.pt')}", flush=True)
+        how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"
+        print(f"{how} in {elapsed:.1f} s ({images_seen / max(elapsed, 1e-9):.1f} images/s); checkpoint {ckpt_path}"
+              + (f" (continue with --resume {ckpt_path})" if step < run.total else ""), flush=True)
+
+
+def report_skipped(dataset, data):
+    """Unreadable images were replaced by the next file (data.ImageFolder); count each file once over all ranks.
+    With --workers > 0 the skips happen in the workers' processes: their stderr warnings are the record."""
+    skipped = sorted(set().union(*[set(s) for s in common.all_gather_objects(list(dataset.skipped))]))
+    if common.is_main() and skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) in {data}: {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        rank, world, device = common.setup_distributed(args.device)
+        try:
+            train(args, rank, world, device)
+        finally:
+            common.teardown_distributed()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input or a diverged run: no traceback
+        print(f"train_stage1.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("train_stage1.py: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input or a diverged run: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())
