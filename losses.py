@@ -1,4 +1,4 @@
-"""Stage-1 loss building blocks of MergeVQ (paper Sec. 3.1 and Eq. (10), Table A1; REFERENCE.md section 5).
+"""Stage-1 loss building blocks of MergeVQ (paper Sec. 3.1 and Eq. (10), Table A1).
 
   - LPIPS-VGG (v0.1): the perceptual loss and metric, VGG16 features + the learned 1x1 "lin" layers
     (Zhang et al. 2018). Loads torchvision's `vgg16-397923af.pth` and LPIPS' `v0.1/vgg.pth` with strict key checks.

@@ -1,8 +1,8 @@
 """Time one ToMe step (matching + size-weighted merge + source update) with cheap vs dense source tracking.
 
 The encoder merges in every one of its 12 attention layers, so source tracking must be cheap. merge.py keeps an
-index map (B, N) from original to merged token (`merge_assignment`) and builds the dense (B, K, N) source once;
-ToMe's reference keeps the dense (B, N, N) matrix and merges its rows at every layer (`merge_source`).
+index map (B, N) from original to merged token (`track_source`), the form the source has everywhere;
+ToMe's reference keeps the dense (B, N, N) matrix and merges its rows at every layer (`merge_source_matrix`).
 
     python bench/bench_merge.py
 """
@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from merge import bipartite_soft_matching, merge_assignment, merge_source, merge_wavg  # noqa: E402
+from merge import bipartite_soft_matching, merge_source_matrix, merge_wavg, track_source  # noqa: E402
 
 
 def timeit(fn, repeats=10):
@@ -36,18 +36,18 @@ def main():
         t_match = timeit(lambda: bipartite_soft_matching(metric, r))
         merge, _ = bipartite_soft_matching(metric, r)
         t_wavg = timeit(lambda: merge_wavg(merge, x))
-        t_assign = timeit(lambda: merge_assignment(merge, assign))
-        t_dense = timeit(lambda: merge_source(merge, x, source))
+        t_assign = timeit(lambda: track_source(merge, assign))
+        t_dense = timeit(lambda: merge_source_matrix(merge, x, source))
 
         def step_with_assignment():
             merge, _ = bipartite_soft_matching(metric, r)
             merge_wavg(merge, x)
-            return merge_assignment(merge, assign)
+            return track_source(merge, assign)
 
         def step_with_dense_source():
             merge, _ = bipartite_soft_matching(metric, r)
             merge_wavg(merge, x)
-            return merge_source(merge, x, source)
+            return merge_source_matrix(merge, x, source)
 
         step_assign, step_dense = timeit(step_with_assignment), timeit(step_with_dense_source)
         print(f"{B:>3} {N:>5} {r:>3} | {t_match * 1e3:7.2f}ms {t_wavg * 1e3:7.2f}ms | {t_assign * 1e3:7.3f}ms "

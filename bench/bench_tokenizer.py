@@ -39,11 +39,11 @@ def flops():
             m = build_tokenizer(v, merge_schedule=schedule).eval()
             counter = FlopCounterMode(display=False)
             with counter:
-                m.encoder(torch.zeros(1, 3, 256, 256), m.cfg.keep)
+                m.encoder(torch.zeros(1, 3, 256, 256), m.cfg.K)
             row.append(counter.get_total_flops() / 2e9)
         with counter:
             m.encoder(torch.zeros(1, 3, 256, 256), m.cfg.num_tokens)
-        print(f"  {v:3s} K={m.cfg.keep:4d}: square (paper) {row[0]:6.1f}  linear (release) {row[1]:6.1f}  "
+        print(f"  {v:3s} K={m.cfg.K:4d}: square (paper) {row[0]:6.1f}  linear (release) {row[1]:6.1f}  "
               f"no merging {counter.get_total_flops() / 2e9:6.1f}   Table A1: {TABLE_A1_GFLOPS[v]}")
         del m
 
@@ -60,7 +60,7 @@ def tiny_times(batch=16, repeats=5):
         for _ in range(repeats):
             m(x)
         dt = (time.perf_counter() - t) / repeats
-        print(f"  {v:3s} N={m.cfg.num_tokens:4d} K={m.cfg.keep:3d}: {dt * 1e3:7.1f} ms per batch "
+        print(f"  {v:3s} N={m.cfg.num_tokens:4d} K={m.cfg.K:3d}: {dt * 1e3:7.1f} ms per batch "
               f"({batch / dt:6.1f} images/s), {count_parameters(m) / 1e6:.2f}M parameters")
 
 

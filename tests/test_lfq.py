@@ -1,4 +1,4 @@
-"""lfq.py against brute-force enumeration of the codebook (REFERENCE.md section 2)."""
+"""lfq.py against brute-force enumeration of the codebook."""
 import itertools
 
 import pytest

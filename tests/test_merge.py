@@ -1,4 +1,4 @@
-"""merge.py against brute force and its invariants (REFERENCE.md section 1)."""
+"""merge.py against brute force and its invariants."""
 import math
 
 import numpy as np
