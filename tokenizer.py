@@ -35,7 +35,7 @@ from lfq import LFQ, LFQOutput
 from merge import (bipartite_soft_matching, track_source, merge_schedule, merge_wavg,
                    recover, size_bias)
 from recovery import SourceRecovery
-from vit import Attention, LayerScale, Mlp
+from vit import Block, Mlp
 
 VARIANTS = ("g", "gr", "r")
 
@@ -204,21 +204,15 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + h
 
 
-class ToMeBlock(nn.Module):
+class ToMeBlock(Block):
     """Pre-norm ViT block (LayerScale 1e-5) that merges r tokens between attention and MLP, as ToMe does.
 
-    Returns the merged tokens, their sizes (B, T - r, 1) and the updated assignment (B, N_orig + 1), the index map
-    from every original token (CLS included, at 0) to the token that holds it now.
+    Returns the merged tokens, their sizes (B, T - r, 1) and the source (B, N_orig + 1): the index map from every
+    original token (CLS included, at 0) to the token that holds it now.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1e-5, mlp=Mlp):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim, init_values)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values)
+        super().__init__(dim, num_heads, mlp_ratio, init_values, mlp)
 
     def forward(self, x, size, source, r):
         bias = None if size is None else size_bias(size)                           # Eq. (14): + log size of keys
@@ -227,7 +221,7 @@ class ToMeBlock(nn.Module):
         if r > 0:
             merge, _ = bipartite_soft_matching(metric, r, class_token=True)
             x, size = merge_wavg(merge, x, size)                                   # (B, T - r, D), (B, T - r, 1)
-            source = track_source(merge, source)                               # (B, N_orig + 1)
+            source = track_source(merge, source)                                   # (B, N_orig + 1)
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return x, size, source
 
@@ -249,8 +243,8 @@ class MixFFN(nn.Module):
         return self.fc2(F.gelu(h))
 
 
-class DecoderBlock(ToMeBlock):
-    """The same block with a MixFFN, run without merging (no CLS token, no sizes, r = 0)."""
+class DecoderBlock(Block):
+    """The same block with a MixFFN (LayerScale 1e-5), run without merging (no CLS token, no sizes)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1e-5):
         super().__init__(dim, num_heads, mlp_ratio, init_values, mlp=MixFFN)

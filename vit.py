@@ -86,15 +86,16 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block with LayerScale: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm ViT block with LayerScale: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))). `mlp`: the FFN
+    class, called as mlp(dim, hidden) (the tokenizer's decoder passes its MixFFN)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=1.0, mlp=Mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, init_values)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values)
 
     def forward(self, x):
