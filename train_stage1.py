@@ -165,10 +165,11 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ["lr", "w_gan", "w_perceptual"]:
-        value = getattr(args, name)
-        if value is not None and not (value >= 0 and (name != "lr" or value > 0)):
-            raise ValueError(f"--{name.replace('_', '-').replace('w-', '')} must be positive, got {value}")
+    if args.lr is not None and not args.lr > 0:                                # also catches nan
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    for flag, value in [("--gan-weight", args.w_gan), ("--perceptual-weight", args.w_perceptual)]:
+        if value is not None and not value >= 0:
+            raise ValueError(f"{flag} must be 0 or more, got {value}")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.disc_start is not None and args.disc_start < 0:
