@@ -1,14 +1,13 @@
-"""Evaluation of MergeVQ (paper Sec. 4, Tables 1-5; REFERENCE.md section 7).
+"""Evaluation of MergeVQ (paper Sec. 4, Tables 1-5).
 
   - FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016) with the FID Inception network (pytorch-fid's
-    port of TF `inception-2015-12-05`). inception.py holds the network, the scores and the statistics files;
-    evaluate re-exports them (evaluate.InceptionV3, evaluate.frechet_distance, ...).
+    port of TF `inception-2015-12-05`). inception.py holds the network, the scores and the statistics files.
   - Statistics files in the ADM format (`mu`, `sigma`) and ADM sample batches (`arr_0`, uint8 N x H x W x 3), so
     gFID is computed against the ADM ImageNet reference batch like the paper (Table 3).
   - Reconstruction metrics of a stage-1 tokenizer at several K (Tables 2, 4, 5): PSNR, SSIM, LPIPS, rFID, codebook
     usage, the Source Recovery Model's accuracy, and a thumbnail baseline at the same bit budget.
-  - The linear probe of Appendix A.4 (Table 1): frozen tokenizer features, parameter-free BatchNorm + a linear
-    layer, AdamW, cosine schedule.
+  - The linear probe of Appendix A.4 (Table 1): frozen tokenizer features with all N tokens kept (A.4 probes the
+    tokenizers without merging), parameter-free BatchNorm + a linear layer, AdamW, cosine schedule.
 
 FID needs the official Inception weights, which cannot be downloaded in a sandbox: pass a local copy or let
 torch.hub fetch it. A random network gives numbers that are NOT an FID; `--allow-random-inception` (smoke tests
@@ -23,12 +22,14 @@ only) says so on every line it prints.
     python evaluate.py stats /data/imagenet/val ref_stats.npz --image-size 256 --inception-weights download
     # a tokenizer's reconstructions on the held-out split: a K sweep (Table 4), true and predicted source (Table 5)
     python evaluate.py recon --ckpt runs/g-tiny/last.pt --keep 16 36 64 100 256 --source both
-    # linear probe of the encoder's frozen CLS feature (Appendix A.4: 90 epochs, batch 1024)
+    # linear probe of the encoder's frozen CLS feature at K = N (Appendix A.4: 90 epochs, batch 1024)
     python evaluate.py probe --ckpt runs/g-tiny/last.pt
 
 Every subcommand runs on one process or under torchrun (each rank takes a strided share of the images; features
-are gathered in the original order), on any device (`--device`, default cuda if available else cpu). Rank 0 alone
-prints and writes.
+are gathered in the original order), on any device (`--device`, default cuda:LOCAL_RANK if available else cpu).
+Rank 0 alone prints and writes; a progress bar shows on a terminal only (none in a log). Bad input (a missing,
+empty, truncated or junk checkpoint, weight file or .npz, an unreachable K, a failed download) stops with one line
+on stderr naming the file and the problem, and exit code 1.
 """
 import argparse
 import json
@@ -39,65 +40,30 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import data as data_lib
 import losses
-from inception import (RANDOM_MARK, FeatureMoments, InceptionV3, build_inception, feature_stats,  # noqa: F401
-                       frechet_distance, inception_score, is_stats_file, load_inception, load_stats, save_stats)
+from common import (all_gather_rows, dist_info, progress_bar, setup_distributed,
+                    teardown_distributed)
+from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
+                       inception_score, is_stats_file, load_stats, read_npz, save_stats)
 from lfq import CodebookUsage
-from train_stage1 import load_tokenizer_checkpoint
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers (one code path for 1 and N processes)
-# ----------------------------------------------------------------------------------------------------------------
-
-def _dist_info():
-    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _comm_device(fallback):
-    """NCCL only moves CUDA tensors; gloo wants CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if fallback is None else torch.device(fallback)
-
-
-def _all_gather_rows(t):
-    """Concatenate a (R, ...) tensor of every rank along a new dim 1 -> (R, world, ...). R equal on all ranks."""
-    rank, world = _dist_info()
-    if world == 1:
-        return t.unsqueeze(1)                                          # (R, 1, ...)
-    dev = _comm_device("cpu")
-    src = t.to(dev).contiguous()
-    parts = [torch.empty_like(src) for _ in range(world)]
-    dist.all_gather(parts, src)
-    return torch.stack(parts, dim=1).to(t.device)                      # (R, world, ...)
+from tokenizer import load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image inputs: ADM sample batches and image folders
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_sample_array(path):
-    """The uint8 (N, H, W, 3) array `arr_0` of an ADM sample .npz, checked."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"sample batch '{path}' does not exist")
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise ValueError(f"'{path}' is not an ADM sample batch: it holds {data.files}, expected 'arr_0' "
-                             f"(uint8 N x H x W x 3)")
-        arr = data["arr_0"]
+def read_sample_array(path, what="sample batch"):
+    """The uint8 (N, H, W, 3) array `arr_0` of an ADM sample .npz, checked (one-line errors naming the file)."""
+    arr = read_npz(path, what, ("arr_0",), "'arr_0' (an ADM sample batch: uint8 N x H x W x 3)")["arr_0"]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"'{path}': arr_0 must be uint8 N x H x W x 3 (ADM format), got {arr.dtype} {arr.shape}")
+        raise ValueError(f"{what} {os.fspath(path)}: arr_0 must be uint8 N x H x W x 3 (ADM format), got "
+                         f"{arr.dtype} {arr.shape}")
     return arr
 
 
@@ -221,8 +187,8 @@ class _Share(torch.utils.data.Dataset):
 def _shard_loader(dataset, max_images, batch_size, num_workers=0, collate_fn=None, pad=False):
     """This rank's strided share of a dataset's first max_images items -> (loader of (j, item), n, rows per rank R).
     pad: item 0 fills every share up to R items (local j >= len(range(rank, n, world)) is padding), so all ranks run
-    the same batches, as a collective forward needs (the tokenizer's encode all-reduces LFQ's entropy)."""
-    rank, world = _dist_info()
+    the same number of batches and gather buffers of one size (R rows each)."""
+    rank, world = dist_info()
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if n < 1:
         raise ValueError(f"no images to evaluate: the dataset holds {len(dataset)}, max_images is {max_images}")
@@ -246,7 +212,7 @@ def _collate(items):
 
 
 @torch.inference_mode()
-def extract_features(model, images, batch_size=50, device=None, progress=True, num_workers=0):
+def extract_features(model, images, batch_size=50, device=None, num_workers=0):
     """Inception features of a set of images -> (pool3 float64 (N', 2048), logits float64 (N', 1008)).
 
     images: a float tensor (N, 3, H, W) in [0, 1], a uint8 numpy array (N, H, W, 3), or any indexable sequence
@@ -259,14 +225,14 @@ def extract_features(model, images, batch_size=50, device=None, progress=True, n
     N = len(images)
     if N == 0:
         raise ValueError("extract_features: no images")
-    rank, world = _dist_info()
+    rank, world = dist_info()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     loader, N, R = _shard_loader(images, None, batch_size, num_workers, _collate)
     pool3 = torch.zeros(R, 2048, dtype=torch.float32)
     logits = torch.zeros(R, 1008, dtype=torch.float32)
     valid = torch.zeros(R, dtype=torch.bool)
-    bar = tqdm(total=N, desc="inception features", disable=not progress or rank != 0, unit="img")
+    bar = progress_bar(N, desc="inception features")
     for pos, ok, x in loader:
         if x is not None:
             f, l = model(x.to(device, non_blocking=True))
@@ -276,9 +242,9 @@ def extract_features(model, images, batch_size=50, device=None, progress=True, n
         bar.update(min(len(pos) * world, N - bar.n))
     bar.close()
     # index rank + j * world sits at row j of rank `rank`: stacking the ranks along dim 1 restores the order
-    pool3 = _all_gather_rows(pool3).reshape(R * world, 2048)[:N]       # (N, 2048)
-    logits = _all_gather_rows(logits).reshape(R * world, 1008)[:N]     # (N, 1008)
-    valid = _all_gather_rows(valid.to(torch.uint8)).reshape(R * world)[:N].bool()   # (N,)
+    pool3 = all_gather_rows(pool3).reshape(R * world, 2048)[:N]        # (N, 2048)
+    logits = all_gather_rows(logits).reshape(R * world, 1008)[:N]      # (N, 1008)
+    valid = all_gather_rows(valid.to(torch.uint8)).reshape(R * world)[:N].bool()    # (N,)
     skipped = int((~valid).sum())
     if skipped and rank == 0:
         warnings.warn(f"extract_features: skipped {skipped} unreadable image(s) of {N}")
@@ -377,25 +343,30 @@ def thumbnail_baseline(x, bits):
 RECON_SOURCES = ("true", "predicted")
 
 
+def _sum_over_ranks(t):
+    """The sum of a tensor over all ranks (t itself in one process), as a new tensor on t's device."""
+    return all_gather_rows(t.unsqueeze(0))[0].sum(dim=0)                   # (1, world, ...) -> (...)
+
+
 @torch.no_grad()
-def evaluate_reconstruction(model, dataset_or_loader, keeps, sources=("true",), device=None, inception=None,
-                            lpips=None, max_images=None, batch_size=50, progress=True):
-    """Reconstruction metrics of a tokenizer: one row dict per (K in keeps, source in sources), on every rank.
+def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), device=None, inception=None,
+                            lpips=None, max_images=None, batch_size=50):
+    """Reconstruction metrics of a tokenizer: one row dict per (K in Ks, source in sources), on every rank.
 
     dataset_or_loader: a Dataset of (image (3, S, S) in [-1, 1], label) or of images, its first max_images items
     shared out between the ranks; or a DataLoader, used as given up to max_images (under torchrun, every rank's must
-    yield as many batches: encode is a collective). Sources: "true" (the encoder's source matrix), "predicted" (the
-    Source Recovery Model's, Table 5). Row keys: keep, source, bits (K x d), num_images, psnr, ssim (on [0, 1]),
-    lpips, rfid (vs the originals; None without `lpips` / `inception`), rfid_random_inception, codebook_usage (of
-    the 2^d codes), recovery_accuracy (predicted source: positions given the right merged token), thumb_psnr/side.
+    yield as many batches). Sources: "true" (the encoder's source), "predicted" (the Source Recovery Model's,
+    Table 5). Row keys: K, source, bits (K x d), num_images, psnr, ssim (on [0, 1]), lpips, rfid (vs the originals;
+    None without `lpips` / `inception`), rfid_random_inception, codebook_usage (of the 2^d codes),
+    recovery_accuracy (predicted source: original positions given the right merged token), thumb_psnr / thumb_side.
     """
-    keeps = list(dict.fromkeys(model.check_keep(K) for K in keeps))                # each K checked, in order
+    Ks = list(dict.fromkeys(model.check_K(K) for K in Ks))                          # each K checked, in order
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
-    if not keeps or not sources or any(s not in RECON_SOURCES for s in sources):
+    if not Ks or not sources or any(s not in RECON_SOURCES for s in sources):
         raise ValueError(f"evaluate_reconstruction needs one K or more and sources among {RECON_SOURCES}, got "
-                         f"keeps={keeps}, sources={sources}")
+                         f"Ks={Ks}, sources={sources}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    rank, world = _dist_info()
+    rank, world = dist_info()
     model.eval()
     d, S = model.cfg.z_channels, model.cfg.image_size
     if isinstance(dataset_or_loader, torch.utils.data.DataLoader):           # this rank's loader, as given
@@ -405,45 +376,42 @@ def evaluate_reconstruction(model, dataset_or_loader, keeps, sources=("true",), 
         loader, total, _ = _shard_loader(dataset_or_loader, max_images, batch_size, pad=True)
         real = len(range(rank, total, world))
         batches, limit, step = ((item, pos < real) for pos, item in loader), None, world
-    rows = [(K, s) for K in keeps for s in sources]
+    rows = [(K, s) for K in Ks for s in sources]
     # per row: images, psnr, ssim, lpips, thumbnail psnr (sums over images), right / all source positions
     sums = {row: torch.zeros(7, dtype=torch.float64) for row in rows}
-    usage = {K: CodebookUsage(2 ** d, device) for K in keeps}
+    usage = {K: CodebookUsage(2 ** d, device) for K in Ks}
     moments = {key: FeatureMoments() for key in rows + ["originals"]} if inception is not None else {}
-    bar = tqdm(total=total, desc="recon", unit="img", disable=not progress or rank != 0)
+    bar = progress_bar(total, desc="recon")
     seen = 0
     for batch, ok in batches:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch                 # (B, 3, S, S) in [-1, 1]
         x = (x if limit is None else x[:max(0, limit - seen)]).to(device, torch.float32)
         if len(x) == 0:
             break
-        ok = (torch.ones(len(x), dtype=torch.bool) if ok is None else ok).to(device)   # False: padding rows
+        ok = (torch.ones(len(x), dtype=torch.bool) if ok is None else ok).to(device)   # (B,) False: padding rows
         x01 = (x + 1) / 2
         if inception is not None and ok.any():
             moments["originals"].update(inception(x01[ok])[0])
-        for K in keeps:
-            enc = model.encode(x, keep=K)
+        for K in Ks:
+            enc = model.encode(x, K=K)                                              # indices (B, K), source (B, N)
             usage[K].update(enc.indices[ok])
             thumb = psnr((thumbnail_baseline(x, K * d) + 1) / 2, x01)[ok].sum().item()
-            truth = enc.source.argmax(dim=1)[ok]                                    # (B', N) merged token of each
             for s in sources:
-                source = enc.source if s == "true" else model.recovery.predict_source(enc.z_q)
+                source = enc.source if s == "true" else model.recovery.predict_source(enc.z_q)   # (B, N)
                 rec = model.decode(enc.indices, source).float().clamp(-1, 1)       # (B, 3, S, S)
                 r01 = (rec + 1) / 2
                 sums[(K, s)] += torch.tensor([ok.sum(), psnr(r01, x01)[ok].sum(), ssim(r01, x01)[ok].sum(),
                                               lpips(rec, x)[ok].sum() if lpips is not None else 0.0, thumb,
-                                              (source.argmax(dim=1)[ok] == truth).sum(), truth.numel()],
+                                              (source == enc.source)[ok].sum(), enc.source[ok].numel()],
                                              dtype=torch.float64)
                 if inception is not None and ok.any():
                     moments[(K, s)].update(inception(r01[ok])[0])
         seen += len(x)
         bar.update(min(len(x) * step, bar.total - bar.n))
     bar.close()
-    if world > 1:
+    if world > 1:                                          # every rank's sums (padding rows were left out)
         for t in [sums[row] for row in rows] + [t for m in moments.values() for t in m.tensors()]:
-            buf = t.to(_comm_device("cpu"))
-            dist.all_reduce(buf)
-            t.copy_(buf.cpu())
+            t.copy_(_sum_over_ranks(t))
     n = int(sums[rows[0]][0])
     if n == 0:
         raise ValueError("evaluate_reconstruction: no image was evaluated")
@@ -452,7 +420,7 @@ def evaluate_reconstruction(model, dataset_or_loader, keeps, sources=("true",), 
     out = []
     for K, s in rows:
         _, p, ss, lp, th, hits, positions = sums[(K, s)].tolist()
-        out.append({"keep": K, "source": s, "bits": K * d, "num_images": n, "psnr": p / n, "ssim": ss / n,
+        out.append({"K": K, "source": s, "bits": K * d, "num_images": n, "psnr": p / n, "ssim": ss / n,
                     "lpips": lp / n if lpips is not None else None,
                     "rfid": frechet_distance(*moments[(K, s)].stats(), *ref) if fid else None,
                     "rfid_random_inception": fid and bool(getattr(inception, "is_random", False)),
@@ -470,7 +438,7 @@ def format_recon_table(rows):
     for r in rows:
         lp, fid, acc = (("-" if r[k] is None else format(r[k], f)) for k, f in
                         (("lpips", ".4f"), ("rfid", ".2f"), ("recovery_accuracy", ".4f")))
-        lines.append(f"{r['keep']:>5} {r['source']:>9} {r['bits']:>6} {r['psnr']:>7.2f} {r['ssim']:>6.4f} {lp:>6} "
+        lines.append(f"{r['K']:>5} {r['source']:>9} {r['bits']:>6} {r['psnr']:>7.2f} {r['ssim']:>6.4f} {lp:>6} "
                      f"{fid:>8} {100 * r['codebook_usage']:>7.3f}% {acc:>7} {r['thumb_psnr']:>7.2f} "
                      f"{'(%dx%d)' % (r['thumb_side'], r['thumb_side']):>7}")
     lines.append(f"{rows[0]['num_images']} images. PSNR, SSIM on [0, 1]; usage: codes used / 2^d; rec.acc: positions "
@@ -496,7 +464,8 @@ def add_recon_args(p):
     p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_stage1.py")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/<split> if present); default: embedded shapes")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--keep", type=int, nargs="+", default=None, help="K values (default: the checkpoint's target)")
+    p.add_argument("--keep", dest="K", metavar="K", type=int, nargs="+", default=None,
+                   help="kept-token counts K (default: the checkpoint's target K)")
     p.add_argument("--source", default="true", choices=["true", "predicted", "both"],
                    help="decode with the encoder's source, the Source Recovery Model's, or both (Table 5)")
     p.add_argument("--max-images", type=int, default=None)
@@ -508,9 +477,9 @@ def add_recon_args(p):
 
 
 def run_recon(args):
-    rank, _ = _setup_distributed(args.device)
-    model, ckpt = load_tokenizer_checkpoint(args.ckpt, ema=not args.raw, device=args.device)
-    keeps = [model.check_keep(K) for K in (args.keep or [model.cfg.keep])]     # fail before the slow parts
+    rank = dist_info()[0]
+    model, ckpt = load_tokenizer(args.ckpt, ema=not args.raw, device=args.device, return_checkpoint=True)
+    Ks = [model.check_K(K) for K in (args.K or [model.cfg.K])]                 # fail before the slow parts
     notes, inception, lpips = [], None, None
     if args.inception_weights or args.allow_random_inception:
         inception = build_inception(args.inception_weights, args.allow_random_inception, device=args.device)
@@ -524,7 +493,7 @@ def run_recon(args):
     else:
         notes.append("LPIPS skipped: no --lpips-vgg-weights / --lpips-lin-weights (a random VGG is no metric)")
     dataset = data_lib.build_dataset(args.data, split=args.split, size=model.cfg.image_size)
-    rows = evaluate_reconstruction(model, dataset, keeps, RECON_SOURCES if args.source == "both" else args.source,
+    rows = evaluate_reconstruction(model, dataset, Ks, RECON_SOURCES if args.source == "both" else args.source,
                                    args.device, inception, lpips, args.max_images, args.batch_size)
     if rank == 0:
         print("\n".join([f"note: {note}" for note in notes] + [format_recon_table(rows)]))
@@ -542,7 +511,7 @@ def run_recon(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, batch_size=1024, lr=1e-3,
-                 weight_decay=0.0, seed=0, device=None, progress=False):
+                 weight_decay=0.0, seed=0, device=None):
     """Top-1 accuracy (in percent) of a linear classifier on frozen features (Appendix A.4).
 
     The head is a parameter-free BatchNorm1d(affine=False) (it standardises the features with batch statistics
@@ -572,7 +541,8 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, batch_s
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     head.train()
-    for _ in tqdm(range(epochs), desc="linear probe", disable=not progress or _dist_info()[0] != 0):
+    bar = progress_bar(epochs, desc="linear probe")
+    for _ in range(epochs):
         perm = torch.randperm(N, generator=gen)
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
@@ -583,6 +553,8 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, batch_s
                 loss.backward()
                 opt.step()
             sched.step()
+        bar.update()
+    bar.close()
     head.eval()
     correct = 0
     with torch.no_grad():
@@ -596,39 +568,46 @@ PROBE_FEATURES = ("cls", "mean")
 
 
 @torch.no_grad()
-def tokenizer_features(model, dataset, keep=None, feature="cls", batch_size=50, device=None, max_images=None,
-                       progress=True):
+def tokenizer_features(model, dataset, K=None, feature="cls", batch_size=50, device=None, max_images=None):
     """Frozen features of a labelled dataset's first max_images items -> (float32 (n, F), int64 labels (n,)).
 
-    "cls": the encoder's CLS output after the merging blocks (B, D), the token the alignment head (Eq. 10) reads.
+    K: the encoder's kept-token count; default N, no merging (Appendix A.4 probes the tokenizers with all tokens).
+    "cls": the encoder's CLS output after the attention blocks (B, D), the token the alignment head (Eq. 10) reads.
     "mean": the quantized code averaged over the N original positions, i.e. the K merged z_q weighted by how many
-    positions each holds (B, d): what the discrete tokens carry. All ranks share the work and get all rows, in order.
+    positions each holds (B, d): what the discrete tokens carry. All ranks share the work and get all rows, in
+    dataset order.
     """
     if feature not in PROBE_FEATURES:
         raise ValueError(f"feature must be one of {PROBE_FEATURES}, got {feature!r}")
-    keep = model.check_keep(model.cfg.keep if keep is None else keep)
+    N = model.cfg.num_tokens
+    K = model.check_K(N if K is None else K)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    rank, world = _dist_info()
+    rank, world = dist_info()
     model.eval()
     loader, n, R = _shard_loader(dataset, max_images, batch_size, pad=True)    # padding rows fall off at [:n]
     dim = model.cfg.embed_dim if feature == "cls" else model.cfg.z_channels
     feats, labels = torch.zeros(R, dim), torch.zeros(R, dtype=torch.long)
-    for pos, (x, y) in tqdm(loader, desc="probe features", disable=not progress or rank != 0):
-        enc = model.encode(x.to(device, torch.float32), keep=keep)
+    bar = progress_bar(len(loader), desc="probe features")
+    for pos, (x, y) in loader:
+        enc = model.encode(x.to(device, torch.float32), K=K)                    # z_q (B, K, d), source (B, N)
         if feature == "cls":
             f = enc.cls                                                             # (B, D)
-        else:
-            size = enc.source.sum(dim=2, keepdim=True)                              # (B, K, 1) positions per token
-            f = (enc.z_q * size).sum(dim=1) / size.sum(dim=1)                       # (B, d)
+        else:                                                                       # count the source map:
+            ones = torch.ones(enc.source.shape, device=device)                      # (B, N)
+            size = torch.zeros(len(x), K, device=device).scatter_add_(1, enc.source, ones)   # (B, K) positions held
+            f = (enc.z_q.float() * size[..., None]).sum(dim=1) / N                  # (B, d)
         feats[pos], labels[pos] = f.float().cpu(), y
-    feats = _all_gather_rows(feats).reshape(R * world, dim)[:n]                    # (n, F) in dataset order
-    return feats, _all_gather_rows(labels).reshape(R * world)[:n]                  # (n,)
+        bar.update()
+    bar.close()
+    feats = all_gather_rows(feats).reshape(R * world, dim)[:n]                     # (n, F) in dataset order
+    return feats, all_gather_rows(labels).reshape(R * world)[:n]                   # (n,)
 
 
 def add_probe_args(p):
     p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
     p.add_argument("--data", default=None, help="ImageFolder root: train/ fits, val/ scores; default: embedded shapes")
-    p.add_argument("--keep", type=int, default=None, help="K (default: the checkpoint's target)")
+    p.add_argument("--keep", dest="K", metavar="K", type=int, default=None,
+                   help="kept-token count K of the encoder (default: N, all tokens, no merging: Appendix A.4)")
     p.add_argument("--feature", choices=PROBE_FEATURES, default="cls",
                    help="cls: the encoder's CLS output; mean: the size-weighted mean of the merged codes")
     p.add_argument("--epochs", type=int, default=90, help="paper: 90")
@@ -636,59 +615,49 @@ def add_probe_args(p):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-images", type=int, default=None, help="at most this many images of each split")
     p.add_argument("--extract-batch-size", type=int, default=50, help="batch of the frozen feature extraction")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--out", default=None, help="JSON results (default: probe_<ckpt name>.json next to the ckpt)")
 
 
 def run_probe(args):
-    rank, _ = _setup_distributed(args.device)
-    model, ckpt = load_tokenizer_checkpoint(args.ckpt, ema=True, device=args.device)
-    keep = model.check_keep(args.keep or model.cfg.keep)
+    rank = dist_info()[0]
+    model, ckpt = load_tokenizer(args.ckpt, ema=True, device=args.device, return_checkpoint=True)
+    K = model.check_K(args.K if args.K is not None else model.cfg.num_tokens)     # Appendix A.4: all N tokens
     feats, classes = {}, 0
     for split in ("train", "val"):
         dataset = data_lib.build_dataset(args.data, split=split, size=model.cfg.image_size)
         classes = max(classes, len(dataset.classes))
-        feats[split] = tokenizer_features(model, dataset, keep, args.feature, args.extract_batch_size, args.device,
+        feats[split] = tokenizer_features(model, dataset, K, args.feature, args.extract_batch_size, args.device,
                                           args.max_images)
     if rank != 0:
         return 0
     top1 = linear_probe(*feats["train"], *feats["val"], classes, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, device=args.device, progress=True)
+                        lr=args.lr, device=args.device)
     n_train, n_val, dim = len(feats["train"][1]), len(feats["val"][1]), feats["val"][0].shape[1]
-    print(f"linear probe ({args.feature} feature, {dim}-d, K={keep}): top-1 {top1:.2f}% on {n_val} held-out images "
-          f"({n_train} train images, {classes} classes, {args.epochs} epochs)")
+    print(f"linear probe ({args.feature} feature, {dim}-d, K={K} of N={model.cfg.num_tokens}): top-1 {top1:.2f}% "
+          f"on {n_val} held-out images ({n_train} train images, {classes} classes, {args.epochs} epochs)")
     out = args.out or _default_out(args.ckpt, "probe")
-    _write_json(out, {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "keep": keep,
-                      "feature": args.feature, "feature_dim": dim, "num_train": n_train, "num_val": n_val,
-                      "num_classes": classes, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                      "data": args.data or "embedded shapes", "top1": top1})
+    _write_json(out, {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "K": K,
+                      "N": model.cfg.num_tokens, "feature": args.feature, "feature_dim": dim, "num_train": n_train,
+                      "num_val": n_val, "num_classes": classes, "epochs": args.epochs, "batch_size": args.batch_size,
+                      "lr": args.lr, "data": args.data or "embedded shapes", "top1": top1})
     print(f"wrote {out}")
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: fid, stats (Inception statistics), recon, probe
 # ----------------------------------------------------------------------------------------------------------------
 
-def _setup_distributed(device):
-    """Initialise torch.distributed under torchrun (RANK / WORLD_SIZE set); nothing otherwise."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend=backend)
-    return _dist_info()
-
-
-def _open_images(path, image_size):
-    """A folder -> ImageFiles; an ADM sample .npz -> its uint8 array (optionally resized per image later)."""
+def _open_images(path, image_size, what):
+    """A folder -> ImageFiles; an ADM sample .npz -> its uint8 array (one-line errors naming the file as `what`)."""
     if os.path.isdir(path):
         return ImageFiles(path, image_size=image_size)
     if path.endswith(".npz"):
-        return ImageArray(read_sample_array(path))
+        return ImageArray(read_sample_array(path, what))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"'{path}' does not exist")
-    raise ValueError(f"'{path}' is neither an image folder nor an .npz file")
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    raise ValueError(f"{what} {path} is neither an image folder nor an .npz file")
 
 
 def _add_inception_args(p, image_folders=True):
@@ -702,29 +671,30 @@ def _add_inception_args(p, image_folders=True):
         p.add_argument("--image-size", type=int, default=None,
                        help="resize (shorter side, bicubic) + centre crop FOLDER images to this size (needed when a "
                             "folder mixes sizes; ADM .npz batches are used as stored)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
 
 
 def run_fid(args):
-    rank, _ = _setup_distributed(args.device)
-    model = build_inception(args.inception_weights, args.allow_random_inception, device=args.device)
-    mark = f"[{RANDOM_MARK}] " if model.is_random else ""
-    samples = _open_images(args.samples, args.image_size)
+    rank = dist_info()[0]
+    # both inputs are opened before the network is built and the slow part starts: a bad file stops the run at once
+    samples = _open_images(args.samples, args.image_size, "samples")
     if len(samples) < args.is_splits:
         raise ValueError(f"{len(samples)} samples cannot be cut into {args.is_splits} Inception Score splits "
                          f"(--is-splits)")
+    ref_stats = load_stats(args.reference) if is_stats_file(args.reference, "reference") else None   # (mu, sigma)
+    reference = _open_images(args.reference, args.image_size, "reference") if ref_stats is None else None
+    model = build_inception(args.inception_weights, args.allow_random_inception, device=args.device)
+    mark = f"[{RANDOM_MARK}] " if model.is_random else ""
     pool3, logits = extract_features(model, samples, args.batch_size, args.device, num_workers=args.num_workers)
-    mu_s, sigma_s = feature_stats(pool3)
-    if is_stats_file(args.reference):
-        mu_r, sigma_r = load_stats(args.reference)
-        n_ref = None
+    mu_s, sigma_s = feature_stats(pool3)                                        # (2048,), (2048, 2048)
+    if ref_stats is not None:
+        (mu_r, sigma_r), n_ref = ref_stats, None
     else:
-        ref_pool3, _ = extract_features(model, _open_images(args.reference, args.image_size), args.batch_size,
-                                        args.device, num_workers=args.num_workers)
-        mu_r, sigma_r = feature_stats(ref_pool3)
-        n_ref = len(ref_pool3)
+        ref_pool3, _ = extract_features(model, reference, args.batch_size, args.device, num_workers=args.num_workers)
+        (mu_r, sigma_r), n_ref = feature_stats(ref_pool3), len(ref_pool3)
     if mu_r.shape != mu_s.shape:
-        raise ValueError(f"reference statistics are {mu_r.shape[0]}-d, the Inception pool3 features 2048-d")
+        raise ValueError(f"reference {args.reference}: its statistics are {mu_r.shape[0]}-d, the Inception pool3 "
+                         f"features 2048-d")
     fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
     is_mean, is_std = inception_score(logits, splits=args.is_splits)
     if rank == 0:
@@ -742,10 +712,10 @@ def run_fid(args):
 
 
 def run_stats(args):
-    rank, _ = _setup_distributed(args.device)
+    rank = dist_info()[0]
+    images = _open_images(args.images, args.image_size, "images")
     model = build_inception(args.inception_weights, args.allow_random_inception, device=args.device)
-    pool3, _ = extract_features(model, _open_images(args.images, args.image_size), args.batch_size, args.device,
-                                num_workers=args.num_workers)
+    pool3, _ = extract_features(model, images, args.batch_size, args.device, num_workers=args.num_workers)
     mu, sigma = feature_stats(pool3)
     if rank == 0:
         path = save_stats(args.out, mu, sigma)
@@ -754,7 +724,7 @@ def run_stats(args):
     return 0
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -780,18 +750,21 @@ def main(argv=None):
     p = sub.add_parser("probe", help="linear probe of a tokenizer's frozen features (Appendix A.4, Table 1)")
     add_probe_args(p)
     p.set_defaults(func=run_probe)
+    return parser
 
-    args = parser.parse_args(argv)
-    if getattr(args, "device", "absent") is None:                  # default: this rank's GPU, else the CPU
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
+        _, _, args.device = setup_distributed(args.device)     # None: cuda:LOCAL_RANK if available, else the CPU
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:                       # bad input: one line on stderr, no traceback
+        rank, world = dist_info()
+        where = f" (rank {rank})" if world > 1 else ""
+        print(f"evaluate.py {args.command}{where}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 if __name__ == "__main__":

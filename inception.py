@@ -1,4 +1,4 @@
-"""The FID Inception network and the scores computed from its features (REFERENCE.md section 7).
+"""The FID Inception network and the scores computed from its features (the metrics of paper Sec. 4, Tables 2-5).
 
 The network: a from-scratch port of pytorch-fid's InceptionV3, itself a port of the TF graph
 `inception-2015-12-05` that the original FID code (Heusel et al. 2017) and the ADM evaluation suite use.
@@ -13,7 +13,8 @@ The network: a from-scratch port of pytorch-fid's InceptionV3, itself a port of 
     Inception Score), after a bilinear resize to 299 x 299.
 
 The weights cannot be downloaded in a sandbox: `build_inception` takes a local copy of the file or "download"
-(torch.hub), and refuses to run with random weights unless asked to, which it then says loudly.
+(torch.hub), and refuses to run with random weights unless asked to, which it then says loudly. A weight file or
+an .npz that cannot be used (missing, empty, truncated, junk, the wrong arrays) raises one line naming the file.
 
 The scores: `frechet_distance` (FID), `inception_score` (IS), and the FID statistics (mu, sigma) from features
 (`feature_stats`, or streamed batch by batch with `FeatureMoments`) and in the ADM reference file format
@@ -26,6 +27,8 @@ import math
 import os
 import sys
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import scipy.linalg
@@ -34,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import _load_strict, _resolve_state_dict
+from common import _first_line, download_weights, load_strict, read_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official weight file
@@ -275,27 +278,39 @@ def _sha256(path, chunk=1 << 20):
 
 
 def _resolve_inception_state_dict(weights):
-    """weights: a path, a state dict, or "download" (the official URL through torch.hub) -> a state dict.
-    A local copy of the official file is also checked against its published SHA-256 prefix."""
-    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights) and \
-            os.path.basename(os.fspath(weights)) == os.path.basename(FID_WEIGHTS_URL):
-        digest = _sha256(weights)
+    """weights: a state dict, a local path, or "download" (the official URL, cached by torch.hub) -> (state dict,
+    name). One-line errors: a missing / empty / truncated / junk file, a failed download. A local copy named like
+    the official file is also checked against its published SHA-256 prefix."""
+    if isinstance(weights, dict):
+        return weights, "(a state dict)"
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"FID Inception weights must be a path, a state dict or 'download', got "
+                        f"{type(weights).__name__}")
+    path = (download_weights(FID_WEIGHTS_URL, "FID Inception weights", hash_prefix=FID_WEIGHTS_SHA256_PREFIX)
+            if os.fspath(weights) == "download" else os.fspath(weights))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"FID Inception weights {path} does not exist: pass a local copy of "
+                                f"{FID_WEIGHTS_URL} or 'download'")
+    if os.path.isfile(path) and os.path.basename(path) == os.path.basename(FID_WEIGHTS_URL):
+        digest = _sha256(path)
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            _warn_loudly(f"'{weights}' has SHA-256 {digest[:8]}..., the official file starts with "
+            _warn_loudly(f"'{path}' has SHA-256 {digest[:8]}..., the official file starts with "
                          f"{FID_WEIGHTS_SHA256_PREFIX}: is the download complete?")
-    return _resolve_state_dict(weights, FID_WEIGHTS_URL, "FID Inception")
+    return read_checkpoint(path, "FID Inception weights"), path
 
 
 def load_inception(model, weights):
     """Load the official FID weights (a path, a state dict, or "download") into `model` with strict key checks.
 
     The published file predates BatchNorm's `num_batches_tracked` buffer: those (unused in eval) may be missing.
+    Any other missing, unexpected or misshapen key is one line naming the file.
     """
-    state_dict = dict(_resolve_inception_state_dict(weights))
+    state_dict, name = _resolve_inception_state_dict(weights)
+    state_dict = dict(state_dict)
     for k, v in model.state_dict().items():             # tolerate only the missing BatchNorm step counters
         if k.endswith("num_batches_tracked") and k not in state_dict:
             state_dict[k] = v
-    _load_strict(model, state_dict, "FID Inception (pt_inception-2015-12-05)")
+    load_strict(model, state_dict, f"FID Inception weights {name}")
     model.is_random = False
     return model
 
@@ -321,7 +336,6 @@ def build_inception(weights=None, allow_random=False, device="cpu"):
     else:
         load_inception(model, weights)
     return model.to(device).eval()
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,26 +460,61 @@ def save_stats(path, mu, sigma):
     return path
 
 
+def open_npz(path, what):
+    """np.load of an .npz archive the user passed, with one-line errors: missing, empty, truncated or corrupt, junk,
+    or a single .npy array. Returns the open NpzFile (a context manager).
+
+    allow_pickle stays False: an .npz of plain arrays never needs it, and numpy's hint to turn it on for a junk file
+    ("This file contains pickled (object) data ...") would mislead."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): an interrupted copy or write?")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+        reason = "" if "pickle" in str(e) else f" ({type(e).__name__}: {_first_line(e)})"
+        raise ValueError(f"{what} {path} cannot be read as an .npz archive: truncated, corrupt or not an .npz "
+                         f"file{reason}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what} {path} holds a single .npy array {data.shape}, not an .npz archive of named arrays")
+    return data
+
+
+def read_npz(path, what, keys, expected):
+    """{key: array} of the arrays `keys` of an .npz file; one-line errors (see open_npz), also for a missing key
+    (`expected` says what such a file holds) and for an array that cannot be read (a corrupt member)."""
+    with open_npz(path, what) as data:
+        if any(k not in data.files for k in keys):
+            raise ValueError(f"{what} {path} holds {data.files}, expected {expected}")
+        try:
+            return {k: data[k] for k in keys}
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{what} {path}: its arrays cannot be read, the file is truncated or corrupt "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
+
+
 def load_stats(path):
     """Read `mu`, `sigma` from a stats .npz (ours or an ADM reference batch such as VIRTUAL_imagenet256_labeled)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"statistics file '{path}' does not exist")
-    with np.load(path) as data:
-        if "mu" not in data.files or "sigma" not in data.files:
-            raise ValueError(f"'{path}' is not a statistics file: it holds {data.files}, expected 'mu' and 'sigma' "
-                             f"(the ADM reference batch format; make one with `python evaluate.py stats`)")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    arrays = read_npz(path, "statistics file", ("mu", "sigma"),
+                      "'mu' and 'sigma' (the ADM reference batch format; make one with `python evaluate.py stats`)")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"'{path}': mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        raise ValueError(f"statistics file {os.fspath(path)}: mu {mu.shape} and sigma {sigma.shape} do not fit "
+                         f"together")
     return mu, sigma
 
 
-def is_stats_file(path):
-    """True for an .npz holding `mu` and `sigma` (a statistics file rather than images)."""
+def is_stats_file(path, what=".npz file"):
+    """True for an .npz holding `mu` and `sigma` (a statistics file rather than images); an .npz that cannot be
+    read raises one line naming it as `what`."""
+    path = os.fspath(path)
     if not (os.path.isfile(path) and path.endswith(".npz")):
         return False
-    with np.load(path) as data:
+    with open_npz(path, what) as data:
         return "mu" in data.files and "sigma" in data.files
 
 

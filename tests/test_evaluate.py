@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import urllib.error
 import warnings
 
 import numpy as np
@@ -16,11 +17,9 @@ from PIL import Image
 
 import data as data_lib
 import evaluate as E
-import inception as inception_module          # (the fixture `inception` is a network)
+import inception
 import lfq
-from merge import recover
-from tokenizer import build_tokenizer, get_config
-from train_stage1 import load_tokenizer_checkpoint
+from tokenizer import build_tokenizer, get_config, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # The published layout of pt_inception-2015-12-05-6726825d.pth
@@ -120,9 +119,9 @@ def random_published_state_dict(seed=0):
 
 
 @pytest.fixture(scope="module")
-def inception():
-    model = E.InceptionV3()
-    E.load_inception(model, random_published_state_dict())
+def inception_net():
+    model = inception.InceptionV3()
+    inception.load_inception(model, random_published_state_dict())
     return model
 
 
@@ -139,8 +138,8 @@ def random_cov(rng, d, n=None):
 def test_fid_identical_stats_is_zero():
     rng = np.random.default_rng(0)
     mu, sigma = rng.normal(size=32), random_cov(rng, 32)
-    assert abs(E.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-    assert abs(E.frechet_distance(mu, sigma, mu, sigma, method="sqrtm")) < 1e-6
+    assert abs(inception.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(inception.frechet_distance(mu, sigma, mu, sigma, method="sqrtm")) < 1e-6
 
 
 def test_fid_closed_form_diagonal():
@@ -149,7 +148,7 @@ def test_fid_closed_form_diagonal():
     a, b = rng.uniform(0.1, 3, size=16), rng.uniform(0.1, 3, size=16)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     for method in ("eigh", "sqrtm"):
-        got = E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+        got = inception.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
         assert isinstance(got, float)
         assert got == pytest.approx(expected, rel=1e-10, abs=1e-10)
 
@@ -159,33 +158,33 @@ def test_fid_symmetric_and_matches_scipy_sqrtm():
     d = 40
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     s1, s2 = random_cov(rng, d), random_cov(rng, d)
-    fid12 = E.frechet_distance(mu1, s1, mu2, s2)
-    fid21 = E.frechet_distance(mu2, s2, mu1, s1)
+    fid12 = inception.frechet_distance(mu1, s1, mu2, s2)
+    fid21 = inception.frechet_distance(mu2, s2, mu1, s1)
     assert fid12 == pytest.approx(fid21, rel=1e-9)
     # direct computation, as pytorch-fid does it
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(covmean))
     assert fid12 == pytest.approx(direct, rel=1e-7)
-    assert E.frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(direct, rel=1e-9)
+    assert inception.frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(direct, rel=1e-9)
 
 
 def test_fid_rank_deficient_stays_finite_and_real():
     rng = np.random.default_rng(3)
     f1, f2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.3   # rank 9 covariances in 64-d
-    (m1, s1), (m2, s2) = E.feature_stats(f1), E.feature_stats(f2)
-    fid = E.frechet_distance(m1, s1, m2, s2)
+    (m1, s1), (m2, s2) = inception.feature_stats(f1), inception.feature_stats(f2)
+    fid = inception.frechet_distance(m1, s1, m2, s2)
     assert isinstance(fid, float) and math.isfinite(fid) and fid > 0
-    assert abs(E.frechet_distance(m1, s1, m1, s1)) < 1e-6
+    assert abs(inception.frechet_distance(m1, s1, m1, s1)) < 1e-6
     # two covariances sharing no direction: tr sqrtm(S1 S2) = 0, so FID = |dmu|^2 + tr S1 + tr S2
     s_a, s_b = np.diag([1.0, 2.0, 0.0, 0.0]), np.diag([0.0, 0.0, 3.0, 4.0])
-    assert E.frechet_distance(np.zeros(4), s_a, np.zeros(4), s_b) == pytest.approx(10.0, abs=1e-6)
+    assert inception.frechet_distance(np.zeros(4), s_a, np.zeros(4), s_b) == pytest.approx(10.0, abs=1e-6)
 
 
 def test_fid_bad_input():
     with pytest.raises(ValueError, match="shapes"):
-        E.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        inception.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="NaN"):
-        E.frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
+        inception.frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,27 +195,27 @@ def test_fid_bad_input():
 def test_is_one_hot_evenly_spread_gives_C(C):
     labels = torch.arange(10 * C * 2) % C                # every split holds each class twice
     logits = 100.0 * F.one_hot(labels, C).double()
-    mean, std = E.inception_score(logits, splits=10)
+    mean, std = inception.inception_score(logits, splits=10)
     assert mean == pytest.approx(C, rel=1e-6)
     assert std == pytest.approx(0.0, abs=1e-6)
 
 
 def test_is_identical_rows_give_one():
     logits = torch.randn(1, 1008).repeat(40, 1)
-    mean, std = E.inception_score(logits, splits=10)
+    mean, std = inception.inception_score(logits, splits=10)
     assert mean == pytest.approx(1.0, abs=1e-9) and std == pytest.approx(0.0, abs=1e-9)
 
 
 def test_is_splits_take_rows_in_order():
     ordered = 100.0 * F.one_hot(torch.tensor([0] * 10 + [1] * 10), 2).double()        # split 1: all 0, split 2: 1
     interleaved = 100.0 * F.one_hot(torch.tensor([0, 1] * 10), 2).double()
-    assert E.inception_score(ordered, splits=2) == pytest.approx((1.0, 0.0), abs=1e-9)
-    assert E.inception_score(interleaved, splits=2) == pytest.approx((2.0, 0.0), abs=1e-9)
+    assert inception.inception_score(ordered, splits=2) == pytest.approx((1.0, 0.0), abs=1e-9)
+    assert inception.inception_score(interleaved, splits=2) == pytest.approx((2.0, 0.0), abs=1e-9)
     # unequal chunk sizes follow [i N // s, (i + 1) N // s): N=5, s=2 -> rows [0, 2) and [2, 5)
     rows = 100.0 * F.one_hot(torch.tensor([0, 0, 0, 1, 1]), 2).double()
     # chunk 2 = {0, 1, 1}: p(y) = (1/3, 2/3), IS = exp(1/3 log 3 + 2/3 log 3/2)
     s2 = math.exp(math.log(3) / 3 + 2 / 3 * math.log(1.5))
-    mean, std = E.inception_score(rows, splits=2)
+    mean, std = inception.inception_score(rows, splits=2)
     assert mean == pytest.approx((1.0 + s2) / 2, rel=1e-9)
     assert std == pytest.approx(abs(s2 - 1.0) / 2, rel=1e-9)              # population std of two values
 
@@ -229,7 +228,7 @@ def test_is_matches_brute_force_on_random_logits():
     for chunk in np.split(p, 3):
         py = chunk.mean(0)
         scores.append(np.exp(np.mean([np.sum(r * np.log(r / py)) for r in chunk])))
-    assert E.inception_score(logits, splits=3) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-9)
+    assert inception.inception_score(logits, splits=3) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +239,7 @@ def test_inception_state_dict_matches_published_layout():
     assert len(CONVS) == 94
     expected = published_layout()
     assert len(expected) == 94 * 5 + 2
-    got = {k: tuple(v.shape) for k, v in E.InceptionV3().state_dict().items()
+    got = {k: tuple(v.shape) for k, v in inception.InceptionV3().state_dict().items()
            if not k.endswith("num_batches_tracked")}
     assert sorted(set(got) - set(expected)) == [] and sorted(set(expected) - set(got)) == []
     for k, shape in expected.items():
@@ -251,66 +250,66 @@ def test_inception_loads_published_keys_strictly_and_rejects_others(tmp_path):
     sd = random_published_state_dict(1)
     path = tmp_path / "inception.pth"
     torch.save(sd, path)
-    model = E.InceptionV3()
+    model = inception.InceptionV3()
     assert model.is_random
-    E.load_inception(model, str(path))
+    inception.load_inception(model, str(path))
     assert not model.is_random
     assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, sd["Mixed_7c.branch_pool.conv.weight"])
     bad = dict(sd)
     bad["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
-    with pytest.raises(ValueError, match="unexpected keys: AuxLogits"):
-        E.load_inception(E.InceptionV3(), bad)
+    with pytest.raises(ValueError, match="unexpected keys AuxLogits"):
+        inception.load_inception(inception.InceptionV3(), bad)
     bad = dict(sd)
     bad["fc.weight"] = torch.zeros(1000, 2048)
-    with pytest.raises(ValueError, match="wrong shapes: fc.weight"):
-        E.load_inception(E.InceptionV3(), bad)
+    with pytest.raises(ValueError, match="wrong shapes fc.weight"):
+        inception.load_inception(inception.InceptionV3(), bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        E.load_inception(E.InceptionV3(), str(tmp_path / "missing.pth"))
+        inception.load_inception(inception.InceptionV3(), str(tmp_path / "missing.pth"))
 
 
-def test_inception_outputs(inception):
+def test_inception_outputs(inception_net):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64)
-    pool3, logits = inception(x)
+    pool3, logits = inception_net(x)
     assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
     assert pool3.dtype == torch.float32 and torch.isfinite(pool3).all()
-    assert torch.allclose(logits, pool3 @ inception.fc.weight.t(), rtol=1e-5, atol=1e-6)    # no bias
-    assert not torch.allclose(logits, inception.fc(pool3), atol=1e-3)
+    assert torch.allclose(logits, pool3 @ inception_net.fc.weight.t(), rtol=1e-5, atol=1e-6)    # no bias
+    assert not torch.allclose(logits, inception_net.fc(pool3), atol=1e-3)
     # a 64x64 input is the bilinear resize of itself to 299: same features as feeding that resize
     x299 = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    pool3_299, _ = inception(x299)
+    pool3_299, _ = inception_net(x299)
     assert torch.allclose(pool3, pool3_299, rtol=1e-4, atol=1e-5)
     # float32 inside autocast, deterministic (eval-mode BatchNorm, even after .train())
-    inception.train()
+    inception_net.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pool3_ac, _ = inception(x)
+        pool3_ac, _ = inception_net(x)
     assert pool3_ac.dtype == torch.float32
     assert torch.allclose(pool3_ac, pool3, rtol=1e-5, atol=1e-6)
 
 
-def test_fid_specific_pooling_branches(inception):
+def test_fid_specific_pooling_branches(inception_net):
     """Mixed_5b's pool branch averages without the zero padding; Mixed_7c's is a max-pool."""
     torch.manual_seed(1)
     x = torch.rand(1, 192, 9, 9) * 2
-    out = inception.Mixed_5b(x)
-    want = inception.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+    out = inception_net.Mixed_5b(x)
+    want = inception_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
     assert torch.allclose(out[:, -32:], want, atol=1e-6)
-    wrong = inception.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=True))
+    wrong = inception_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=True))
     assert not torch.allclose(out[:, -32:], wrong, atol=1e-4)
     x = torch.rand(1, 2048, 5, 5) * 2
-    out = inception.Mixed_7c(x)
-    want = inception.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1))
+    out = inception_net.Mixed_7c(x)
+    want = inception_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1))
     assert torch.allclose(out[:, -192:], want, atol=1e-6)
-    out = inception.Mixed_7b(x[:, :1280])
-    want = inception.Mixed_7b.branch_pool(F.avg_pool2d(x[:, :1280], 3, 1, 1, count_include_pad=False))
+    out = inception_net.Mixed_7b(x[:, :1280])
+    want = inception_net.Mixed_7b.branch_pool(F.avg_pool2d(x[:, :1280], 3, 1, 1, count_include_pad=False))
     assert torch.allclose(out[:, -192:], want, atol=1e-6)
 
 
 def test_build_inception_without_weights():
     with pytest.raises(ValueError, match="--inception-weights"):
-        E.build_inception(None)
+        inception.build_inception(None)
     with pytest.warns(UserWarning, match="RANDOM INCEPTION - NOT A REAL FID"):
-        model = E.build_inception(None, allow_random=True)
+        model = inception.build_inception(None, allow_random=True)
     assert model.is_random
 
 
@@ -318,31 +317,31 @@ def test_build_inception_without_weights():
 # Feature extraction and file formats
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_extract_features_order_and_skipping(inception):
+def test_extract_features_order_and_skipping(inception_net):
     torch.manual_seed(2)
     imgs = torch.rand(5, 3, 32, 32)
-    pool3, logits = E.extract_features(inception, imgs, batch_size=2, progress=False)
+    pool3, logits = E.extract_features(inception_net, imgs, batch_size=2)
     assert pool3.shape == (5, 2048) and logits.shape == (5, 1008) and pool3.dtype == np.float64
-    direct, _ = inception(imgs)
+    direct, _ = inception_net(imgs)
     np.testing.assert_allclose(pool3, direct.double().numpy(), rtol=1e-4, atol=1e-6)
     seq = [imgs[0], None, imgs[2], imgs[3], None]       # an unreadable file is dropped, the order kept
     with pytest.warns(UserWarning, match="skipped 2"):
-        p_seq, _ = E.extract_features(inception, seq, batch_size=3, progress=False)
+        p_seq, _ = E.extract_features(inception_net, seq, batch_size=3)
     np.testing.assert_allclose(p_seq, pool3[[0, 2, 3]], rtol=1e-4, atol=1e-6)
 
 
 def test_stats_round_trip(tmp_path):
     rng = np.random.default_rng(5)
     feats = rng.normal(size=(20, 8))
-    mu, sigma = E.feature_stats(feats)
+    mu, sigma = inception.feature_stats(feats)
     np.testing.assert_allclose(sigma, np.cov(feats.T))
-    path = E.save_stats(tmp_path / "ref", mu, sigma)
+    path = inception.save_stats(tmp_path / "ref", mu, sigma)
     assert path.endswith(".npz")
-    mu2, sigma2 = E.load_stats(path)
+    mu2, sigma2 = inception.load_stats(path)
     assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
     np.savez(tmp_path / "other.npz", foo=np.zeros(3))
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
-        E.load_stats(tmp_path / "other.npz")
+        inception.load_stats(tmp_path / "other.npz")
 
 
 def test_adm_sample_batch(tmp_path):
@@ -456,23 +455,17 @@ def test_codebook_usage_is_lfqs():
 def test_feature_moments_match_feature_stats():
     rng = np.random.default_rng(10)
     feats = rng.normal(size=(30, 6)) * 3 + 5
-    moments = E.FeatureMoments(dim=6)
+    moments = inception.FeatureMoments(dim=6)
     for chunk in np.split(feats, [7, 19]):                 # any split into batches
         moments.update(torch.from_numpy(chunk))
     mu, sigma = moments.stats()
-    mu_ref, sigma_ref = E.feature_stats(feats)
+    mu_ref, sigma_ref = inception.feature_stats(feats)
     np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
     np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
-        E.FeatureMoments(dim=6).update(torch.zeros(1, 6)).stats()
+        inception.FeatureMoments(dim=6).update(torch.zeros(1, 6)).stats()
     with pytest.raises(ValueError, match=r"\(B, 6\)"):
         moments.update(torch.zeros(2, 5))
-
-
-def test_inception_module_is_what_evaluate_exports():
-    m = inception_module
-    assert E.InceptionV3 is m.InceptionV3 and E.load_inception is m.load_inception
-    assert E.build_inception is m.build_inception and E.frechet_distance is m.frechet_distance
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,7 +548,7 @@ def test_linear_probe_separable_toy_problem():
 # The recon and probe commands on a tiny tokenizer with random weights
 # ----------------------------------------------------------------------------------------------------------------
 
-ROW_KEYS = {"keep", "source", "bits", "num_images", "psnr", "ssim", "lpips", "rfid", "rfid_random_inception",
+ROW_KEYS = {"K", "source", "bits", "num_images", "psnr", "ssim", "lpips", "rfid", "rfid_random_inception",
             "codebook_usage", "recovery_accuracy", "thumb_psnr", "thumb_side"}
 
 
@@ -573,46 +566,50 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_evaluate_reconstruction_rows(tiny_ckpt):
-    model, _ = load_tokenizer_checkpoint(tiny_ckpt, device="cpu")
+    model = load_tokenizer(tiny_ckpt)
     dataset = data_lib.build_dataset(None, split="val", size=64)
     rows = E.evaluate_reconstruction(model, dataset, [16, 64, 256], ("true", "predicted"), device="cpu",
-                                     max_images=6, batch_size=6, progress=False)
-    assert [(r["keep"], r["source"]) for r in rows] == [(K, s) for K in (16, 64, 256) for s in ("true", "predicted")]
+                                     max_images=6, batch_size=6)
+    assert [(r["K"], r["source"]) for r in rows] == [(K, s) for K in (16, 64, 256) for s in ("true", "predicted")]
     for r in rows:
         assert set(r) == ROW_KEYS
-        assert r["num_images"] == 6 and r["bits"] == 18 * r["keep"]
+        assert r["num_images"] == 6 and r["bits"] == 18 * r["K"]
         assert math.isfinite(r["psnr"]) and 0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1
         assert r["lpips"] is None and r["rfid"] is None and not r["rfid_random_inception"]
-        assert 0 < r["codebook_usage"] <= 6 * r["keep"] / 2 ** 18                # at most one new code per token
+        assert 0 < r["codebook_usage"] <= 6 * r["K"] / 2 ** 18                   # at most one new code per token
         assert (r["recovery_accuracy"] is None) == (r["source"] == "true")
         assert r["source"] == "true" or 0 <= r["recovery_accuracy"] <= 1
-        assert r["thumb_side"] == math.isqrt(18 * r["keep"] // 24)
+        assert r["thumb_side"] == math.isqrt(18 * r["K"] // 24)
     x = torch.stack([dataset[i][0] for i in range(6)])
     x01 = (x + 1) / 2
     for r in rows[::2]:                       # the thumbnail column: the mean PSNR of thumbnail_baseline at K x d
-        want = E.psnr((E.thumbnail_baseline(x, 18 * r["keep"]) + 1) / 2, x01).mean().item()
+        want = E.psnr((E.thumbnail_baseline(x, 18 * r["K"]) + 1) / 2, x01).mean().item()
         assert r["thumb_psnr"] == pytest.approx(want, rel=1e-6)
     # the true source decodes deterministically: the same images through a DataLoader give the same numbers, which
     # are the mean per-image PSNR / SSIM of decode(indices, source) clamped to [-1, 1]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(6)), batch_size=6)
-    again = E.evaluate_reconstruction(model, loader, [16], "true", progress=False)
+    again = E.evaluate_reconstruction(model, loader, [16], "true")
     assert again[0]["psnr"] == rows[0]["psnr"] and again[0]["ssim"] == rows[0]["ssim"]
     assert again[0]["codebook_usage"] == rows[0]["codebook_usage"]
     with torch.no_grad():
-        enc = model.encode(x, keep=16)
+        enc = model.encode(x, K=16)                                             # source (6, 256)
         rec01 = (model.decode(enc.indices, enc.source).clamp(-1, 1) + 1) / 2
+        predicted = model.recovery.predict_source(enc.z_q)                      # (6, 256)
     assert rows[0]["psnr"] == pytest.approx(E.psnr(rec01, x01).mean().item(), rel=1e-5)
     assert rows[0]["ssim"] == pytest.approx(E.ssim(rec01, x01).mean().item(), rel=1e-5, abs=1e-6)
+    # recovery accuracy: the positions j whose predicted merged token is the true one, counted one by one
+    hits = sum(int(predicted[b, j]) == int(enc.source[b, j]) for b in range(6) for j in range(256))
+    assert rows[1]["recovery_accuracy"] == pytest.approx(hits / (6 * 256), abs=1e-12)
     with pytest.raises(ValueError, match="K=8 is not allowed.*fewest reachable is 16"):     # 4 merging layers
-        E.evaluate_reconstruction(model, dataset, [8], max_images=2, progress=False)
+        E.evaluate_reconstruction(model, dataset, [8], max_images=2)
     with pytest.raises(ValueError, match="sources among"):
-        E.evaluate_reconstruction(model, dataset, [16], sources=("oracle",), max_images=2, progress=False)
+        E.evaluate_reconstruction(model, dataset, [16], sources=("oracle",), max_images=2)
     with pytest.raises(ValueError, match="no images"):
-        E.evaluate_reconstruction(model, dataset, [16], max_images=0, progress=False)
+        E.evaluate_reconstruction(model, dataset, [16], max_images=0)
 
 
 def test_format_recon_table_marks_random_inception():
-    row = {"keep": 64, "source": "predicted", "bits": 1152, "num_images": 3, "psnr": 21.5, "ssim": 0.61, "lpips": None,
+    row = {"K": 64, "source": "predicted", "bits": 1152, "num_images": 3, "psnr": 21.5, "ssim": 0.61, "lpips": None,
            "rfid": 12.3, "rfid_random_inception": True, "codebook_usage": 0.5, "recovery_accuracy": 0.75,
            "thumb_psnr": 19.0, "thumb_side": 6}
     table = E.format_recon_table([row])
@@ -630,7 +627,7 @@ def test_cli_recon_writes_json_and_skips_rfid_without_inception_weights(tiny_ckp
     assert res["checkpoint"] == os.path.abspath(tiny_ckpt) and res["step"] == 7 and res["weights"] == "ema"
     assert res["num_images"] == 8 and res["split"] == "val" and res["random_inception"] is False
     assert res["num_skipped_rank0"] == 0
-    assert [(r["keep"], r["source"]) for r in res["rows"]] == [(16, "true"), (64, "true")]
+    assert [(r["K"], r["source"]) for r in res["rows"]] == [(16, "true"), (64, "true")]
     assert all(set(r) == ROW_KEYS and r["rfid"] is None and r["num_images"] == 8 for r in res["rows"])
 
 
@@ -647,39 +644,169 @@ def test_cli_recon_random_inception_and_errors(tiny_ckpt, tmp_path, capsys):
     assert res["random_inception"] and res["weights"] == "raw" and row["rfid_random_inception"]
     assert math.isfinite(row["rfid"]) and row["rfid"] >= 0 and 0 <= row["recovery_accuracy"] <= 1
     assert E.main(["recon", "--ckpt", tiny_ckpt, "--keep", "64", "300", "--device", "cpu"]) == 1
-    assert "K=300 is not allowed" in capsys.readouterr().err
-    assert E.main(["recon", "--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert "K=300 is not allowed" in error_line(capsys)
+    missing = str(tmp_path / "missing.pt")
+    assert E.main(["recon", "--ckpt", missing, "--device", "cpu"]) == 1
+    assert f"stage-1 checkpoint {missing} does not exist" in error_line(capsys)
     assert E.main(["recon", "--ckpt", tiny_ckpt, "--lpips-vgg-weights", "vgg.pth", "--device", "cpu"]) == 1
-    assert "both --lpips-vgg-weights and --lpips-lin-weights" in capsys.readouterr().err
+    assert "both --lpips-vgg-weights and --lpips-lin-weights" in error_line(capsys)
 
 
 def test_tokenizer_features_cls_and_mean(tiny_ckpt):
-    model, _ = load_tokenizer_checkpoint(tiny_ckpt, device="cpu")
+    model = load_tokenizer(tiny_ckpt)
     dataset = data_lib.build_dataset(None, split="train", size=64)
-    cls, labels = E.tokenizer_features(model, dataset, keep=36, feature="cls", max_images=3, progress=False)
-    mean, labels2 = E.tokenizer_features(model, dataset, keep=36, feature="mean", max_images=3, batch_size=2,
-                                         progress=False)
+    cls, labels = E.tokenizer_features(model, dataset, K=36, feature="cls", max_images=3)
+    mean, labels2 = E.tokenizer_features(model, dataset, K=36, feature="mean", max_images=3, batch_size=2)
     assert cls.shape == (3, 128) and mean.shape == (3, 18) and labels.tolist() == labels2.tolist() == [0, 1, 2]
     x = torch.stack([dataset[i][0] for i in range(3)])
     with torch.no_grad():
-        enc = model.encode(x, keep=36)
+        enc = model.encode(x, K=36)                                             # z_q (3, 36, 18), source (3, 256)
+        full = model.encode(x, K=256)                                           # K = N: nothing merged
     assert torch.allclose(cls, enc.cls, atol=1e-5)
-    # "mean" is the code averaged over the N original positions (the recovered token grid)
-    assert torch.allclose(mean, recover(enc.z_q, enc.source).mean(dim=1), atol=1e-6)
+    # "mean" is the code averaged over the N = 256 original positions; position j holds merged token source[b, j]
+    brute = torch.stack([sum(enc.z_q[b, int(enc.source[b, j])] for j in range(256)) / 256 for b in range(3)])
+    assert torch.allclose(mean, brute, atol=1e-6)
+    # the default K is N (Appendix A.4: all tokens, no merging): the CLS and the plain mean of the N codes of
+    # encode(K=256), not the merged ones (an untrained CLS barely moves, the codes do)
+    cls_default, _ = E.tokenizer_features(model, dataset, feature="cls", max_images=3)
+    mean_default, _ = E.tokenizer_features(model, dataset, feature="mean", max_images=3)
+    assert torch.allclose(cls_default, full.cls, atol=1e-5)
+    assert torch.allclose(mean_default, full.z_q.mean(dim=1), atol=1e-6) and not torch.allclose(mean_default, mean)
     with pytest.raises(ValueError, match="feature must be one of"):
         E.tokenizer_features(model, dataset, feature="max", max_images=2)
 
 
-def test_cli_probe(tiny_ckpt, tmp_path, capsys):
+def test_cli_probe_uses_all_tokens_by_default(tiny_ckpt, tmp_path, capsys):
+    """Appendix A.4: the tokenizers are probed with all tokens (no merging): K = N = 256, not the target K = 64."""
     out_path = tmp_path / "probe.json"
-    rc = E.main(["probe", "--ckpt", tiny_ckpt, "--max-images", "20", "--epochs", "3", "--batch-size", "8",
-                 "--extract-batch-size", "10", "--device", "cpu", "--out", str(out_path)])
-    assert rc == 0
-    assert "top-1" in capsys.readouterr().out
+    args = ["probe", "--ckpt", tiny_ckpt, "--max-images", "20", "--epochs", "3", "--batch-size", "8",
+            "--extract-batch-size", "10", "--device", "cpu", "--out", str(out_path)]
+    assert E.main(args) == 0
+    assert "K=256 of N=256" in capsys.readouterr().out
     res = json.loads(out_path.read_text())
-    assert 0 <= res["top1"] <= 100 and res["step"] == 7 and res["keep"] == 64 and res["feature"] == "cls"
+    assert 0 <= res["top1"] <= 100 and res["step"] == 7 and res["feature"] == "cls"
+    assert res["K"] == 256 and res["N"] == 256
     assert res["num_train"] == res["num_val"] == 20 and res["num_classes"] == 10 and res["feature_dim"] == 128
+    assert E.main(args + ["--keep", "64", "--epochs", "1"]) == 0                   # --keep still chooses K
+    assert "K=64 of N=256" in capsys.readouterr().out
+    assert json.loads(out_path.read_text())["K"] == 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr that names the file and the problem, exit code 1, never a traceback
+# ----------------------------------------------------------------------------------------------------------------
+
+JUNK = bytes(range(256)) * 8              # neither a zip archive nor a pickle nor text
+
+
+def error_line(capsys):
+    """The stderr of a failed command, which must be exactly one line."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def first_half(path):
+    data = open(path, "rb").read()
+    return data[:len(data) // 2]
+
+
+@pytest.mark.parametrize("command", ["recon", "probe"])
+@pytest.mark.parametrize("kind, problem", [("empty", "is empty (0 bytes)"), ("truncated", "truncated"),
+                                           ("junk", "is not a PyTorch file"), ("text", "is not a PyTorch file"),
+                                           ("foreign", "lacks the entries model, ema, tokenizer_config")])
+def test_cli_bad_checkpoint_is_one_line(tiny_ckpt, tmp_path, capsys, command, kind, problem):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(first_half(tiny_ckpt))
+    elif kind == "junk":
+        path.write_bytes(JUNK)
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n" * 20)
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    assert E.main([command, "--ckpt", str(path), "--device", "cpu"]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"evaluate.py {command}: error: stage-1 checkpoint {path} ") and problem in line
+    assert "weights_only" not in line and "PyTorch 2.6" not in line            # torch's hint would mislead
+
+
+@pytest.mark.parametrize("kind, problem", [("empty", "is empty (0 bytes)"), ("truncated", "truncated"),
+                                           ("junk", "is not a PyTorch file"),
+                                           ("foreign", "does not match the model")])
+def test_cli_bad_inception_weights_is_one_line(tmp_path, capsys, kind, problem):
+    np.savez(tmp_path / "samples.npz", np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    path = tmp_path / f"{kind}.pth"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "whole.pth")
+        path.write_bytes(first_half(tmp_path / "whole.pth"))
+    elif kind == "junk":
+        path.write_bytes(JUNK)
+    else:
+        torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)             # a file, but not the Inception's
+    samples = str(tmp_path / "samples.npz")
+    argv = ["fid", samples, samples, "--inception-weights", str(path), "--is-splits", "2", "--device", "cpu"]
+    assert E.main(argv) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"evaluate.py fid: error: FID Inception weights {path}") and problem in line
+    assert "weights_only" not in line
+
+
+def test_cli_inception_download_offline_is_one_line(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):                                               # what urllib raises without DNS
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))   # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    np.savez(tmp_path / "samples.npz", np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    samples = str(tmp_path / "samples.npz")
+    for argv in (["fid", samples, samples, "--is-splits", "2"], ["recon", "--ckpt", tiny_ckpt]):
+        assert E.main(argv + ["--inception-weights", "download", "--device", "cpu"]) == 1
+        line = error_line(capsys)
+        assert inception.FID_WEIGHTS_URL in line and "download" in line and "failed" in line
+        assert "pass its local path" in line
+
+
+@pytest.mark.parametrize("role", ["samples", "reference"])
+@pytest.mark.parametrize("kind, problem", [("empty", "is empty (0 bytes)"), ("truncated", "truncated"),
+                                           ("junk", "cannot be read as an .npz archive"),
+                                           ("npy", "single .npy array"), ("arrays", "expected")])
+def test_cli_bad_npz_is_one_line(tmp_path, capsys, role, kind, problem):
+    images = np.random.default_rng(11).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    np.savez(good, images)
+    if kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "truncated":
+        bad.write_bytes(first_half(good))
+    elif kind == "junk":
+        bad.write_bytes(JUNK)
+    elif kind == "npy":
+        with open(bad, "wb") as f:                                              # an .npy under an .npz name
+            np.save(f, images)
+    else:
+        np.savez(bad, pictures=images)
+    argv = [str(bad), str(good)] if role == "samples" else [str(good), str(bad)]
+    # the inputs are opened before the network is built: no random-Inception warning comes first
+    assert E.main(["fid", *argv, "--allow-random-inception", "--device", "cpu", "--is-splits", "2"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("evaluate.py fid: error: ") and str(bad) in line and problem in line
+    assert "pickle" not in line                                                 # numpy's hint would mislead
+
+
+def test_bad_stats_file_is_one_error(tmp_path):
+    """load_stats: truncated and junk files raise a ValueError naming the file (not numpy's errors)."""
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    (tmp_path / "cut.npz").write_bytes(first_half(tmp_path / "stats.npz"))
+    (tmp_path / "junk.npz").write_bytes(JUNK)
+    for name in ("cut.npz", "junk.npz"):
+        with pytest.raises(ValueError, match=f"statistics file {tmp_path / name} cannot be read"):
+            inception.load_stats(tmp_path / name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -704,7 +831,7 @@ def _dist_worker(rank, world, init_file, images, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pool3, logits = E.extract_features(_FakeInception(), images, batch_size=2, device="cpu", progress=False)
+        pool3, logits = E.extract_features(_FakeInception(), images, batch_size=2, device="cpu")
     usage = E.CodebookUsage(8)
     usage.update(torch.tensor([rank, 4 + rank]))
     usage.gather()
@@ -717,23 +844,27 @@ def _recon_worker(rank, world, init_file, ckpt, result_file):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model, _ = load_tokenizer_checkpoint(ckpt, device="cpu")
+    model = load_tokenizer(ckpt)
     dataset = data_lib.build_dataset(None, split="val", size=64)
-    rows = E.evaluate_reconstruction(model, dataset, [16], ("true", "predicted"), max_images=5, batch_size=2,
-                                     progress=False)
-    torch.save(rows, f"{result_file}.{rank}")
+    rows = E.evaluate_reconstruction(model, dataset, [16], ("true", "predicted"), max_images=5, batch_size=2)
+    feats, labels = E.tokenizer_features(model, dataset, K=16, max_images=5, batch_size=2)
+    torch.save((rows, feats, labels), f"{result_file}.{rank}")
     dist.destroy_process_group()
 
 
 def test_evaluate_reconstruction_two_processes_matches_one(tiny_ckpt, tmp_path):
-    """Rank 0 takes images 0, 2, 4 and rank 1 images 1, 3: the summed rows equal the one-process rows."""
+    """Rank 0 takes images 0, 2, 4 and rank 1 images 1, 3: the summed rows equal the one-process rows, and the
+    probe features come back in dataset order."""
     torch.multiprocessing.spawn(_recon_worker, args=(2, str(tmp_path / "init"), tiny_ckpt, str(tmp_path / "rows")),
                                 nprocs=2, join=True)
-    rows0, rows1 = torch.load(f"{tmp_path / 'rows'}.0"), torch.load(f"{tmp_path / 'rows'}.1")
-    assert rows0 == rows1                                                   # every rank returns the same rows
-    model, _ = load_tokenizer_checkpoint(tiny_ckpt, device="cpu")
-    single = E.evaluate_reconstruction(model, data_lib.build_dataset(None, split="val", size=64), [16],
-                                       ("true", "predicted"), max_images=5, batch_size=5, progress=False)
+    (rows0, feats0, labels0), (rows1, feats1, _) = [torch.load(f"{tmp_path / 'rows'}.{r}") for r in (0, 1)]
+    assert rows0 == rows1 and torch.equal(feats0, feats1)                   # every rank returns the same
+    model = load_tokenizer(tiny_ckpt)
+    dataset = data_lib.build_dataset(None, split="val", size=64)
+    single = E.evaluate_reconstruction(model, dataset, [16], ("true", "predicted"), max_images=5, batch_size=5)
+    with torch.no_grad():
+        cls = model.encode(torch.stack([dataset[i][0] for i in range(5)]), K=16).cls    # (5, 128)
+    assert torch.allclose(feats0, cls, atol=1e-5) and labels0.tolist() == [dataset[i][1] for i in range(5)]
     for got, want in zip(rows0, single):
         assert got["num_images"] == 5
         assert got["codebook_usage"] == pytest.approx(want["codebook_usage"], abs=1.5 / 2 ** 18)   # a code at most
