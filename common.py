@@ -211,6 +211,15 @@ def remove_stale_temporaries(path):
     return removed
 
 
+# torch.save writes a zip archive (the default since torch 1.6) or, in the legacy format, a pickle (protocol >= 2
+# opens with the PROTO opcode 0x80). Anything else is not a PyTorch file.
+TORCH_FILE_HEADERS = (b"PK\x03\x04", b"\x80")
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
 def read_checkpoint(path, what="checkpoint", required=()):
     """torch.load(weights_only=True) of a file the user passed, with one-line errors: missing, empty, truncated
     or corrupt, not a dict, or lacking the `required` entries. Returns the dict."""
@@ -221,20 +230,70 @@ def read_checkpoint(path, what="checkpoint", required=()):
         raise ValueError(f"{what} {path} is a directory, not a file")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path} is empty (0 bytes): an interrupted copy or write?")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_FILE_HEADERS):               # torch.load would blame weights_only: misleading
+        raise ValueError(f"{what} {path} is not a PyTorch file: torch.save writes a zip archive or a pickle, and "
+                         f"this file starts with neither (first bytes {head!r})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{what} {path} cannot be read: truncated, corrupt or not a PyTorch file ({first})") from None
+        raise ValueError(f"{what} {path} cannot be read: truncated, corrupt or not a PyTorch file "
+                         f"({_first_line(e)})") from None
     except Exception as e:                                     # weights_only refuses pickled code, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{what} {path} is not a plain tensor checkpoint ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{what} {path} is not a plain tensor checkpoint ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a dict of entries")
     missing = [k for k in required if k not in ckpt]
     if missing:
         raise ValueError(f"{what} {path} lacks the entries {', '.join(missing)}: not a file of this kind")
     return ckpt
+
+
+def download_weights(url, what, file_name=None, hash_prefix=None):
+    """The published file at `url` in the torch.hub cache (<hub dir>/checkpoints/), downloaded there first if
+    missing (its SHA-256 prefix checked when given). Returns the path; a failed download is one line.
+    torch.hub.download_url_to_file writes a temporary file and renames it when complete, so a failed download leaves
+    nothing behind; its progress bar shows on a terminal only."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name or os.path.basename(url))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=sys.stderr.isatty())
+        except Exception as e:                                # offline (URLError), a proxy's HTTPError, a bad hash
+            raise ValueError(f"{what}: the download of {url} failed ({type(e).__name__}: {_first_line(e)}); "
+                             f"download the file by hand and pass its local path") from None
+    return path
+
+
+def resolve_weights(weights, url, what, file_name=None, hash_prefix=None):
+    """weights: a state dict, a local path, or "download" (the official `url`, cached) -> a state dict, with
+    one-line errors for a missing, empty, truncated or junk file and a failed download."""
+    if isinstance(weights, dict):
+        return weights
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"{what}: weights must be a path, a state dict or 'download', got {type(weights).__name__}")
+    path = (download_weights(url, what, file_name, hash_prefix) if os.fspath(weights) == "download"
+            else os.fspath(weights))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist: pass a local copy of {url} or 'download'")
+    return read_checkpoint(path, what)
+
+
+def load_strict(module, state_dict, what):
+    """load_state_dict(strict=True) with a one-line error naming what is missing, unexpected or misshapen."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(v.shape)})"
+                   for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong_shape:
+        def show(items):
+            return ", ".join(items[:4]) + (f" ... ({len(items)} in all)" if len(items) > 4 else "") if items else "-"
+        raise ValueError(f"{what} does not match the model (is it the right file?): missing keys {show(missing)}; "
+                         f"unexpected keys {show(unexpected)}; wrong shapes {show(wrong_shape)}")
+    module.load_state_dict(state_dict, strict=True)
 
 
 def config_mismatch(saved, current):

@@ -373,6 +373,9 @@ def build_dataset(data=None, split="train", size=64, crop_seed=0, **kw):
         return ShapesDataset(split, size=size, **kw)
     data = os.fspath(data)
     root = next((d for d in (os.path.join(data, split), os.path.join(data, "train")) if os.path.isdir(d)), data)
+    if split == "val" and root != os.path.join(data, "val"):
+        print(f"build_dataset: warning: {data} has no val/ folder, so the held-out split reads {root}, the training "
+              f"images: scores on it are not on unseen images", file=sys.stderr)
     return ImageFolder(root, size=size, train=split == "train", seed=crop_seed, **kw)
 
 

@@ -17,7 +17,6 @@ and loads the published files (local path, state dict, or "download" from the of
 
     python losses.py         # build every piece with random weights and print a breakdown on random images
 """
-import os
 import warnings
 
 import torch
@@ -25,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import all_reduce_mean, all_reduce_sum_differentiable
+from common import all_reduce_mean, all_reduce_sum_differentiable, load_strict, resolve_weights
 from vit import Block, PatchEmbed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,42 +39,6 @@ DINOV2_VITB14_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _resolve_state_dict(weights, url, what, file_name=None):
-    """weights: a path, a state dict, or "download" (the official URL through torch.hub) -> a state dict."""
-    if isinstance(weights, dict):
-        return weights
-    if not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(f"{what}: weights must be a path, a state dict or 'download', got {type(weights).__name__}")
-    if str(weights) == "download":
-        try:
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, file_name=file_name,
-                                                      weights_only=True)
-        except Exception as e:  # no internet, proxy, corrupted file ...
-            raise RuntimeError(f"{what}: could not download {url} ({type(e).__name__}: {e}). Download the file by "
-                               f"hand and pass its local path instead.") from e
-    path = os.fspath(weights)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: weight file '{path}' does not exist. Pass the path of the official file "
-                                f"(from {url}) or 'download'.")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _load_strict(module, state_dict, what):
-    """load_state_dict(strict=True) with a readable error: which keys are missing / unexpected / of wrong shape."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        def show(items):
-            return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "") if items else "-"
-        raise ValueError(f"{what}: the state dict does not match the model (is it the right file?).\n"
-                         f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
-                         f"  wrong shapes: {show(wrong_shape)}")
-    module.load_state_dict(state_dict, strict=True)
 
 
 def _warn_loudly(message):
@@ -177,14 +140,14 @@ class LPIPS(nn.Module):
         self.net = VGG16Features()
         self.lins = LPIPSLinears()
         if vgg_weights is not None:
-            sd = _resolve_state_dict(vgg_weights, VGG16_URL, "LPIPS VGG16")
+            sd = resolve_weights(vgg_weights, VGG16_URL, "LPIPS VGG16 weights", hash_prefix="397923af")
             # torchvision's file also holds the classifier: keep features.* only, and check those strictly
             sd = {k: v for k, v in sd.items() if k.startswith("features.")}
-            _load_strict(self.net, sd, "LPIPS VGG16 features (torchvision vgg16-397923af.pth)")
+            load_strict(self.net, sd, "LPIPS VGG16 features (torchvision vgg16-397923af.pth)")
         if lin_weights is not None:
-            sd = _resolve_state_dict(lin_weights, LPIPS_VGG_LIN_URL, "LPIPS lin layers",
+            sd = resolve_weights(lin_weights, LPIPS_VGG_LIN_URL, "LPIPS lin layers",
                                      file_name="lpips_v0.1_vgg.pth")
-            _load_strict(self.lins, sd, "LPIPS lin layers (v0.1/vgg.pth)")
+            load_strict(self.lins, sd, "LPIPS lin layers (v0.1/vgg.pth)")
         self.pretrained = vgg_weights is not None and lin_weights is not None
         if not self.pretrained:
             _warn_loudly("LPIPS is built WITHOUT pretrained weights (VGG16 given: "
@@ -416,8 +379,8 @@ def load_dinov2(model, weights):
     if weights is None:
         raise ValueError("load_dinov2: no weights given. Pass the path of dinov2_vitb14_pretrain.pth or 'download' "
                          f"({DINOV2_VITB14_URL}).")
-    sd = _resolve_state_dict(weights, DINOV2_VITB14_URL, "DINOv2 ViT-B/14")
-    _load_strict(model, sd, "DINOv2 ViT-B/14 (dinov2_vitb14_pretrain.pth)")
+    sd = resolve_weights(weights, DINOV2_VITB14_URL, "DINOv2 ViT-B/14 weights")
+    load_strict(model, sd, "DINOv2 ViT-B/14 (dinov2_vitb14_pretrain.pth)")
     return model
 
 

@@ -140,11 +140,11 @@ def test_lpips_loads_from_paths(tmp_path):
 def test_lpips_bad_weights_give_clear_errors(tmp_path):
     vgg_sd = random_vgg_state_dict()
     del vgg_sd["features.28.bias"]
-    with pytest.raises(ValueError, match="missing keys: features.28.bias"):
+    with pytest.raises(ValueError, match="missing keys features.28.bias"):
         losses.LPIPS(vgg_weights=vgg_sd, lin_weights=random_lin_state_dict())
     lin_sd = random_lin_state_dict()
     lin_sd["lin5.model.1.weight"] = torch.zeros(1, 8, 1, 1)
-    with pytest.raises(ValueError, match="unexpected keys: lin5.model.1.weight"):
+    with pytest.raises(ValueError, match="unexpected keys lin5.model.1.weight"):
         losses.LPIPS(vgg_weights=random_vgg_state_dict(), lin_weights=lin_sd)
     lin_sd = random_lin_state_dict()
     lin_sd["lin0.model.1.weight"] = torch.zeros(1, 32, 1, 1)
@@ -152,6 +152,20 @@ def test_lpips_bad_weights_give_clear_errors(tmp_path):
         losses.LPIPS(vgg_weights=random_vgg_state_dict(), lin_weights=lin_sd)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         losses.LPIPS(vgg_weights=str(tmp_path / "nope.pth"), lin_weights=random_lin_state_dict())
+    (tmp_path / "junk.pth").write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(ValueError, match="junk.pth is not a PyTorch file") as err:
+        losses.LPIPS(vgg_weights=str(tmp_path / "junk.pth"), lin_weights=random_lin_state_dict())
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_weight_download_failure_is_one_line(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))   # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match="download of .*dinov2_vitb14_pretrain.pth failed") as err:
+        losses.load_dinov2(losses.DINOv2(**SMALL), "download")
+    assert "\n" not in str(err.value) and "pass its local path" in str(err.value)
 
 
 def test_lpips_without_weights_is_flagged_and_warns():
@@ -388,9 +402,9 @@ def test_dinov2_load_errors_and_paths(tmp_path):
     bad = dict(sd)
     del bad["blocks.1.attn.qkv.bias"]
     bad["register_tokens"] = torch.zeros(1, 4, 32)
-    with pytest.raises(ValueError, match="missing keys: blocks.1.attn.qkv.bias"):
+    with pytest.raises(ValueError, match="missing keys blocks.1.attn.qkv.bias"):
         losses.load_dinov2(model, bad)
-    with pytest.raises(ValueError, match="unexpected keys: register_tokens"):
+    with pytest.raises(ValueError, match="unexpected keys register_tokens"):
         losses.load_dinov2(model, bad)
     with pytest.raises(FileNotFoundError):
         losses.load_dinov2(model, str(tmp_path / "missing.pth"))
