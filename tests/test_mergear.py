@@ -1,6 +1,8 @@
 """mergear.py: the 2D RoPE invariants, cached decoding against the full causal forward, classifier-free guidance,
 the factorized sub-tokens, sampling filters, LlamaGen's parameter counts and key layout, checkpoint loading, and a
-tiny model that learns."""
+tiny model that learns. MergeAR: the Eq. (12) mask against Fig. 6 and a brute force, the two readings of the
+representatives, the compacted cache against the masked forward (with CFG), its size, and a tiny MergeAR that
+learns."""
 import argparse
 import math
 
@@ -8,8 +10,10 @@ import pytest
 import torch
 
 from lfq import join_index, split_index
-from mergear import (apply_rotary_emb, build_gpt, count_parameters, filter_logits, generate, load_llamagen,
-                     precompute_freqs_cis_2d, sample_logits)
+from mergear import (apply_rotary_emb, build_gpt, count_parameters, decode_mergear, filter_logits, generate,
+                     generate_mergear, load_llamagen, merge_causal_mask, mergear_logits, mergear_logits_cached,
+                     mergear_loss, precompute_freqs_cis_2d, rep_disagreement, rep_from_codes, rep_from_source,
+                     sample_logits)
 
 V, C = 64, 10                                   # tiny vocabulary and number of classes
 FV = 2 ** 10                                    # tiny factorized vocabulary: pre 6 bits (64), post 4 bits (16)
@@ -407,3 +411,247 @@ def test_tiny_model_loss_falls_on_fixed_codes(which):
         losses.append(out.loss.item())
     assert losses[0] == pytest.approx(math.log(vocab), rel=1e-3)         # zero heads: uniform logits
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MergeAR: representatives, the Eq. (12) mask, the compacted cache, training
+# ----------------------------------------------------------------------------------------------------------------
+
+KS = (4, 6, 8, 16)                              # the tiny MergeAR model's allowed kept counts
+
+
+@pytest.fixture(scope="module")
+def merge_model():
+    torch.manual_seed(2)
+    model = build_gpt("tiny", vocab_size=V, num_classes=C, merge_counts=KS).eval()
+    randomize_heads(model)
+    return model
+
+
+def runs_source(lengths):
+    """A source map of contiguous runs: group g covers lengths[g] raster positions (merge.py's index layout)."""
+    return torch.cat([torch.full((n,), g) for g, n in enumerate(lengths)])
+
+
+def scattered_source(N, K, gen):
+    """A source map with K groups scattered over the raster (ToMe merges across rows: groups need not be runs)."""
+    src = torch.cat([torch.arange(K), torch.randint(0, K, (N - K,), generator=gen)])
+    return src[torch.randperm(N, generator=gen)]
+
+
+def brute_rep(labels):
+    return [min(i for i in range(len(labels)) if labels[i] == labels[j]) for j in range(len(labels))]
+
+
+def brute_mask(rep, W):
+    """Eq. (12) written out: row t sees j <= t when j is its group's first member or t - j <= W."""
+    N = len(rep)
+    return torch.tensor([[j <= t and (rep[j] == j or t - j <= W) for j in range(N)] for t in range(N)])
+
+
+def test_fig6_mask_is_the_papers_example():
+    # Fig. 6: 9 tokens, groups {1,2}, {3,4}, {5,6,7}, {8,9} (1-based), window 2
+    source = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 3, 3]])
+    rep = rep_from_source(source)
+    assert rep.tolist() == [[0, 0, 2, 2, 4, 4, 4, 7, 7]]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0, 0, 0, 0],
+                             [1, 0, 1, 1, 1, 0, 0, 0, 0],
+                             [1, 0, 1, 1, 1, 1, 0, 0, 0],
+                             [1, 0, 1, 0, 1, 1, 1, 0, 0],
+                             [1, 0, 1, 0, 1, 1, 1, 1, 0],
+                             [1, 0, 1, 0, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(merge_causal_mask(rep, 2)[0], expected)
+    # the codes of the recovered tokens: one code per group, all distinct -> the same reading
+    assert torch.equal(rep_from_codes(torch.tensor([[5, 5, 9, 9, 1, 1, 1, 7, 7]])), rep)
+
+
+@pytest.mark.parametrize("W", [0, 1, 2, 5])
+def test_merge_causal_mask_equals_brute_force(W):
+    gen = torch.Generator().manual_seed(W)
+    N, B = 20, 6
+    sources = torch.stack([scattered_source(N, K, gen) for K in (1, 3, 7, 12, 20, 9)])      # (B, N)
+    codes = torch.randint(0, 5, (B, N), generator=gen)                  # few codes: many duplicates
+    for labels, rep_fn in ((sources, rep_from_source), (codes, rep_from_codes)):
+        rep = rep_fn(labels)
+        mask = merge_causal_mask(rep, W)
+        assert mask.shape == (B, N, N) and mask.dtype == torch.bool
+        for b in range(B):
+            assert rep[b].tolist() == brute_rep(labels[b].tolist())
+            assert torch.equal(mask[b], brute_mask(brute_rep(labels[b].tolist()), W))
+    # a window as long as the sequence is the causal mask
+    assert torch.equal(merge_causal_mask(rep, N)[0], torch.ones(N, N, dtype=torch.bool).tril())
+
+
+def test_source_and_code_readings_disagree_where_groups_share_a_code():
+    source = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3],
+                           [0, 0, 1, 1, 2, 2, 3, 3]])
+    codes = torch.tensor([[4, 4, 7, 7, 1, 1, 9, 9],                     # four distinct codes: agree
+                          [4, 4, 7, 7, 4, 4, 9, 9]])                    # groups 0 and 2 share code 4
+    assert torch.equal(rep_from_codes(codes)[0], rep_from_source(source)[0])
+    assert rep_from_codes(codes)[1].tolist() == [0, 0, 2, 2, 0, 0, 6, 6]
+    assert rep_from_source(source)[1].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
+    d = rep_disagreement(source, codes)
+    assert d.token_rate == pytest.approx(2 / 16) and d.sequence_rate == 0.5 and d.folded_groups == 0.5
+
+
+def codes_from_groups(source, group_codes):
+    """The recovered codes of one tokenization: every member of group k carries group k's code."""
+    return group_codes.gather(-1, source)
+
+
+def decoding_batches():
+    """Batches of (codes, K, W) with different duplicate and eviction patterns, N = 16."""
+    gen = torch.Generator().manual_seed(0)
+    runs = torch.stack([runs_source(L) for L in ([2, 2, 3, 2, 1, 4, 2], [4, 4, 4, 4], [1] * 8 + [8],
+                                                [8] + [1] * 8)])           # (4, 16)
+    distinct = torch.randperm(V, generator=gen)[:16]
+    runs_codes = codes_from_groups(runs, distinct.expand(4, 16))
+    shared = codes_from_groups(runs, torch.tensor([3, 5, 3, 8, 5, 1, 2, 3, 9]).expand(4, 9))   # groups share codes
+    scattered = torch.stack([codes_from_groups(scattered_source(16, 6, gen), distinct[:6]) for _ in range(3)])
+    return [
+        (runs_codes, 8, 2),                                  # runs, groups of every length, Fig. 6's window
+        (runs_codes, 8, 0),                                  # no window: duplicates see only themselves
+        (shared, 6, 1),                                      # two groups sharing a code: the code reading folds them
+        (scattered, 6, 3),                                   # groups scattered over the raster
+        (torch.randint(0, 3, (3, 16), generator=gen), 4, 4),  # three codes, everything a duplicate
+        (torch.stack([distinct, distinct.flip(0)]), 16, 2),   # no duplicates: plain causal attention
+        (runs_codes[:2], torch.tensor([8, 16]), 20),          # per-sample K; a window longer than N
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_compact_cache_replay_equals_the_masked_forward(merge_model, case, cfg):
+    codes, K, W = decoding_batches()[case]
+    B = codes.shape[0]
+    cond = torch.arange(B) % C
+    cached = mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=cfg)       # (B, N, V)
+    rep = rep_from_codes(codes)
+    with torch.no_grad():
+        c = mergear_logits(merge_model, codes, cond, K, rep, W)
+        full = c
+        if cfg != 1.0:                                       # the null branch: class -> null, M kept
+            u = mergear_logits(merge_model, codes, torch.full_like(cond, C), K, rep, W)
+            full = u + cfg * (c - u)
+    assert cached.shape == (B, 16, V)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    # the mask matters: the plain causal forward gives other logits wherever a duplicate was evicted
+    evicted = (merge_causal_mask(rep, W) != torch.ones(16, 16, dtype=torch.bool).tril()).any()
+    if evicted and cfg == 1.0:
+        with torch.no_grad():
+            causal = mergear_logits(merge_model, codes, cond, K, torch.arange(16).expand(B, 16), W)
+        assert not torch.allclose(causal, full, atol=1e-3)
+
+
+def test_plain_cache_replay_is_the_causal_model(merge_model):
+    codes, K, _ = decoding_batches()[0]
+    cond = torch.arange(4)
+    d = decode_mergear(merge_model, cond, K, 16, 2, codes=codes, compact=False)
+    with torch.no_grad():
+        causal = mergear_logits(merge_model, codes, cond, K, torch.arange(16).expand(4, 16), 2)   # rep = identity
+    torch.testing.assert_close(d.logits, causal, rtol=1e-4, atol=1e-4)
+    assert d.computed.tolist() == list(range(2, 18))         # prefix + every earlier code
+
+
+def test_cache_holds_at_most_K_plus_W_plus_2_entries(merge_model):
+    W = 2
+    # K = 4 groups; the last group's run is long, so the sequence ends with W live duplicates: exactly K + W + 2
+    source = torch.stack([runs_source([3, 2, 1, 10]), runs_source([2, 2, 2, 10]), runs_source([4, 4, 4, 4])])
+    codes = codes_from_groups(source, torch.tensor([11, 22, 33, 44]).expand(3, 4))
+    d = decode_mergear(merge_model, torch.tensor([0, 1, 2]), 4, 16, W, codes=codes)
+    assert torch.equal(d.codes, codes)
+    K = 4
+    assert (d.stored <= K + W + 2).all() and (d.stored == K + W + 2).all()
+    # every step reads at most the live entries + the fed token; the batched attention pads to the batch maximum
+    assert (d.reads <= K + W + 3).all() and (d.computed <= K + W + 3).all()
+    assert (d.computed >= d.reads.max(0).values).all()
+    # the last step of sample 2 (groups of 4, W = 2) reads C, M, the first members x_0, x_4, x_8, x_12 and the
+    # duplicates x_13 and x_14 (the fed token): Eq. (12)'s row 14 and the prefix
+    row = merge_causal_mask(rep_from_codes(codes), W)[2, 14]
+    assert d.reads[2, 15] == 2 + row.sum()
+    # W = 0: no ring, the prefix and the K first members only
+    assert decode_mergear(merge_model, torch.tensor([0]), 4, 16, 0, codes=codes[:1]).stored.item() == K + 2
+    # the plain cache of the same sequence keeps every position: N + 1 entries, N + 1 keys at the last step
+    plain = decode_mergear(merge_model, torch.tensor([0]), 4, 16, W, codes=codes[:1], compact=False)
+    assert plain.stored.item() == 17 and plain.computed[-1] == 17
+
+
+def test_generate_mergear_samples_what_the_masked_forward_predicts(merge_model):
+    cond = torch.tensor([1, 7, 3])
+    gen = torch.Generator().manual_seed(0)
+    codes = generate_mergear(merge_model, cond, 6, 16, 2, temperature=1.0, generator=gen)
+    assert codes.shape == (3, 16) and codes.dtype == torch.int64 and not merge_model.training
+    # greedy with CFG: the codes are the argmax of the guided masked forward on them (its rep from its own codes)
+    s = 3.0
+    d = decode_mergear(merge_model, cond, 6, 16, 2, cfg_scale=s, top_k=1)
+    rep = rep_from_codes(d.codes)
+    with torch.no_grad():
+        c = mergear_logits(merge_model, d.codes, cond, 6, rep, 2)
+        u = mergear_logits(merge_model, d.codes, torch.full_like(cond, C), 6, rep, 2)
+    torch.testing.assert_close(d.logits, u + s * (c - u), rtol=1e-4, atol=1e-4)
+    assert torch.equal(d.codes, d.logits.argmax(-1))
+
+
+def test_factorized_replay_equals_the_masked_forward():
+    torch.manual_seed(3)
+    model = build_gpt("tiny", vocab_size=FV, factorized=True, num_classes=C, merge_counts=KS).eval()
+    randomize_heads(model)
+    source = torch.stack([runs_source([2, 2, 3, 2, 1, 4, 2]), runs_source([5, 5, 6, 0])[:16]])
+    codes = codes_from_groups(source, torch.randint(0, FV, (2, 7)))
+    cond = torch.tensor([2, 5])
+    pre, post = decode_mergear(model, cond, 6, 16, 2, codes=codes, cfg_scale=2.0).logits
+    rep = rep_from_codes(codes)
+    with torch.no_grad():
+        c = mergear_logits(model, codes, cond, 6, rep, 2)
+        u = mergear_logits(model, codes, torch.full_like(cond, C), 6, rep, 2)
+    torch.testing.assert_close(pre, u[0] + 2.0 * (c[0] - u[0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(post, u[1] + 2.0 * (c[1] - u[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_instruction_token(merge_model):
+    codes, cond = torch.randint(0, V, (2, 16)), torch.tensor([3, 4])
+    rep = rep_from_codes(codes)
+    with torch.no_grad():
+        a = mergear_logits(merge_model, codes, cond, 4, rep, 2)
+        b = mergear_logits(merge_model, codes, cond, 16, rep, 2)
+        mixed = mergear_logits(merge_model, codes, cond, torch.tensor([4, 16]), rep, 2)
+    assert not torch.allclose(a, b, atol=1e-3)               # M carries K
+    torch.testing.assert_close(mixed[0], a[0])
+    torch.testing.assert_close(mixed[1], b[1])
+    with pytest.raises(ValueError, match="K = 5 has no Merge Instruction row"):
+        mergear_logits(merge_model, codes, cond, 5, rep, 2)
+    with pytest.raises(ValueError, match="MergeAR model"):
+        merge_model(codes[:, :-1], cond)
+    with pytest.raises(ValueError, match="MergeAR model"):
+        generate(merge_model, cond, 16)
+    # the plain model's state dict is untouched; MergeAR adds one table, one row per allowed K, and zero RoPE rows
+    assert "merge_embedding.weight" not in build_gpt("tiny").state_dict()
+    assert merge_model.merge_embedding.weight.shape == (len(KS), 64)
+    assert torch.count_nonzero(merge_model.freqs_cis[:2]) == 0
+    # the default window is one grid row
+    from mergear import merge_window
+    assert merge_window(merge_model) == 4
+
+
+def test_tiny_mergear_loss_falls_on_fixed_codes():
+    torch.manual_seed(0)
+    model = build_gpt("tiny", vocab_size=256, num_classes=C, merge_counts=KS)
+    gen = torch.Generator().manual_seed(0)
+    sources = torch.stack([scattered_source(16, 8, gen) for _ in range(8)])
+    codes = codes_from_groups(sources, torch.randint(0, 256, (8, 8), generator=gen))
+    labels = torch.randint(0, C, (8,))
+    rep = rep_from_source(sources)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    losses = []
+    for _ in range(30):
+        loss = mergear_loss(model, codes, labels, 8, rep, 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(256), rel=1e-3)          # zero heads: uniform logits
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert model.merge_embedding.weight.grad is not None and model.merge_embedding.weight.grad.abs().sum() > 0
