@@ -167,15 +167,20 @@ def test_two_processes_equal_one_process(tmp_path):
     assert {"gan_g", "gan_lambda", "disc", "lecam"} <= set(log1[-1])
     for r1, r2 in zip(log1, log2):                                       # every loss term of every step
         for term in ["recon", "commit", "entropy", "recovery", "gan_g", "gan_lambda", "disc", "lecam"]:
+            # the adaptive weight is a ratio of two gradient norms: it amplifies float noise (measured 4e-4 rel.);
+            # computed from each process's own half batch it would differ by far more
+            rel = 2e-3 if term == "gan_lambda" else 1e-4
             if term in r1:
-                assert r2[term] == pytest.approx(r1[term], rel=1e-4, abs=1e-5), (r1["step"], term)
+                assert r2[term] == pytest.approx(r1[term], rel=rel, abs=1e-5), (r1["step"], term)
     # Parameters: Adam divides each gradient by its own running RMS, so a coordinate whose gradient is ~0 turns
     # reduction-order noise into a step of up to lr. Measured at lr 1e-4: max |diff| 6.3e-6 (at lr 1e-3, 1e-4).
-    for key in ["model", "disc"]:
+    # The discriminator takes 2 Adam steps of lr 1e-4: a coordinate with a ~0 gradient may move by up to ~lr each
+    # (measured max |diff| 4.4e-5, on 4e-6 of its parameters); a wrong BatchNorm or LeCam moves all of them.
+    for key, atol in [("model", 3e-5), ("disc", 2e-4)]:
         a, b = params(one, key), params(two, key)
         far = 0
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5, msg=f"{key}.{name}")
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol, msg=f"{key}.{name}")
             far += ((a[name] - b[name]).abs() > 1e-5).sum().item()
         assert far < 1e-4 * sum(p.numel() for p in a.values())
     for name, value in params(one, "lecam").items():
