@@ -1,0 +1,170 @@
+"""train_stage2.py: extract (shapes, codes gathered through the source = the tokenizer's recovered codes, labels,
+flips), the loss falls on fixed codes, 2 processes == 1 process, exact resume, sample (PNG + ADM .npz), one-line
+errors. A random-init tiny tokenizer at 32 px (N = 64 tokens, K in {16, 25, 36}) keeps every run small."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import train_stage2
+from common import save_checkpoint
+from data import ShapesDataset
+from merge import recover
+from tokenizer import build_tokenizer, get_config, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_stage2.py")
+IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A stage-1 checkpoint in train_stage1.py's format (random weights) and its codes (12 images, flipped too)."""
+    d = tmp_path_factory.mktemp("stage2")
+    cfg = get_config("g", "tiny", image_size=32, K=16, K_low=0, K_high=2)   # grid 8: N = 64, K 16 / 25 / 36
+    torch.manual_seed(0)
+    sd = build_tokenizer("g", config=cfg).state_dict()
+    tok = str(d / "stage1.pt")
+    save_checkpoint(tok, {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    codes = str(d / "codes.pt")
+    assert train_stage2.main(["extract", "--tokenizer", tok, "--num-images", str(IMAGES), "--flip",
+                              "--batch-size", "5", "--out", codes]) == 0
+    return d, tok, codes
+
+
+def train(d, name, codes, *extra, model="mergear"):
+    out = str(d / name)
+    assert train_stage2.main(["train", "--codes", codes, "--model", model, "--preset", "tiny", "--batch-size", "4",
+                              "--log-every", "1", "--out", out, *extra]) == 0
+    return out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+def test_extract_gathers_the_recovered_codes(files):
+    d, tok_path, codes = files
+    table = torch.load(codes, weights_only=True)
+    assert table["Ks"].tolist() == [16, 25, 36] and table["K_probs"].sum().item() == pytest.approx(1.0)
+    M = 2 * IMAGES
+    assert table["flips"].tolist() == [False, True] * IMAGES                  # row i * 2 + v, v = 1 mirrored
+    assert table["image_index"].tolist() == [i // 2 for i in range(M)]
+    assert table["labels"].tolist() == [(i // 2) % 10 for i in range(M)]      # ShapesDataset: label = index % 10
+    tok = load_tokenizer(tok_path)
+    x = torch.stack([ShapesDataset("train", size=32)[i][0] for i in range(IMAGES)])
+    for K in (16, 36):
+        assert table["indices"][K].shape == (M, K) and table["source"][K].shape == (M, 64)
+        rows, Ks = torch.arange(M), torch.full((M,), K)
+        codes_full, source = train_stage2.gather_codes(table, rows, Ks)     # codes_full[j] = indices[source[j]]
+        for v, img in enumerate([x, x.flip(-1)]):
+            with torch.no_grad():
+                enc = tok.encode(img, K=K)
+            assert torch.equal(source[v::2], enc.source)
+            recovered = recover(enc.z_q, enc.source)                        # Eq. (11): (B, N, d)
+            assert torch.equal(tok.quantizer.indices_to_codes(codes_full[v::2]), recovered)
+
+
+@pytest.mark.parametrize("model", ["llamagen", "mergear"])
+def test_loss_falls_on_fixed_codes(files, model):
+    d, _, codes = files
+    out = train(d, f"falls-{model}", codes, "--steps", "12", "--lr", "1e-2", "--dropout", "0", model=model)
+    log = read_log(out)
+    first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
+    assert last < first - 1.0, (first, last)
+    Ks = {r["K"] for r in log}
+    assert Ks == {16.0} if model == "llamagen" else len(Ks) > 1             # mergear draws K per image
+
+
+@pytest.mark.parametrize("model", ["llamagen", "mergear"])
+def test_resume_is_exact(files, model):
+    """--stop-at + --resume equals the straight run bit for bit (dropout on: the RNG states are restored)."""
+    d, _, codes = files
+    straight = train(d, f"straight-{model}", codes, "--steps", "4", model=model)
+    split = train(d, f"split-{model}", codes, "--steps", "4", "--stop-at", "2", model=model)
+    train(d, f"split-{model}", codes, "--steps", "4", "--resume", os.path.join(split, "last.pt"), model=model)
+    a, b = weights(straight), weights(split)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_equal_one_process(files):
+    """A 2-process gloo run equals a 1-process run with the same global batch (MergeAR: K drawn per image of the
+    global batch, so both runs give every image the same K). Dropout off: its masks are per-rank draws."""
+    d, _, codes = files
+    args = ["train", "--codes", codes, "--model", "mergear", "--preset", "tiny", "--steps", "3", "--batch-size", "4",
+            "--log-every", "1", "--dropout", "0", "--class-dropout", "0"]
+    two = str(d / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29561", SCRIPT, *args, "--out", two],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = str(d / "one")
+    assert train_stage2.main([*args, "--out", one]) == 0
+    for r1, r2 in zip(read_log(one), read_log(two), strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5) and r2["K"] == r1["K"]
+    a, b = weights(one), weights(two)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5, msg=name)
+
+
+@pytest.mark.parametrize("model", ["llamagen", "mergear"])
+def test_sample_writes_a_png_and_an_adm_npz(files, model):
+    d, _, codes = files
+    out = train(d, f"sample-{model}", codes, "--steps", "1", model=model)
+    prefix = str(d / f"samples-{model}")
+    assert train_stage2.main(["sample", "--ckpt", os.path.join(out, "last.pt"), "--num-per-class", "2",
+                              "--cfg", "1.5", "--top-k", "100", "--out", prefix]) == 0
+    assert os.path.getsize(prefix + ".png") > 0
+    f = np.load(prefix + ".npz")
+    assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (20, 32, 32, 3)
+    assert f["labels"].tolist() == [c for c in range(10) for _ in range(2)]   # grid rows = classes
+
+
+def test_bad_input_is_one_line(files, tmp_path, capsys):
+    d, tok, codes = files
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    cases = [(["train", "--codes", str(tmp_path / "missing.pt"), "--model", "mergear"], "no such file"),
+             (["train", "--codes", str(junk), "--model", "mergear", "--preset", "tiny"], "not a PyTorch file"),
+             (["train", "--codes", tok, "--model", "mergear", "--preset", "tiny"], "lacks the entries"),
+             (["train", "--codes", codes, "--model", "mergear", "--steps", "0"], "--steps must be at least 1"),
+             (["extract", "--tokenizer", str(junk), "--out", str(tmp_path / "c.pt")], "not a PyTorch file"),
+             (["sample", "--ckpt", codes], "lacks the entries"),
+             (["sample", "--ckpt", str(tmp_path / "missing.pt")], "no such file")]
+    for argv, message in cases:
+        assert train_stage2.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+    with pytest.raises(SystemExit) as e:                                    # argparse: usage + one error line
+        train_stage2.main(["train", "--codes", codes, "--model", "pixelcnn"])
+    assert e.value.code == 2 and "invalid choice: 'pixelcnn'" in capsys.readouterr().err
+
+
+def test_plain_vocabulary_when_the_tokenizer_has_fewer_bits(tmp_path):
+    """d = 10 LFQ bits: one 1024-way head (LlamaGen's layout) instead of the factorized 2^18 one; both models train
+    and sample."""
+    cfg = get_config("g", "tiny", image_size=32, K=16, K_low=0, K_high=1, z_channels=10)
+    sd = build_tokenizer("g", config=cfg).state_dict()
+    tok, codes = str(tmp_path / "stage1.pt"), str(tmp_path / "codes.pt")
+    save_checkpoint(tok, {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    assert train_stage2.main(["extract", "--tokenizer", tok, "--num-images", "4", "--out", codes]) == 0
+    for model in ("llamagen", "mergear"):
+        out = train(tmp_path, model, codes, "--steps", "2", model=model)
+        ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+        assert not ckpt["gpt_config"]["factorized"] and ckpt["model"]["output.weight"].shape == (1024, 64)
+        assert train_stage2.main(["sample", "--ckpt", os.path.join(out, "last.pt"), "--num-per-class", "1",
+                                  "--out", str(tmp_path / f"s-{model}")]) == 0
+        assert np.load(tmp_path / f"s-{model}.npz")["arr_0"].shape == (10, 32, 32, 3)

@@ -1,0 +1,662 @@
+"""Stage 2: class-conditional autoregressive generators on MergeVQ tokens (paper Sec. 4, Appendix A.2, Table A2).
+
+Three subcommands, in the order a run uses them:
+
+  extract  A stage-1 checkpoint (its EMA weights) tokenizes the training images once, into one file: for every
+           image (and, with --flip, its mirror image) the K merged LFQ indices and the source map at several kept
+           counts K - by default the tokenizer's candidate counts (its target K and the larger candidates of its
+           KeptTokenSampler), so MergeAR training can draw K per image (Appendix A.3).
+  train    A GPT (mergear.py: LlamaGen's GPT, with the factorized 2^18-code head when the tokenizer has d = 18
+           LFQ bits, the plain vocabulary otherwise) on those codes, raster order:
+             --model llamagen  the plain causal model;
+             --model mergear   MergeAR (Sec. 4.1): the Merge Instruction token of K and the Eq. (12) sparse mask
+                               built from the true source (--rep source) or from code equality (--rep codes),
+                               window W = one grid row unless --window; K drawn per image among the extracted
+                               counts with the tokenizer's weights (Eq. (15) / (16)).
+           Both models see the same sequence: the N recovered codes, codes_full[j] = indices[source[j]] (Eq. (11)),
+           so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
+  sample   Class-conditional samples of a trained generator, decoded by the tokenizer: a PNG grid (one row per
+           class) and an ADM-format .npz (`arr_0` uint8 N x H x W x 3, `labels`) for `evaluate.py fid` or
+           `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count --keep.
+
+Optimisation (Table A2): AdamW, lr 1e-4, batch 1024, 300 epochs, betas (0.9, 0.99), label smoothing 0.1, weight
+decay 0.05 on weights of dim >= 2 only, gradient clipping 1.0, bf16 autocast on GPUs. LlamaGen's code differs in
+three places, each a flag: --betas 0.9 0.95, --label-smoothing 0, --lr-schedule constant.
+
+    # the CPU demo: a tiny stage-1 checkpoint, its codes, a tiny generator of each kind, samples, the shapes score
+    python train_stage1.py --variant g --preset tiny --out runs/stage1-g-tiny
+    python train_stage2.py extract --tokenizer runs/stage1-g-tiny/last.pt --num-images 2000 --flip \\
+        --out runs/codes-g-tiny.pt
+    python train_stage2.py train --codes runs/codes-g-tiny.pt --model mergear --preset tiny
+    python train_stage2.py train --codes runs/codes-g-tiny.pt --model llamagen --preset tiny
+    python train_stage2.py sample --ckpt runs/stage2-mergear-tiny/last.pt --num-per-class 20
+    python evaluate.py shapes runs/stage2-mergear-tiny/samples_0000300_cfg1.npz
+
+    # the paper (Table A2): GPT-L on ImageNet codes of MergeVQ (G+R), 8 GPUs
+    python train_stage2.py extract --tokenizer runs/stage1-gr-paper/last.pt --data /data/imagenet --flip \\
+        --out codes-gr.pt
+    torchrun --nproc_per_node=8 train_stage2.py train --codes codes-gr.pt --model mergear --gpt L
+    torchrun --nproc_per_node=8 train_stage2.py train --codes codes-gr.pt --model llamagen --gpt L
+    python train_stage2.py sample --ckpt runs/stage2-mergear-paper/last.pt --num-per-class 50
+    python evaluate.py fid runs/stage2-mergear-paper/samples_*.npz VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights download
+
+train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, writes a checkpoint and exits 0;
+`--resume <out>/last.pt` continues exactly (also after --stop-at).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import common
+import data as data_lib
+from merge import KeptTokenSampler
+from mergear import (GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate, generate_mergear,
+                     mergear_loss, rep_from_codes, rep_from_source)
+from tokenizer import load_tokenizer
+
+MODELS = ("llamagen", "mergear")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training configuration: Table A2 (paper) and a CPU preset (tiny)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    gpt: str = "L"                  # Table A2: GPT-L (24 blocks, width 1024, 16 heads)
+    batch_size: int = 1024          # global batch, split over the processes
+    epochs: int = 300               # passes over the images (with --flip each image is drawn once per epoch on average)
+    steps: int = 0                  # > 0 overrides epochs
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.99)      # paper; LlamaGen's code: (0.9, 0.95)
+    weight_decay: float = 0.05      # on weights of dim >= 2 only (LlamaGen's code)
+    label_smoothing: float = 0.1    # paper; LlamaGen's code: 0
+    grad_clip: float = 1.0
+    lr_schedule: str = "step"       # x0.1 at lr_drops (as stage 1); LlamaGen's code: constant
+    lr_drops: tuple = (0.9,)
+    warmup_steps: int = 0
+    dropout: float = 0.1            # token, residual and FFN dropout (LlamaGen's defaults)
+    class_dropout: float = 0.1      # class label -> null class, for classifier-free guidance
+    log_every: int = 50
+    ckpt_every: int = 5000
+
+
+TRAIN_PRESETS = {
+    "paper": TrainConfig(),
+    # tiny: a couple of minutes on a 2-core CPU (GPT "tiny": width 64, 2 blocks), the paper's other settings.
+    "tiny": dataclasses.replace(TrainConfig(), gpt="tiny", batch_size=16, epochs=0, steps=300, lr=1e-3,
+                                log_every=20, ckpt_every=100),
+}
+
+# Fields a resumed run may change; every other one must equal the checkpoint's.
+RESUMABLE_CHANGES = ("log_every", "ckpt_every")
+
+# ----------------------------------------------------------------------------------------------------------------
+# extract: tokenize the training images once
+# ----------------------------------------------------------------------------------------------------------------
+
+CODES_ENTRIES = ("indices", "source", "Ks", "K_probs", "labels", "flips", "image_index", "num_classes",
+                 "tokenizer", "tokenizer_config")
+
+
+def extraction_dataset(data, size):
+    """The embedded shapes (training split), or an ImageFolder read deterministically (resize + centre crop, no
+    random crop or flip: the flip is ours, recorded): DIR/train if it exists, else DIR."""
+    if data is None:
+        return data_lib.build_dataset(None, split="train", size=size)
+    root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
+    return data_lib.ImageFolder(root, size=size, train=False)
+
+
+def kept_counts(tok_cfg, keep=None):
+    """The extracted counts K and the weights MergeAR training draws them with: the tokenizer's KeptTokenSampler
+    candidates and weights (Appendix A.3, Eq. (15) / (16)), or the given counts with equal weights."""
+    if keep:
+        return sorted(set(keep)), [1.0 / len(set(keep))] * len(set(keep))
+    sampler = KeptTokenSampler(tok_cfg.K, tok_cfg.K_low, tok_cfg.K_high, kind=tok_cfg.K_sampling)
+    return list(sampler.candidates), [float(p) for p in sampler.probs]
+
+
+@torch.no_grad()
+def run_extract(args):
+    """Rows r = i * V + v: image i, variant v (v = 1: mirrored). Per K: indices (M, K) int32, source (M, N) int16."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok, ckpt = load_tokenizer(args.tokenizer, ema=True, device=device, return_checkpoint=True)
+    cfg = tok.cfg
+    Ks, probs = kept_counts(cfg, args.keep)
+    Ks = [tok.check_K(K) for K in Ks]                                       # one line for an unreachable K
+    dataset = extraction_dataset(args.data, cfg.image_size)
+    n = len(dataset) if args.num_images is None else min(len(dataset), args.num_images)
+    variants = [False, True] if args.flip else [False]
+    V, M, N = len(variants), n * len(variants), cfg.num_tokens
+    indices = {K: torch.empty(M, K, dtype=torch.int32) for K in Ks}        # LFQ indices < 2^d <= 2^31
+    source = {K: torch.empty(M, N, dtype=torch.int16) for K in Ks}         # values < K <= N
+    labels = torch.empty(M, dtype=torch.int64)
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
+                        num_workers=args.workers)
+    print(f"extract | {args.tokenizer} (step {ckpt.get('step')}, variant {cfg.variant}, N={N}, d={cfg.z_channels}) "
+          f"| {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} | {device}", flush=True)
+    bar, start, t0 = common.progress_bar(n, desc="extract"), 0, time.time()
+    for x, y in loader:
+        x = x.to(device)
+        i = torch.arange(start, start + len(x))                             # image numbers of this batch
+        for v, flip in enumerate(variants):
+            rows = i * V + v
+            xv = x.flip(-1) if flip else x                                  # (B, 3, S, S), mirrored left-right
+            for K in Ks:
+                enc = tok.encode(xv, K=K)                                   # indices (B, K), source (B, N)
+                indices[K][rows] = enc.indices.to(torch.int32).cpu()
+                source[K][rows] = enc.source.to(torch.int16).cpu()
+            labels[rows] = y.long()
+        start += len(x)
+        bar.update(len(x))
+        if not common.bar_is_live(bar) and (start // args.batch_size) % 20 == 0:
+            print(f"extract: {start}/{n} images", flush=True)
+    bar.close()
+    num_classes = len(dataset.classes)
+    out = {"indices": indices, "source": source, "Ks": torch.tensor(Ks), "K_probs": torch.tensor(probs),
+           "labels": labels, "flips": torch.tensor(variants).repeat(n),                 # (M,) row i * V + v
+           "image_index": torch.arange(n).repeat_interleave(V),
+           "num_classes": num_classes, "num_images": n, "tokenizer": os.path.abspath(args.tokenizer),
+           "tokenizer_config": dataclasses.asdict(cfg), "tokenizer_step": ckpt.get("step"),
+           "data": args.data or "embedded shapes"}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.save_checkpoint(args.out, out)
+    size = sum(t.numel() * t.element_size() for d in (indices, source) for t in d.values())
+    print(f"wrote {args.out}: {M} rows ({n} images, {num_classes} classes), K {Ks}, {size / 2**20:.1f} MB of codes, "
+          f"{time.time() - t0:.1f} s", flush=True)
+    return 0
+
+
+def read_codes(path):
+    """The file `extract` wrote, checked (one-line errors)."""
+    table = common.read_checkpoint(path, "codes file", required=CODES_ENTRIES)
+    Ks = table["Ks"].tolist()
+    if set(table["indices"]) != set(Ks) or set(table["source"]) != set(Ks):
+        raise ValueError(f"codes file {path}: its indices / source entries do not match its counts K {Ks}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train: the codes of a batch, the model, the loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gather_codes(table, rows, K):
+    """Rows (B,) at kept counts K (B,) -> the N recovered codes (B, N) and the source (B, N), int64:
+    codes_full[j] = indices[source[j]] (Eq. (11) on indices: each original position takes its merged token's code)."""
+    B, N = len(rows), table["source"][int(K[0])].shape[1]
+    codes, source = torch.empty(B, N, dtype=torch.long), torch.empty(B, N, dtype=torch.long)
+    for k in K.unique().tolist():
+        m = K == k
+        s = table["source"][k][rows[m]].long()                              # (b, N) merged token of each position
+        codes[m] = table["indices"][k][rows[m]].long().gather(1, s)          # (b, K) -> (b, N)
+        source[m] = s
+    return codes, source
+
+
+def draw_K(table_Ks, probs, step, seed, global_batch, rank, world):
+    """One K per image of the global batch, from (seed, step) only: every rank draws the same list and takes the
+    images it holds (the sampler gives rank r the global positions r, r + world, ...), so 1 and N processes and a
+    resumed run draw the same K for the same image."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    pick = torch.multinomial(probs, global_batch, replacement=True, generator=g)   # (global_batch,)
+    return table_Ks[pick][rank::world]                                      # (local batch,)
+
+
+class Stage2Loss(nn.Module):
+    """The training loss in one module call, so DistributedDataParallel sees every parameter.
+
+    llamagen: teacher-forced cross-entropy of all N codes, causal (the class token predicts code 0).
+    mergear:  the same under the Eq. (12) mask of rep (from the true source or from code equality), with the
+              Merge Instruction token of each sequence's K; duplicates are targets too (Fig. 6)."""
+
+    def __init__(self, model, kind, window=None, rep="source", label_smoothing=0.0):
+        super().__init__()
+        self.model, self.kind, self.window, self.rep, self.ls = model, kind, window, rep, label_smoothing
+
+    def forward(self, codes, labels, K, source):
+        m = self.model
+        if self.kind == "llamagen":
+            inputs = codes if m.cfg.factorized else codes[:, :-1]           # the factorized head reads all N
+            return m(inputs, labels, targets=codes, label_smoothing=self.ls).loss
+        rep = rep_from_source(source) if self.rep == "source" else rep_from_codes(codes)   # (B, N)
+        return mergear_loss(m, codes, labels, K, rep, self.window, self.ls)
+
+
+def build_generator(kind, cfg, table):
+    """The GPT for the codes: block_size N, the tokenizer's vocabulary (factorized when d = 18), one Merge
+    Instruction row per extracted K for MergeAR."""
+    tok_cfg = table["tokenizer_config"]
+    d, N = tok_cfg["z_channels"], table["source"][int(table["Ks"][0])].shape[1]
+    return build_gpt(cfg.gpt, vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
+                     block_size=N, token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout,
+                     ffn_dropout_p=cfg.dropout, class_dropout_prob=cfg.class_dropout,
+                     merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else ())
+
+
+def optimizer_groups(model, weight_decay):
+    """LlamaGen's split: weight decay on parameters of dim >= 2 (matrices, embeddings), none on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train: command line checks, setup, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_train_config(args):
+    cfg = TRAIN_PRESETS[args.preset]
+    overrides = {k: getattr(args, k) for k in ["gpt", "steps", "epochs", "batch_size", "lr", "label_smoothing",
+                                               "lr_schedule", "dropout", "class_dropout", "log_every", "ckpt_every"]
+                 if getattr(args, k) is not None}
+    if args.betas is not None:
+        overrides["betas"] = tuple(args.betas)
+    if args.epochs is not None and args.steps is None:
+        overrides["steps"] = 0                                              # --epochs counts, not the preset's steps
+    return dataclasses.replace(cfg, **overrides)
+
+
+def resume(path, state, cfg, args, rank):
+    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings; returns the step."""
+    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "model_kind", *state])
+    if ckpt["model_kind"] != args.model:
+        raise ValueError(f"{path} is a {ckpt['model_kind']} checkpoint, not {args.model}: use --model "
+                         f"{ckpt['model_kind']}")
+    saved = {k: v for k, v in ckpt["train_config"].items() if k not in RESUMABLE_CHANGES}
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
+    diff = common.config_mismatch({**saved, "rep": ckpt.get("rep"), "window": ckpt.get("window"),
+                                   "keep": ckpt.get("keep"), "seed": ckpt.get("seed")},
+                                  {**now, "rep": args.rep, "window": args.window, "keep": args.keep,
+                                   "seed": args.seed})
+    if diff:
+        raise ValueError(f"resuming {path} with other training settings: {'; '.join(diff)} (saved -> now); a "
+                         f"resumed run must use the checkpoint's settings")
+    for name, obj in state.items():
+        obj.load_state_dict(ckpt[name])
+    rngs = ckpt["rng"]
+    common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return ckpt["step"]
+
+
+def snapshot(run, step, args):
+    """Everything a resumed run and `sample` need; every rank takes part (the RNG states are gathered)."""
+    return {**{name: obj.state_dict() for name, obj in run.state.items()}, "step": step,
+            "model_kind": args.model, "gpt_config": dataclasses.asdict(run.model.cfg),
+            "train_config": dataclasses.asdict(run.cfg), "rep": args.rep, "window": args.window, "keep": args.keep,
+            "seed": args.seed, "codes": os.path.abspath(args.codes), "tokenizer": run.table["tokenizer"],
+            "tokenizer_config": run.table["tokenizer_config"], "rng": common.all_gather_objects(common.rng_state()),
+            "world_size": run.world}
+
+
+def setup(args, rank, world, device):
+    """Config, codes, model, optimizer, data order and (on --resume) the saved state, as one namespace `run`."""
+    run = argparse.Namespace(rank=rank, world=world, seed=args.seed)
+    run.cfg = cfg = build_train_config(args)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if device.type != "cuda" and cfg.gpt not in ("tiny",) and not args.run_anyway:
+        raise ValueError(f"no GPU: GPT-{cfg.gpt} trains for days even on 8 GPUs. On a CPU: python train_stage2.py "
+                         f"train --codes {args.codes} --model {args.model} --preset tiny (--run-anyway starts it "
+                         f"regardless)")
+    run.out_dir = args.out or os.path.join("runs", f"stage2-{args.model}-{args.preset}")
+    run.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if run.amp == "bf16"
+                    else contextlib.nullcontext)
+
+    run.table = table = read_codes(args.codes)
+    run.Ks, run.K_probs = table["Ks"], table["K_probs"].double()
+    if args.keep is not None:                                               # one fixed K for every image
+        if args.keep not in run.Ks.tolist():
+            raise ValueError(f"--keep {args.keep}: the codes file holds K {run.Ks.tolist()} only")
+        run.K_probs = (run.Ks == args.keep).double()
+    elif args.model == "llamagen":                                          # no M token: the tokenizer's target K
+        run.K_probs = (run.Ks == table["tokenizer_config"]["K"]).double()
+        if run.K_probs.sum() == 0:
+            raise ValueError(f"the codes file lacks the tokenizer's target K={table['tokenizer_config']['K']}: "
+                             f"pass --keep K among {run.Ks.tolist()}")
+    torch.manual_seed(args.seed)                                            # identical initial weights on every rank
+    run.model = model = build_generator(args.model, cfg, table).to(device)
+    torch.manual_seed(args.seed * world + rank)                             # per-rank dropout (DiT)
+    run.loss = Stage2Loss(model, args.model, args.window, args.rep, cfg.label_smoothing)
+    if world > 1:
+        run.loss = DDP(run.loss, **(dict(device_ids=[device.index]) if device.type == "cuda" else {}))
+    run.opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+    run.rows = range(len(table["labels"]))                                 # row numbers; codes stay in the table
+    if len(run.rows) < cfg.batch_size:
+        raise ValueError(f"the codes file has {len(run.rows)} rows, fewer than one batch of {cfg.batch_size}")
+    run.sampler = common.ResumableSampler(run.rows, world, rank, seed=args.seed)
+    run.steps_per_epoch = len(run.rows) // cfg.batch_size                  # of the sampler: a pass over the rows
+    images_per_epoch = int(table.get("num_images", len(run.rows)))         # the paper's epoch: a pass over images
+    run.total = cfg.steps if cfg.steps > 0 else max(1, cfg.epochs * images_per_epoch // cfg.batch_size)
+    run.state = {"model": model, "opt": run.opt}
+    run.step = 0
+    if args.resume:
+        run.step = resume(args.resume, run.state, cfg, args, rank)
+        common.rank0_print(f"resumed from {args.resume} at step {run.step}")
+    return run
+
+
+def start_log(args, run, device):
+    """Rank 0: the output folder, config.json, a one-line summary; stale temporaries of a killed save removed."""
+    os.makedirs(run.out_dir, exist_ok=True)
+    removed = common.remove_stale_temporaries(os.path.join(run.out_dir, "last.pt"))
+    if removed:
+        print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
+    with open(os.path.join(run.out_dir, "config.json"), "w") as f:
+        json.dump({"args": vars(args), "train": dataclasses.asdict(run.cfg),
+                   "gpt": dataclasses.asdict(run.model.cfg), "world_size": run.world}, f, indent=2)
+    c = run.model.cfg
+    Ks = [K for K, p in zip(run.Ks.tolist(), run.K_probs.tolist()) if p > 0]
+    print(f"stage 2 | {args.model} GPT-{run.cfg.gpt} | {count_parameters(run.model) / 1e6:.2f}M parameters | "
+          f"{'factorized 2^18' if c.factorized else f'vocab {c.vocab_size}'} | N={c.block_size} codes | K {Ks} | "
+          f"{len(run.rows)} rows | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | "
+          f"{run.total} steps | amp {run.amp} | out {run.out_dir}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train: one step and the loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_step(rows, step, run, device):
+    """One optimizer step on the rows of this rank. Returns the loss terms."""
+    K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
+    codes, source = gather_codes(run.table, rows, K)                        # (b, N) each
+    labels = run.table["labels"][rows]
+    codes, source, labels, K = (t.to(device) for t in (codes, source, labels, K))
+    with run.autocast():
+        loss = run.loss(codes, labels, K, source)
+    terms = {"loss": loss.float(), "K": K.float().mean()}
+    common.check_finite({"loss": terms["loss"]}, step)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.opt.step()
+    return terms
+
+
+def train(args, rank, world, device):
+    run = setup(args, rank, world, device)
+    cfg, step = run.cfg, run.step
+    if rank == 0:
+        start_log(args, run, device)
+    ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
+    stop_at = min(run.total, args.stop_at) if args.stop_at else run.total
+    if step >= stop_at:
+        raise ValueError(f"nothing to train: the run is at step {step} and would stop at {stop_at} "
+                         f"(--steps / --stop-at)")
+    stopper = common.StopRequest()
+    bar = common.progress_bar(run.total, initial=step, desc=f"stage2-{args.model}")
+    t_start, seqs_seen, running, stopped_by = time.time(), 0, {}, None
+    run.model.train()
+    while step < stop_at and stopped_by is None:
+        # ---- one epoch of the sampler, starting where the data order is (exact on resume, also mid-epoch) ------
+        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        run.sampler.set_epoch(epoch)
+        run.sampler.start = in_epoch * (cfg.batch_size // world)
+        # (no DataLoader: a new loader iterator draws its base seed from the global RNG, which resume restores)
+        local, b = list(run.sampler), cfg.batch_size // world               # this rank's rows, the rest of the epoch
+        for rows in (torch.tensor(local[s:s + b]) for s in range(0, len(local) - b + 1, b)):
+            lr = common.lr_at(step, run.total, cfg.lr, cfg.lr_schedule, cfg.lr_drops, cfg.warmup_steps)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+            terms = train_step(rows, step, run, device)
+            step += 1
+            seqs_seen += cfg.batch_size
+            for k, v in terms.items():
+                running[k] = running.get(k, 0.0) + v.detach().float()
+            running["_n"] = running.get("_n", 0) + 1
+            bar.update(1)
+            if stopper.requested(device):
+                stopped_by = stopper.signal
+            last = step == stop_at or stopped_by is not None
+
+            # ---- logging (all-reduced means) and checkpoints ------------------------------------------------------
+            if step % cfg.log_every == 0 or last:
+                n = running.pop("_n")
+                names = sorted(running)
+                values = common.all_reduce_mean(torch.stack([running[k] / n for k in names]))
+                row = {"step": step, "lr": lr, **{k: round(v, 5) for k, v in zip(names, values.tolist())},
+                       "seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)}
+                running = {}
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if common.bar_is_live(bar):
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "lr")})
+                    else:
+                        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in row.items()), flush=True)
+            if step % cfg.ckpt_every == 0 or last:
+                payload = snapshot(run, step, args)
+                if rank == 0:
+                    common.save_checkpoint(ckpt_path, payload)
+            if last:
+                break
+    bar.close()
+    stopper.restore()
+    if rank == 0:
+        elapsed = time.time() - t_start
+        how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"
+        print(f"{how} in {elapsed:.1f} s ({seqs_seen / max(elapsed, 1e-9):.1f} sequences/s); checkpoint {ckpt_path}"
+              + (f" (continue with --resume {ckpt_path})" if step < run.total else ""), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample: generate, decode, write a PNG grid and an ADM .npz
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_generator(path, device):
+    """The generator of a `train` checkpoint, in eval mode, and the checkpoint dict."""
+    ckpt = common.read_checkpoint(path, "generator checkpoint", required=("model", "gpt_config", "model_kind",
+                                                                          "tokenizer", "tokenizer_config"))
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["gpt_config"].items()}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    if set(saved) != fields:
+        raise ValueError(f"generator checkpoint {path} was written by another version of mergear.py (config fields "
+                         f"differ: {', '.join(sorted(set(saved) ^ fields))})")
+    model = Transformer(GPTConfig(**saved))
+    common.load_strict(model, ckpt["model"], f"generator checkpoint {path}")
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def run_sample(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_generator(args.ckpt, device)
+    kind, c = ckpt["model_kind"], model.cfg
+    tok_path = args.tokenizer or ckpt["tokenizer"]
+    tok = load_tokenizer(tok_path, ema=True, device=device)
+    N, d = tok.cfg.num_tokens, tok.cfg.z_channels
+    if N != c.block_size or 2 ** d != c.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} (N={N}, 2^{d} codes) does not fit the generator (N={c.block_size}, "
+                         f"{c.vocab_size} codes): pass the stage-1 checkpoint the codes were extracted with")
+    K = args.keep if args.keep is not None else tok.cfg.K
+    if kind == "mergear":
+        if K not in c.merge_counts:
+            raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
+        if args.cfg_schedule != "constant":
+            raise ValueError("--cfg-schedule linear: MergeAR's compacted-cache decoder guides with a constant scale")
+    labels = torch.arange(c.num_classes).repeat_interleave(args.num_per_class)       # rows of the grid = classes
+    g = torch.Generator(device).manual_seed(args.seed)
+    window = ckpt.get("window")
+    print(f"sample | {kind} step {ckpt.get('step')} | {len(labels)} images ({args.num_per_class} per class) | cfg "
+          f"{args.cfg} ({args.cfg_schedule}) temperature {args.temperature} top-k {args.top_k} top-p {args.top_p}"
+          + (f" | K={K}" if kind == "mergear" else "") + f" | tokenizer {tok_path}", flush=True)
+    images, bar, t0 = [], common.progress_bar(len(labels), desc="sample"), time.time()
+    identity = torch.arange(N, device=device)                               # the N codes are the N tokens
+    for s in range(0, len(labels), args.batch_size):
+        y = labels[s:s + args.batch_size].to(device)
+        if kind == "mergear":
+            codes = generate_mergear(model, y, K, N, window, cfg_scale=args.cfg, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, generator=g)      # (B, N)
+        else:
+            codes = generate(model, y, N, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+        x = tok.decode(codes, identity.expand(len(y), N)).float().clamp(-1, 1)     # (B, 3, S, S)
+        images.append(x.cpu())
+        bar.update(len(y))
+    bar.close()
+    images = torch.cat(images)                                              # (n, 3, S, S) in [-1, 1]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                   f"samples_{int(ckpt.get('step', 0)):07d}_cfg{args.cfg:g}")
+    out = out[:-4] if out.endswith((".npz", ".png")) else out
+    data_lib.save_image_grid(images, out + ".png", nrow=args.num_per_class)
+    np.savez(out + ".npz", arr_0=data_lib.tensor_to_uint8(images), labels=labels.numpy())   # ADM: N x H x W x 3
+    print(f"wrote {out}.png and {out}.npz ({len(images)} images, {time.time() - t0:.1f} s)", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="tokenize the training images once (codes at several K, the source)")
+    p.add_argument("--tokenizer", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
+    p.add_argument("--data", default=None, help="ImageFolder root (DIR/train if present); default: embedded shapes")
+    p.add_argument("--out", required=True, help="the codes file to write (.pt)")
+    p.add_argument("--keep", dest="keep", metavar="K", type=int, nargs="+", default=None,
+                   help="the kept counts K to extract (default: the tokenizer's candidates, Appendix A.3)")
+    p.add_argument("--flip", action="store_true", help="also extract every image mirrored (recorded in `flips`)")
+    p.add_argument("--num-images", type=int, default=None, help="only the first N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data-loader workers")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_extract)
+
+    p = sub.add_parser("train", help="train a generator on extracted codes (Table A2)")
+    p.add_argument("--codes", required=True, help="the file `extract` wrote")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--preset", default="paper", choices=list(TRAIN_PRESETS), help="schedule and model size")
+    p.add_argument("--gpt", default=None, choices=list(GPT_PRESETS), help="GPT size (Table A2: L)")
+    p.add_argument("--out", default=None, help="output folder (default runs/stage2-<model>-<preset>)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the images (Table A2: 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (Table A2: 1024)")
+    p.add_argument("--lr", type=float, default=None, help="Table A2: 1e-4")
+    p.add_argument("--betas", type=float, nargs=2, default=None, help="paper: 0.9 0.99; LlamaGen's code: 0.9 0.95")
+    p.add_argument("--label-smoothing", type=float, default=None, help="paper: 0.1; LlamaGen's code: 0")
+    p.add_argument("--lr-schedule", choices=["step", "constant", "cosine"], default=None,
+                   help="step (x0.1 at 90%%, default) or LlamaGen's constant")
+    p.add_argument("--dropout", type=float, default=None, help="token / residual / FFN dropout (0.1)")
+    p.add_argument("--class-dropout", type=float, default=None, help="class -> null class, for CFG (0.1)")
+    p.add_argument("--keep", type=int, default=None, metavar="K",
+                   help="train on one kept count K (default: mergear draws K per image, llamagen the target K)")
+    p.add_argument("--rep", choices=["source", "codes"], default="source",
+                   help="mergear: the Eq. (12) mask from the true source (default) or from code equality")
+    p.add_argument("--window", type=int, default=None, help="mergear: the window W (default: one grid row)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, help="stop at this step with a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--run-anyway", action="store_true", help="start a large GPT even without a GPU")
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("sample", help="class-conditional samples -> PNG grid + ADM .npz")
+    p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
+    p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
+    p.add_argument("--out", default=None, help="output path without extension (default: next to --ckpt)")
+    p.add_argument("--num-per-class", type=int, default=50, help="samples per class (ImageNet FID: 50 x 1000)")
+    p.add_argument("--cfg", type=float, default=1.0,
+                   help="guidance scale (1 = none: Table 3's LlamaGen / MergeAR rows; LlamaGen's FID script 1.5)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--keep", type=int, default=None, metavar="K",
+                   help="mergear: the kept count K of the Merge Instruction (default: the tokenizer's target K)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_sample)
+    return parser
+
+
+def check_args(args):
+    """One clear line for every argument that cannot work, before anything is built."""
+    positive = {"extract": ["num_images", "batch_size"],
+                "train": ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at"],
+                "sample": ["num_per_class", "batch_size"]}[args.command]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.command == "extract":
+        if args.keep and any(K < 1 for K in args.keep):
+            raise ValueError(f"--keep counts must be positive, got {args.keep}")
+        if args.data and not os.path.isdir(args.data):
+            raise FileNotFoundError(f"--data {args.data}: no such folder")
+        if not os.path.isfile(args.tokenizer):
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")
+    if args.command == "train":
+        if args.lr is not None and not args.lr > 0:                         # also catches nan
+            raise ValueError(f"--lr must be positive, got {args.lr}")
+        for flag, v in [("--label-smoothing", args.label_smoothing), ("--dropout", args.dropout),
+                        ("--class-dropout", args.class_dropout)]:
+            if v is not None and not 0 <= v < 1:
+                raise ValueError(f"{flag} must lie in [0, 1), got {v}")
+        if args.window is not None and args.window < 0:
+            raise ValueError(f"--window must be 0 or more, got {args.window}")
+        if not os.path.isfile(args.codes):
+            raise FileNotFoundError(f"--codes {args.codes}: no such file (write it with `train_stage2.py extract`)")
+        if args.resume and not os.path.isfile(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: no such file")
+        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is an existing file, not a folder")
+    if args.command == "sample":
+        if not os.path.isfile(args.ckpt):
+            raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
+        if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+            raise ValueError(f"sampling needs --temperature > 0, 0 < --top-p <= 1, --top-k >= 0; got "
+                             f"{args.temperature}, {args.top_p}, {args.top_k}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    name = f"train_stage2.py {args.command}"
+    try:
+        check_args(args)
+        if args.func is not None:                                           # extract, sample: one process
+            return args.func(args)
+        rank, world, device = common.setup_distributed(args.device)
+        try:
+            train(args, rank, world, device)
+        finally:
+            common.teardown_distributed()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:        # bad input or a diverged run
+        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
