@@ -6,6 +6,7 @@ nccl on GPUs, gloo on the CPU. Rank 0 alone prints and writes; every collective 
 
     from common import setup_distributed, teardown_distributed, rank0_print   # used by train_stage1.py, evaluate.py
 """
+import json
 import math
 import os
 import random
@@ -138,6 +139,35 @@ def progress_bar(total, initial=0, desc=None):
 
 def bar_is_live(bar):
     return not bar.disable
+
+
+class TrainingLog:
+    """Running means of a training loop's named loss terms. `add(terms)` every step; `write(head, tail)` all-reduces
+    the means over ranks (every rank calls it) into the row {**head, **means, **tail}, and rank 0 appends it to a
+    JSONL file and shows it: on the progress bar on a terminal, as a printed line in a log."""
+
+    def __init__(self, path, bar):
+        self.path, self.bar, self.sums, self.count = path, bar, {}, 0
+
+    def add(self, terms):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+
+    def write(self, head, tail=None):
+        names = sorted(self.sums)
+        values = all_reduce_mean(torch.stack([self.sums[k] / self.count for k in names]))
+        row = {**head, **{k: round(v, 5) for k, v in zip(names, values.tolist())}, **(tail or {})}
+        self.sums, self.count = {}, 0
+        if is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if bar_is_live(self.bar):
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "lr")})
+            else:
+                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)
+        return row
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -490,7 +490,8 @@ def train(args, rank, world, device):
                          f"(--steps / --stop-at)")
     stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage1-{args.variant}")
-    t_start, images_seen, running, stopped_by = time.time(), 0, {}, None
+    t_start, images_seen, stopped_by = time.time(), 0, None
+    log = common.TrainingLog(log_path, bar)
     while step < stop_at and stopped_by is None:
         # ---- one epoch's loader, starting where the data order is (exact on resume, also mid-epoch) ----------
         epoch, in_epoch = divmod(step, run.steps_per_epoch)
@@ -510,9 +511,7 @@ def train(args, rank, world, device):
             terms = train_step(x, K, step, run)
             step += 1
             images_seen += cfg.batch_size
-            for k, v in terms.items():
-                running[k] = running.get(k, 0.0) + v.detach().float()
-            running["_n"] = running.get("_n", 0) + 1
+            log.add(terms)
             bar.update(1)
             if stopper.requested(device):
                 stopped_by = stopper.signal
@@ -520,20 +519,8 @@ def train(args, rank, world, device):
 
             # ---- logging (all-reduced means), pictures, checkpoints ---------------------------------------------
             if step % cfg.log_every == 0 or last:
-                n = running.pop("_n")
-                names = sorted(running)
-                values = common.all_reduce_mean(torch.stack([running[k] / n for k in names]))
-                row = {"step": step, "lr": lr, "K": K, **{k: round(v, 5) for k, v in zip(names, values.tolist())},
-                       "images_per_s": round(images_seen / (time.time() - t_start), 2)}
-                running = {}
-                if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    if common.bar_is_live(bar):
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr")})
-                    else:
-                        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in row.items()), flush=True)
+                log.write({"step": step, "lr": lr, "K": K},
+                          {"images_per_s": round(images_seen / (time.time() - t_start), 2)})
             if rank == 0 and (step % cfg.sample_every == 0 or last):
                 Ks = sorted({run.tok_cfg.K, run.K_sampler.candidates[-1], run.tok_cfg.num_tokens})
                 write_samples(run.ema, run.sample_batch, os.path.join(run.out_dir, f"samples_{step:07d}.png"), Ks)

@@ -403,7 +403,8 @@ def train(args, rank, world, device):
                          f"(--steps / --stop-at)")
     stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage2-{args.model}")
-    t_start, seqs_seen, running, stopped_by = time.time(), 0, {}, None
+    t_start, seqs_seen, stopped_by = time.time(), 0, None
+    log = common.TrainingLog(log_path, bar)
     run.model.train()
     while step < stop_at and stopped_by is None:
         # ---- one epoch of the sampler, starting where the data order is (exact on resume, also mid-epoch) ------
@@ -419,9 +420,7 @@ def train(args, rank, world, device):
             terms = train_step(rows, step, run, device)
             step += 1
             seqs_seen += cfg.batch_size
-            for k, v in terms.items():
-                running[k] = running.get(k, 0.0) + v.detach().float()
-            running["_n"] = running.get("_n", 0) + 1
+            log.add(terms)
             bar.update(1)
             if stopper.requested(device):
                 stopped_by = stopper.signal
@@ -429,20 +428,7 @@ def train(args, rank, world, device):
 
             # ---- logging (all-reduced means) and checkpoints ------------------------------------------------------
             if step % cfg.log_every == 0 or last:
-                n = running.pop("_n")
-                names = sorted(running)
-                values = common.all_reduce_mean(torch.stack([running[k] / n for k in names]))
-                row = {"step": step, "lr": lr, **{k: round(v, 5) for k, v in zip(names, values.tolist())},
-                       "seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)}
-                running = {}
-                if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    if common.bar_is_live(bar):
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "lr")})
-                    else:
-                        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in row.items()), flush=True)
+                log.write({"step": step, "lr": lr}, {"seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)})
             if step % cfg.ckpt_every == 0 or last:
                 payload = snapshot(run, step, args)
                 if rank == 0:
