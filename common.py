@@ -250,6 +250,24 @@ def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
+def prepare_out_dir(out_dir, config):
+    """Rank 0 at the start of a run: the output folder, its config.json, and no `last.pt.tmp<pid>` left by a killed
+    save (reported)."""
+    os.makedirs(out_dir, exist_ok=True)
+    removed = remove_stale_temporaries(os.path.join(out_dir, "last.pt"))
+    if removed:
+        print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def print_run_end(step, total, stopped_by, elapsed, seen, unit, ckpt_path):
+    """Rank 0 at the end of a run: how it ended, its speed, and where to continue from."""
+    how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"
+    print(f"{how} in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):.1f} {unit}/s); checkpoint {ckpt_path}"
+          + (f" (continue with --resume {ckpt_path})" if step < total else ""), flush=True)
+
+
 def read_checkpoint(path, what="checkpoint", required=()):
     """torch.load(weights_only=True) of a file the user passed, with one-line errors: missing, empty, truncated
     or corrupt, not a dict, or lacking the `required` entries. Returns the dict."""

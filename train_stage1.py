@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -459,13 +458,8 @@ def setup(args, rank, world, device):
 
 def start_log(args, run, device):
     """Rank 0: the output folder, config.json, a one-line summary; stale temporaries of a killed save removed."""
-    os.makedirs(run.out_dir, exist_ok=True)
-    removed = common.remove_stale_temporaries(os.path.join(run.out_dir, "last.pt"))
-    if removed:
-        print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
-    with open(os.path.join(run.out_dir, "config.json"), "w") as f:
-        json.dump({"args": vars(args), "train": dataclasses.asdict(run.cfg),
-                   "tokenizer": dataclasses.asdict(run.tok_cfg), "world_size": run.world}, f, indent=2)
+    common.prepare_out_dir(run.out_dir, {"args": vars(args), "train": dataclasses.asdict(run.cfg),
+                                         "tokenizer": dataclasses.asdict(run.tok_cfg), "world_size": run.world})
     tok_cfg = run.tok_cfg
     print(f"stage 1 | variant {args.variant} preset {args.preset} | {count_parameters(run.model) / 1e6:.2f}M "
           f"parameters | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | {run.total} steps "
@@ -535,10 +529,7 @@ def train(args, rank, world, device):
     stopper.restore()
     report_skipped(run.dataset, args.data)
     if rank == 0:
-        elapsed = time.time() - t_start
-        how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"
-        print(f"{how} in {elapsed:.1f} s ({images_seen / max(elapsed, 1e-9):.1f} images/s); checkpoint {ckpt_path}"
-              + (f" (continue with --resume {ckpt_path})" if step < run.total else ""), flush=True)
+        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, images_seen, "images", ckpt_path)
 
 
 def report_skipped(dataset, data):

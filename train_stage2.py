@@ -47,7 +47,6 @@ train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, write
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -354,13 +353,8 @@ def setup(args, rank, world, device):
 
 def start_log(args, run, device):
     """Rank 0: the output folder, config.json, a one-line summary; stale temporaries of a killed save removed."""
-    os.makedirs(run.out_dir, exist_ok=True)
-    removed = common.remove_stale_temporaries(os.path.join(run.out_dir, "last.pt"))
-    if removed:
-        print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
-    with open(os.path.join(run.out_dir, "config.json"), "w") as f:
-        json.dump({"args": vars(args), "train": dataclasses.asdict(run.cfg),
-                   "gpt": dataclasses.asdict(run.model.cfg), "world_size": run.world}, f, indent=2)
+    common.prepare_out_dir(run.out_dir, {"args": vars(args), "train": dataclasses.asdict(run.cfg),
+                                         "gpt": dataclasses.asdict(run.model.cfg), "world_size": run.world})
     c = run.model.cfg
     Ks = [K for K, p in zip(run.Ks.tolist(), run.K_probs.tolist()) if p > 0]
     print(f"stage 2 | {args.model} GPT-{run.cfg.gpt} | {count_parameters(run.model) / 1e6:.2f}M parameters | "
@@ -438,10 +432,7 @@ def train(args, rank, world, device):
     bar.close()
     stopper.restore()
     if rank == 0:
-        elapsed = time.time() - t_start
-        how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"
-        print(f"{how} in {elapsed:.1f} s ({seqs_seen / max(elapsed, 1e-9):.1f} sequences/s); checkpoint {ckpt_path}"
-              + (f" (continue with --resume {ckpt_path})" if step < run.total else ""), flush=True)
+        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, seqs_seen, "sequences", ckpt_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
