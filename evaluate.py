@@ -49,11 +49,11 @@ from PIL import Image
 
 import data as data_lib
 import losses
-from common import (all_gather_rows, dist_info, load_strict, progress_bar, read_checkpoint, save_checkpoint,
-                    setup_distributed, teardown_distributed)
+from common import all_gather_rows, dist_info, progress_bar, setup_distributed, teardown_distributed
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
+from shapes_score import load_shapes_classifier, shapes_images, shapes_reconstructions, shapes_score
 from tokenizer import load_tokenizer
 
 
@@ -649,141 +649,8 @@ def run_probe(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shapes score (shapes): generation quality on the embedded shapes, without pretrained weights
+# Shapes score (shapes): generation quality on the embedded shapes, without pretrained weights (shapes_score.py)
 # ----------------------------------------------------------------------------------------------------------------
-# FID and IS need Inception weights trained on ImageNet. On the embedded shapes (data.ShapesDataset, 10 classes) a
-# small CNN trained here in a minute or two plays Inception's two parts: (a) its accuracy on class-conditional
-# samples says how often a sample shows the class it was conditioned on (chance: 10%); (b) the Frechet distance
-# between its penultimate features of the samples and of held-out real images is FID's formula (Heusel et al.
-# 2017, inception.frechet_distance) in a 96-d feature space. The numbers compare runs of this code with each
-# other; they are not ImageNet FIDs. Rows: the samples, a tokenizer's reconstructions of held-out images (the
-# ceiling a generator on its tokens can reach) and held-out real images (the floor of the distance).
-
-SHAPES_SIZE = 64                  # the images' size (the stage-1 tiny presets'); the classifier sees them at 32 px
-CLASSIFIER_SIZE = 32              # every input, real or generated, is resized to this by the same (antialiased) resize
-SHAPES_CLASSIFIER = dict(num_train=4000, epochs=6, batch_size=64, lr=3e-3, num_ref=500, width=24)
-
-
-class ShapesClassifier(nn.Module):
-    """Four blocks of a 3x3 conv, BatchNorm, ReLU and 2x2 max pooling, 32 -> 2 px, global average pooling -> the
-    feature (4 x width), a linear layer -> the class logits."""
-
-    def __init__(self, num_classes=10, width=24):
-        super().__init__()
-        chans = [3, width, 2 * width, 4 * width, 4 * width]
-        layers = []
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(chans[-1], num_classes)
-
-    def forward(self, x):
-        """(B, 3, H, W) in [-1, 1] -> (features (B, 4 width), logits (B, num_classes)); resized to 32 px."""
-        if x.shape[-2:] != (CLASSIFIER_SIZE, CLASSIFIER_SIZE):
-            x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear", align_corners=False,
-                              antialias=True)
-        f = self.features(x)
-        return f, self.head(f)
-
-
-def shapes_images(split, start, n, size=SHAPES_SIZE):
-    """Embedded shapes start .. start + n - 1 of a split -> (images (n, 3, size, size) in [-1, 1], labels (n,))."""
-    ds = data_lib.ShapesDataset(split, size=size, num_images=start + n)
-    xs, ys = zip(*(ds[i] for i in range(start, start + n)))
-    return torch.stack(xs), torch.tensor(ys)
-
-
-@torch.no_grad()
-def shapes_classify(model, images, batch_size=100):
-    """images: (n, 3, H, W) in [-1, 1], or an indexable of (3, H, W) in [0, 1] (ImageArray, ImageFiles) ->
-    (features float64 (n', F), predictions (n',), kept (n,) bool: False for unreadable files)."""
-    model.eval()
-    device = next(model.parameters()).device
-    unit = not torch.is_tensor(images)                     # [0, 1] items, possibly None (unreadable)
-    feats, preds, kept = [], [], []
-    for s in range(0, len(images), batch_size):
-        items = [images[i] for i in range(s, min(s + batch_size, len(images)))]
-        kept += [x is not None for x in items]
-        items = [x for x in items if x is not None]
-        if not items:
-            continue
-        x = torch.stack(items).to(device, torch.float32)
-        x = x * 2 - 1 if unit else x                                              # (b, 3, H, W) in [-1, 1]
-        f, logits = model(x)
-        feats.append(f.double().cpu())
-        preds.append(logits.argmax(1).cpu())
-    if not feats:
-        raise ValueError("shapes score: none of the images could be read")
-    return torch.cat(feats).numpy(), torch.cat(preds), torch.tensor(kept)
-
-
-def train_shapes_classifier(seed=0, num_train=4000, epochs=6, batch_size=64, lr=3e-3, num_ref=500, width=24,
-                            device="cpu"):
-    """Train the classifier on the first num_train training shapes (AdamW, cosine schedule; deterministic for a
-    seed, the global RNG untouched), then measure it on the first num_ref held-out shapes: their accuracy and the
-    statistics (mu, sigma) of their features, the reference of the Frechet distance. Returns (model, info)."""
-    x, y = shapes_images("train", 0, num_train)
-    x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear", align_corners=False,
-                      antialias=True)                                             # resized once, not every epoch
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ShapesClassifier(len(data_lib.CLASSES), width).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = math.ceil(num_train / batch_size)
-    total = epochs * steps
-    bar = progress_bar(total, desc="shapes classifier")
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(num_train, generator=gen)
-        for s in range(steps):
-            for group in opt.param_groups:                                        # cosine to 0 over all steps
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * (epoch * steps + s) / total))
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            if len(idx) < 2:                                                      # BatchNorm needs two images
-                continue
-            loss = F.cross_entropy(model(x[idx].to(device))[1], y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update()
-    bar.close()
-    ref_x, ref_y = shapes_images("val", 0, num_ref)
-    feats, preds, _ = shapes_classify(model, ref_x)
-    mu, sigma = feature_stats(feats)
-    info = {"seed": seed, "num_train": num_train, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "num_ref": num_ref, "width": width, "val_accuracy": (preds == ref_y).float().mean().item(),
-            "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
-    return model.eval(), info
-
-
-def load_shapes_classifier(path, seed=0, device="cpu", **settings):
-    """The classifier cached at `path`, or (missing) one trained with `seed` and `settings` (SHAPES_CLASSIFIER
-    by default) and saved there. Returns (model, info, trained: bool)."""
-    settings = {**SHAPES_CLASSIFIER, **settings}
-    if os.path.exists(path):
-        ckpt = read_checkpoint(path, "shapes classifier", required=("model", "info"))
-        info = ckpt["info"]
-        model = ShapesClassifier(len(data_lib.CLASSES), info["width"])
-        load_strict(model, ckpt["model"], f"shapes classifier {path}")
-        return model.to(device).eval(), info, False
-    model, info = train_shapes_classifier(seed, device=device, **settings)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_checkpoint(path, {"model": model.state_dict(), "info": info})
-    return model, info, True
-
-
-def shapes_score(model, info, images, labels=None):
-    """{num_images, accuracy (None without labels), fd} of a set of images (see shapes_classify for the layouts)."""
-    feats, preds, kept = shapes_classify(model, images)
-    mu, sigma = feature_stats(feats)
-    fd = frechet_distance(mu, sigma, info["mu"].numpy(), info["sigma"].numpy())
-    acc = None
-    if labels is not None:
-        acc = (preds == torch.as_tensor(labels).long()[kept]).float().mean().item()
-    return {"num_images": len(feats), "accuracy": acc, "fd": fd}
-
 
 def _folder_labels(files):
     """Labels of image files from their folder names (an integer, or a name in data.CLASSES), else None."""
@@ -810,20 +677,6 @@ def _shapes_inputs(path):
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"samples {path}: labels {labels.shape} do not fit {len(images)} images")
     return images, labels
-
-
-@torch.no_grad()
-def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50):
-    """A tokenizer's reconstructions (true source, target K unless given) of held-out shapes start .. start + n - 1
-    -> (images (n, 3, S, S) in [-1, 1], labels (n,), K)."""
-    tok = load_tokenizer(ckpt, ema=True, device=device)
-    K = tok.check_K(tok.cfg.K if K is None else K)
-    x, y = shapes_images("val", start, n, size=tok.cfg.image_size)
-    out = []
-    for s in range(0, n, batch_size):
-        enc = tok.encode(x[s:s + batch_size].to(device), K=K)                     # indices (b, K), source (b, N)
-        out.append(tok.decode(enc.indices, enc.source).float().clamp(-1, 1).cpu())
-    return torch.cat(out), y, K
 
 
 def add_shapes_args(p):
