@@ -886,11 +886,11 @@ MergeARDecode = namedtuple("MergeARDecode", ["codes", "logits", "reads", "comput
 
 @torch.no_grad()
 def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=True, cfg_scale=1.0,
-                   temperature=1.0, top_k=0, top_p=1.0, generator=None):
+                   cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """MergeAR's raster-order decoding of num_tokens codes for labels cond (B,) and kept count K (int or (B,)).
 
     codes=None samples (temperature, top-k, top-p, CFG u + s (c - u) on the batch [cond; null], M in both
-    halves); given codes (B, num_tokens) are replayed (teacher forcing through the cache). compact=True uses the
+    halves, s constant or linear over the codes as in `generate`); given codes (B, num_tokens) are replayed (teacher forcing through the cache). compact=True uses the
     compacted cache: a fed code that equals an earlier code (rep_from_codes' rule) is a duplicate and goes into the
     ring of W + 1 slots, any other code is appended for good. compact=False is part 1's KVCache: every position
     kept, the plain causal model on the same weights (the bench's baseline).
@@ -910,7 +910,8 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     was_training = model.training
     model.eval()
     B, dev = cond.shape[0], cond.device
-    use_cfg = cfg_scale != 1.0
+    use_cfg = cfg_scale != 1.0 or cfg_schedule != "constant"
+    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)                    # an unknown schedule fails here
     halves = 2 if use_cfg else 1
     labels = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if use_cfg else cond   # (B', )
     K = torch.as_tensor(K, device=dev).long().reshape(-1).expand(B).repeat(halves)               # (B',)
@@ -943,17 +944,18 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
                     computed.append(t + 2)
                 h = model.run_layers(model.embed_codes(x.repeat(halves)[:, None]), torch.tensor([t + 1], device=dev))
             h = h[:, -1:]                                                   # (B', 1, D)
+            scale = cfg_scale_at(t, num_tokens, cfg_scale, cfg_schedule)
             if not model.cfg.factorized:
-                logits = combine(model.logits(h)[:, 0], B, use_cfg, True, cfg_scale)   # (B, vocab)
+                logits = combine(model.logits(h)[:, 0], B, use_cfg, True, scale)   # (B, vocab)
                 code = codes[:, t] if codes is not None else sample_logits(logits, temperature, top_k, top_p,
                                                                            generator)
                 kept.append(logits)
             else:
-                l_pre = combine(model.intra_logits(h)[0][:, 0], B, use_cfg, True, cfg_scale)   # (B, 2^pre_bits)
+                l_pre = combine(model.intra_logits(h)[0][:, 0], B, use_cfg, True, scale)   # (B, 2^pre_bits)
                 given = split_index(codes[:, t], model.cfg.pre_bits) if codes is not None else None
                 pre = given[0] if given else sample_logits(l_pre, temperature, top_k, top_p, generator)
                 l_post = combine(model.intra_logits(h, pre.repeat(halves)[:, None])[1][:, 0], B, use_cfg, True,
-                                 cfg_scale)                                 # (B, 2^post_bits)
+                                 scale)                                     # (B, 2^post_bits)
                 post = given[1] if given else sample_logits(l_post, temperature, top_k, top_p, generator)
                 code = join_index(pre, post, model.cfg.pre_bits)
                 kept.append((l_pre, l_post))
@@ -969,18 +971,19 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     return MergeARDecode(torch.stack(out, 1), logits, torch.stack(reads, 1), torch.tensor(computed), stored)
 
 
-def generate_mergear(model, cond, K, N, window=None, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
-                     generator=None):
+def generate_mergear(model, cond, K, N, window=None, cfg_scale=1.0, cfg_schedule="constant", temperature=1.0,
+                     top_k=0, top_p=1.0, generator=None):
     """Sample all N codes (B, N) int64 with the compacted cache; see `decode_mergear`."""
-    return decode_mergear(model, cond, K, N, window, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                          top_p=top_p, generator=generator).codes
+    return decode_mergear(model, cond, K, N, window, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator).codes
 
 
-def mergear_logits_cached(model, codes, cond, K, window=None, cfg_scale=1.0):
+def mergear_logits_cached(model, codes, cond, K, window=None, cfg_scale=1.0, cfg_schedule="constant"):
     """Feed the given codes (B, N) step by step through the compacted cache; every step's logits (B, N, vocab)
     (guided when cfg_scale != 1). Equals mergear_logits with rep_from_codes(codes) (the module docstring's
     invariant)."""
-    return decode_mergear(model, cond, K, codes.shape[1], window, codes=codes, cfg_scale=cfg_scale).logits
+    return decode_mergear(model, cond, K, codes.shape[1], window, codes=codes, cfg_scale=cfg_scale,
+                          cfg_schedule=cfg_schedule).logits
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, write
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -62,7 +63,7 @@ import common
 import data as data_lib
 from merge import KeptTokenSampler
 from mergear import (GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate, generate_mergear,
-                     mergear_loss, rep_from_codes, rep_from_source)
+                     merge_window, mergear_loss, rep_from_codes, rep_from_source)
 from tokenizer import load_tokenizer
 
 MODELS = ("llamagen", "mergear")
@@ -110,11 +111,15 @@ CODES_ENTRIES = ("indices", "source", "Ks", "K_probs", "labels", "flips", "image
                  "tokenizer", "tokenizer_config")
 
 
-def extraction_dataset(data, size):
-    """The embedded shapes (training split), or an ImageFolder read deterministically (resize + centre crop, no
-    random crop or flip: the flip is ours, recorded): DIR/train if it exists, else DIR."""
+def extraction_dataset(data, size, split="train"):
+    """The embedded shapes (the given split), or an ImageFolder read deterministically (resize + centre crop, no
+    random crop or flip: the flip is ours, recorded): train: DIR/train if it exists, else DIR; val: DIR/val."""
     if data is None:
-        return data_lib.build_dataset(None, split="train", size=size)
+        return data_lib.build_dataset(None, split=split, size=size)
+    if split == "val":
+        if not os.path.isdir(os.path.join(data, "val")):
+            raise FileNotFoundError(f"--data {data} has no val/ folder: held-out codes need held-out images")
+        return data_lib.ImageFolder(os.path.join(data, "val"), size=size, train=False)
     root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
     return data_lib.ImageFolder(root, size=size, train=False)
 
@@ -136,7 +141,7 @@ def run_extract(args):
     cfg = tok.cfg
     Ks, probs = kept_counts(cfg, args.keep)
     Ks = [tok.check_K(K) for K in Ks]                                       # one line for an unreachable K
-    dataset = extraction_dataset(args.data, cfg.image_size)
+    dataset = extraction_dataset(args.data, cfg.image_size, args.split)
     n = len(dataset) if args.num_images is None else min(len(dataset), args.num_images)
     variants = [False, True] if args.flip else [False]
     V, M, N = len(variants), n * len(variants), cfg.num_tokens
@@ -146,7 +151,7 @@ def run_extract(args):
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
                         num_workers=args.workers)
     print(f"extract | {args.tokenizer} (step {ckpt.get('step')}, variant {cfg.variant}, N={N}, d={cfg.z_channels}) "
-          f"| {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} | {device}", flush=True)
+          f"| {args.split}: {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} | {device}", flush=True)
     bar, start, t0 = common.progress_bar(n, desc="extract"), 0, time.time()
     for x, y in loader:
         x = x.to(device)
@@ -170,7 +175,7 @@ def run_extract(args):
            "image_index": torch.arange(n).repeat_interleave(V),
            "num_classes": num_classes, "num_images": n, "tokenizer": os.path.abspath(args.tokenizer),
            "tokenizer_config": dataclasses.asdict(cfg), "tokenizer_step": ckpt.get("step"),
-           "data": args.data or "embedded shapes"}
+           "data": args.data or "embedded shapes", "split": args.split}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, out)
     size = sum(t.numel() * t.element_size() for d in (indices, source) for t in d.values())
@@ -469,8 +474,6 @@ def run_sample(args):
     if kind == "mergear":
         if K not in c.merge_counts:
             raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
-        if args.cfg_schedule != "constant":
-            raise ValueError("--cfg-schedule linear: MergeAR's compacted-cache decoder guides with a constant scale")
     labels = torch.arange(c.num_classes).repeat_interleave(args.num_per_class)       # rows of the grid = classes
     g = torch.Generator(device).manual_seed(args.seed)
     window = ckpt.get("window")
@@ -482,8 +485,9 @@ def run_sample(args):
     for s in range(0, len(labels), args.batch_size):
         y = labels[s:s + args.batch_size].to(device)
         if kind == "mergear":
-            codes = generate_mergear(model, y, K, N, window, cfg_scale=args.cfg, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, generator=g)      # (B, N)
+            codes = generate_mergear(model, y, K, N, window, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     generator=g)                                        # (B, N)
         else:
             codes = generate(model, y, N, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
@@ -498,6 +502,50 @@ def run_sample(args):
     data_lib.save_image_grid(images, out + ".png", nrow=args.num_per_class)
     np.savez(out + ".npz", arr_0=data_lib.tensor_to_uint8(images), labels=labels.numpy())   # ADM: N x H x W x 3
     print(f"wrote {out}.png and {out}.npz ({len(images)} images, {time.time() - t0:.1f} s)", flush=True)
+    return 0
+
+
+@torch.no_grad()
+def run_nll(args):
+    """Held-out negative log-likelihood per code of a trained generator, under its own training objective: the
+    causal model (llamagen) or the Eq. (12) mask with the Merge Instruction token of K (mergear), every one of the N
+    codes counted, no label smoothing, no dropout. With a factorized head the NLL of a code is CE(pre) + CE(post)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_generator(args.ckpt, device)
+    table = read_codes(args.codes)
+    kind, c = ckpt["model_kind"], model.cfg
+    N = table["source"][int(table["Ks"][0])].shape[1]
+    if N != c.block_size or 2 ** table["tokenizer_config"]["z_channels"] != c.vocab_size:
+        raise ValueError(f"codes file {args.codes} (N={N}, 2^{table['tokenizer_config']['z_channels']} codes) does "
+                         f"not fit the generator (N={c.block_size}, {c.vocab_size} codes)")
+    if table["tokenizer_config"] != ckpt["tokenizer_config"] or table["tokenizer"] != ckpt["tokenizer"]:
+        print(f"nll: warning: {args.codes} was extracted with {table['tokenizer']}, the generator was trained on "
+              f"codes of {ckpt['tokenizer']}: the NLL means something only for the same tokenizer", file=sys.stderr)
+    if table.get("split") != "val":
+        print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
+              f"(extract with --split val)", file=sys.stderr)
+    K = args.keep if args.keep is not None else table["tokenizer_config"]["K"]
+    if K not in table["Ks"].tolist():
+        raise ValueError(f"--keep {K}: the codes file holds K {table['Ks'].tolist()} only")
+    if kind == "mergear" and K not in c.merge_counts:
+        raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
+    rep = args.rep or ckpt.get("rep") or "source"
+    loss_fn = Stage2Loss(model, kind, ckpt.get("window"), rep)
+    rows = torch.arange(len(table["labels"]) if args.max_rows is None else min(args.max_rows, len(table["labels"])))
+    total, bar = 0.0, common.progress_bar(len(rows), desc="nll")
+    for s in range(0, len(rows), args.batch_size):
+        r = rows[s:s + args.batch_size]
+        Kb = torch.full((len(r),), K, dtype=torch.long)
+        codes, source = gather_codes(table, r, Kb)                           # (B, N) x 2
+        loss = loss_fn(codes.to(device), table["labels"][r].to(device), Kb.to(device), source.to(device))
+        total += loss.item() * len(r)
+        bar.update(len(r))
+    bar.close()
+    nll = total / len(rows)
+    print(f"nll | {kind} step {ckpt.get('step')} | {len(rows)} sequences of {table.get('split', 'train')} codes at "
+          f"K={K}" + (f" (mask from {rep}, W={merge_window(model, ckpt.get('window'))})" if kind == "mergear" else "")
+          + f" | {nll:.4f} nats per code = {nll / math.log(2):.3f} bits (uniform: {math.log2(c.vocab_size):.0f})",
+          flush=True)
     return 0
 
 
@@ -518,6 +566,8 @@ def build_parser():
     p.add_argument("--keep", dest="keep", metavar="K", type=int, nargs="+", default=None,
                    help="the kept counts K to extract (default: the tokenizer's candidates, Appendix A.3)")
     p.add_argument("--flip", action="store_true", help="also extract every image mirrored (recorded in `flips`)")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="the images to tokenize: training (default) or held-out ones (for `nll`)")
     p.add_argument("--num-images", type=int, default=None, help="only the first N images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data-loader workers")
@@ -572,6 +622,17 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_sample)
+
+    p = sub.add_parser("nll", help="held-out NLL per code of a trained generator (codes of `extract --split val`)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
+    p.add_argument("--codes", required=True, help="codes of held-out images (`extract --split val`)")
+    p.add_argument("--keep", type=int, default=None, metavar="K", help="the kept count (default: the target K)")
+    p.add_argument("--rep", choices=["source", "codes"], default=None,
+                   help="mergear: the Eq. (12) mask from the source or from codes (default: as trained)")
+    p.add_argument("--max-rows", type=int, default=None, help="only the first rows of the codes file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_nll)
     return parser
 
 
@@ -579,7 +640,7 @@ def check_args(args):
     """One clear line for every argument that cannot work, before anything is built."""
     positive = {"extract": ["num_images", "batch_size"],
                 "train": ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at"],
-                "sample": ["num_per_class", "batch_size"]}[args.command]
+                "sample": ["num_per_class", "batch_size"], "nll": ["max_rows", "batch_size"]}[args.command]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -606,6 +667,10 @@ def check_args(args):
             raise FileNotFoundError(f"--resume {args.resume}: no such file")
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is an existing file, not a folder")
+    if args.command == "nll":
+        for flag, path in [("--ckpt", args.ckpt), ("--codes", args.codes)]:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.command == "sample":
         if not os.path.isfile(args.ckpt):
             raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")

@@ -546,6 +546,22 @@ def test_compact_cache_replay_equals_the_masked_forward(merge_model, case, cfg):
         assert not torch.allclose(causal, full, atol=1e-3)
 
 
+def test_mergear_linear_cfg_scales_every_step(merge_model):
+    """Linear CFG on the compacted cache: code t is guided with s_t = 1 + (s - 1) t / N, here 1 + 2 t / 16."""
+    codes, K, W = decoding_batches()[0]
+    cond = torch.arange(4) % C
+    cached = mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=3.0, cfg_schedule="linear")
+    rep = rep_from_codes(codes)
+    with torch.no_grad():
+        c = mergear_logits(merge_model, codes, cond, K, rep, W)
+        u = mergear_logits(merge_model, codes, torch.full_like(cond, C), K, rep, W)
+    s = torch.tensor([1 + t / 8 for t in range(16)])[None, :, None]      # 1.0, 1.125, ..., 2.875
+    torch.testing.assert_close(cached, u + s * (c - u), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached[:, 0], c[:, 0], rtol=1e-4, atol=1e-4)   # s_0 = 1: the conditional logits
+    with pytest.raises(ValueError, match="cfg schedule"):
+        mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=3.0, cfg_schedule="cosine")
+
+
 def test_plain_cache_replay_is_the_causal_model(merge_model):
     codes, K, _ = decoding_batches()[0]
     cond = torch.arange(4)

@@ -143,7 +143,9 @@ def test_bad_input_is_one_line(files, tmp_path, capsys):
              (["train", "--codes", codes, "--model", "mergear", "--steps", "0"], "--steps must be at least 1"),
              (["extract", "--tokenizer", str(junk), "--out", str(tmp_path / "c.pt")], "not a PyTorch file"),
              (["sample", "--ckpt", codes], "lacks the entries"),
-             (["sample", "--ckpt", str(tmp_path / "missing.pt")], "no such file")]
+             (["sample", "--ckpt", str(tmp_path / "missing.pt")], "no such file"),
+             (["nll", "--ckpt", codes, "--codes", codes], "lacks the entries"),
+             (["nll", "--ckpt", codes, "--codes", str(tmp_path / "missing.pt")], "no such file")]
     for argv, message in cases:
         assert train_stage2.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -168,3 +170,29 @@ def test_plain_vocabulary_when_the_tokenizer_has_fewer_bits(tmp_path):
         assert train_stage2.main(["sample", "--ckpt", os.path.join(out, "last.pt"), "--num-per-class", "1",
                                   "--out", str(tmp_path / f"s-{model}")]) == 0
         assert np.load(tmp_path / f"s-{model}.npz")["arr_0"].shape == (10, 32, 32, 3)
+
+
+def test_nll_on_held_out_codes(files, capsys):
+    """extract --split val tokenizes the held-out images; `nll` of a generator whose heads are still zero (lr 1e-30:
+    the zero-initialised heads stay zero) is the uniform code, 18 ln 2 = 12.4766 nats, for both models; a trained
+    model scores its own training codes below that."""
+    d, tok, _ = files
+    val = str(d / "val.pt")
+    assert train_stage2.main(["extract", "--tokenizer", tok, "--split", "val", "--num-images", "6", "--keep", "16",
+                              "--out", val]) == 0
+    table = torch.load(val, weights_only=True)
+    assert table["split"] == "val" and table["labels"].tolist() == [i % 10 for i in range(6)]
+    with torch.no_grad():
+        enc = load_tokenizer(tok).encode(ShapesDataset("val", size=32)[4][0][None], K=16)
+    assert torch.equal(table["indices"][16][4].long(), enc.indices[0])
+    capsys.readouterr()
+    for model in ("llamagen", "mergear"):
+        out = train(d, f"nll-{model}", files[2], "--steps", "1", "--lr", "1e-30", model=model)
+        assert train_stage2.main(["nll", "--ckpt", os.path.join(out, "last.pt"), "--codes", val]) == 0
+        nats = float(capsys.readouterr().out.split("|")[-1].split()[0])
+        assert nats == pytest.approx(18 * np.log(2), abs=1e-3), model
+    out = train(d, "nll-trained", files[2], "--steps", "12", "--lr", "1e-2", "--dropout", "0", model="llamagen")
+    assert train_stage2.main(["nll", "--ckpt", os.path.join(out, "last.pt"), "--codes", files[2], "--keep", "16"]) == 0
+    captured = capsys.readouterr()
+    assert float(captured.out.split("|")[-1].split()[0]) < 18 * np.log(2) - 1.0
+    assert "not held-out ones" in captured.err
