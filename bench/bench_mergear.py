@@ -27,9 +27,13 @@ batch 1 the Python and bookkeeping cost of a step (the same for both caches, plu
 slot plan) dominates; at batch 16 the masked CPU attention is memory-bound (it streams L keys, L values and the
 mask for every query), so shorter contexts save more time than their FLOPs. In the first W + 1 steps MergeAR
 reads more keys than the plain cache: its W + 1 ring slots are always read, masked while empty. The PNG plots
-the entries per step of batch 1, plain vs. MergeAR. Timings are the best of --repeats runs.
+the entries per step of batch 1, plain vs. MergeAR (the README shows it: bench/mergear_entries.png). Timings are
+the best of --repeats runs.
 
-    python bench/bench_mergear.py [--threads 1] [--repeats 3] [--png /tmp/bench_mergear.png]
+Last, the training-step time of both (forward + backward, about 4096 codes per step): the plain model runs the
+fused causal attention, MergeAR an explicit Eq. (12) mask, which the fused causal kernels cannot take.
+
+    python bench/bench_mergear.py [--threads 1] [--repeats 3] [--png bench/mergear_entries.png]
 """
 import argparse
 import math
@@ -41,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergear import (build_gpt, decode_mergear, ffn_hidden_size, merge_window, mergear_logits,  # noqa: E402
-                     rep_from_codes)
+                     mergear_loss, rep_from_codes)
 
 CONFIGS = [(256, 64), (256, 144), (1024, 256)]                  # (N, K)
 BATCHES = [1, 16]
@@ -118,6 +122,44 @@ def plot(curves, path):
     img.save(path)
 
 
+TRAIN_CONFIGS = [(256, 64, 16), (1024, 256, 4)]                # (N, K, batch): about 4096 codes per step
+
+
+def train_step_times(threads, repeats):
+    """One training step (forward + backward) of the plain causal model (fused causal attention) and of MergeAR
+    (the Eq. (12) mask as an explicit (B, N + 2, N + 2) mask), same width, same codes; best of `repeats`."""
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    with torch.enable_grad():
+        for N, K, B in TRAIN_CONFIGS:
+            torch.manual_seed(0)
+            plain = build_gpt("tiny", block_size=N, num_classes=1000, **WIDTH)
+            merge = build_gpt("tiny", block_size=N, num_classes=1000, merge_counts=(K,), **WIDTH)
+            codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
+            cond = torch.randint(0, 1000, (B,), generator=gen)
+            rep = rep_from_codes(codes)
+
+            def step_plain():
+                plain.zero_grad(set_to_none=True)
+                plain(codes[:, :-1], cond, targets=codes).loss.backward()
+
+            def step_merge():
+                merge.zero_grad(set_to_none=True)
+                mergear_loss(merge, codes, cond, K, rep).backward()
+
+            step_plain(), step_merge()                                      # warm-up
+            times = {"plain": math.inf, "merge": math.inf}
+            for _ in range(repeats):                                        # interleaved: plain, merge, plain, ...
+                for name, fn in (("plain", step_plain), ("merge", step_merge)):
+                    times[name] = min(times[name], timed(fn)[1])
+            rows.append((N, K, B, times["plain"], times["merge"]))
+    print(f"\ntraining step (forward + backward), {threads} thread(s), best of {repeats}, interleaved:")
+    print(f"{'N':>5} {'K':>4} {'B':>3} | {'plain causal (fused) ms':>23} | {'MergeAR Eq. (12) mask ms':>24} | "
+          f"{'MergeAR / plain':>15}")
+    for N, K, B, tp, tm in rows:
+        print(f"{N:5d} {K:4d} {B:3d} | {tp * 1e3:23.1f} | {tm * 1e3:24.1f} | {tm / tp:14.2f}x")
+
+
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +207,7 @@ def main():
                           f"max |diff| {err:.1e})")
     plot(curves, args.png)
     print(f"entries per step plotted to {args.png}")
+    train_step_times(args.threads, args.repeats)
 
 
 if __name__ == "__main__":
