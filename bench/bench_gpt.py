@@ -1,4 +1,4 @@
-"""Decoding speed of mergear.generate (KV cache) against recomputing the whole prefix for every code (no cache).
+"""Decoding speed of gpt.generate (KV cache) against recomputing the whole prefix for every code (no cache).
 
 A small GPT (width 256, 4 blocks, 8 heads, vocab 16384) greedily decodes 256 codes (a 16 x 16 grid) for 4 class
 labels, with and without classifier-free guidance. Both paths must produce the same codes; the table gives
@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mergear import build_gpt, generate, guide  # noqa: E402
+from gpt import build_gpt, generate, guide  # noqa: E402
 
 
 @torch.no_grad()

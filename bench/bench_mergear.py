@@ -44,7 +44,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mergear import (build_gpt, decode_mergear, ffn_hidden_size, merge_window, mergear_logits,  # noqa: E402
+from gpt import build_gpt, ffn_hidden_size  # noqa: E402
+from mergear import (decode_mergear, merge_window, mergear_logits,  # noqa: E402
                      mergear_loss, rep_from_codes)
 
 CONFIGS = [(256, 64), (256, 144), (1024, 256)]                  # (N, K)
