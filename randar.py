@@ -5,10 +5,10 @@ shuffled, and "a positional instruction token" before each image token names the
 come. MergeVQ uses them with its K quantized merged tokens as the targets and, after generation, the Source
 Recovery Model (recovery.py, Sec. 3.2) to predict the source that recovers the N tokens (Eq. (11)) for the decoder.
 Table 3: G+R generates K = 144 tokens in 64 steps, G 256 tokens in 88 steps, with RandAR-L (343M) and linear CFG.
-This file is RandAR (Pang et al. 2025, ziqipang/RandAR) built on mergear.py's LlamaGen transformer; the layout
+This file is RandAR (Pang et al. 2025, ziqipang/RandAR) built on gpt.py's LlamaGen transformer; the layout
 below is read off RandAR's code.
 
-  The model. mergear's Transformer with the same keys and shapes (LlamaGen's names, the plain or the factorized
+  The model. gpt.py's Transformer with the same keys and shapes (LlamaGen's names, the plain or the factorized
     2^18 vocabulary) plus one parameter, the position instruction embedding `pos_instruct_embeddings` (1, dim),
     N(0, 0.02), RandAR's name: RandAR-L = LlamaGen-L + 1024 parameters.
   The sequence. One permutation `order` per sample (order[i] = the slot generated at step i), and
@@ -17,7 +17,7 @@ below is read off RandAR's code.
     rotated, head by head, by the 2D RoPE of the cell of slot order[i] ("generate this cell next"). In attention P_i
     and X_i both carry that cell's RoPE; C takes the zero class row (LlamaGen's convention: its q and k vanish).
     The output at P_i predicts X_i (logits read at positions 1, 3, ..., 2L - 1), so the loss is the cross-entropy
-    of every token, factorized: CE(pre) + CE(post) as in mergear. Token dropout hits the image tokens X only, not
+    of every token, factorized: CE(pre) + CE(post) as in gpt.py. Token dropout hits the image tokens X only, not
     C or P (RandAR's choice; LlamaGen drops the whole [class, tokens] sequence).
   Slots and cells. L = K merged tokens, a perfect square (every K the paper uses is), on a sqrt(K) x sqrt(K) grid:
     slot k, the k-th output of ToMe (merge.py), sits at cell (k // sqrt(K), k % sqrt(K)). The cell (r, c) rotates
@@ -50,7 +50,7 @@ i.e. the stale query slots are overwritten with the training layout and the next
   1 (T = 88, L = 256 and T = 64, L = 144 included) and otherwise (few steps, e.g. T = 3, L = 16: 3, 5, 8 against
   RandAR's 1, 7, 8, which overruns T when T = 1) keeps exactly T steps.
   Guidance. The batch [cond; null] shares the order and the tokens; step j uses s_j = 1 + (s - 1) (tokens done
-  before step j) / L (RandAR's linear CFG from 1 to s, mergear's `cfg_scale_at`; the paper sweeps s in steps of 0.1).
+  before step j) / L (RandAR's linear CFG from 1 to s, gpt.py's `cfg_scale_at`; the paper sweeps s in steps of 0.1).
 
 Parts: slots, cells and orders / the model / training layout and loss / parallel decoding / images through the
 Source Recovery Model / demo.
@@ -74,8 +74,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfq import join_index, split_index
-from mergear import (GPT_PRESETS, GPTConfig, Transformer, apply_rotary_emb, cfg_scale_at, combine, count_parameters,
-                     sample_logits)
+from gpt import (GPT_PRESETS, GPTConfig, Transformer, apply_rotary_emb, cfg_scale_at, combine, count_parameters,
+                 sample_logits)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Slots, cells and orders
@@ -126,14 +126,14 @@ def interleave(p, x):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The model: mergear's transformer plus the position instruction embedding
+# The model: gpt.py's transformer plus the position instruction embedding
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class RandARTransformer(Transformer):
-    """mergear's Transformer (plain or factorized vocabulary, LlamaGen's keys) plus the shared position instruction
+    """gpt.py's Transformer (plain or factorized vocabulary, LlamaGen's keys) plus the shared position instruction
     embedding `pos_instruct_embeddings` (1, dim), N(0, 0.02). forward(tokens, cond, order) gives the teacher-forced
-    logits in generation order; `generate_randar` decodes. mergear's raster `generate` does not apply."""
+    logits in generation order; `generate_randar` decodes. gpt.py's raster `generate` does not apply."""
 
     def __init__(self, cfg):
         if cfg.merge_counts:
@@ -178,7 +178,7 @@ class RandARTransformer(Transformer):
 
 
 def build_randar(preset, vocab_size=None, factorized=False, num_classes=1000, **overrides):
-    """A RandARTransformer from mergear's GPT_PRESETS ("tiny", "B", "L", "XL", "XXL"), like `build_gpt`: vocab_size
+    """A RandARTransformer from gpt.py's GPT_PRESETS ("tiny", "B", "L", "XL", "XXL"), like `build_gpt`: vocab_size
     defaults to 16384 (LlamaGen's and RandAR's VQ codebook) for the plain model and 2^18 (LFQ) for the factorized
     one; overrides set GPTConfig fields. block_size sets the RoPE grid (256 = 16 x 16): any square K up to it works
     (K = 144 on the default grid)."""
@@ -355,6 +355,26 @@ def decode_randar(model, cond, L, num_steps, cfg_scale=1.0, cfg_schedule="linear
     else:
         logits = torch.cat(kept, dim=1)                                     # (B, L, vocab)
     return RandARDecode(to_slot_order(x[:B], order), order, logits, counts, cache)
+
+
+@torch.no_grad()
+def teacher_forced_samples(model, tokens, cond, order=None, temperature=1.0, generator=None):
+    """What the generator would write at each slot given the true tokens before it: one token per slot drawn from
+    the teacher-forced distribution (the factorized head draws pre, then post given the drawn pre), (B, L) in slot
+    order. These are generator-made codes of real images whose true source is known: the fine-tuning data of the
+    Source Recovery Model (train_stage2.py finetune-recovery). order: drawn from `generator` when None."""
+    B, L = tokens.shape
+    if order is None:
+        order = random_orders(B, L, generator, tokens.device)
+    was_training = model.training
+    model.eval()
+    try:
+        h, freqs = randar_inputs(model, tokens, cond, order)                # (B, 1 + 2L, D), rows of RoPE
+        h = model.run_rotated(h, freqs)[:, 1::2]                            # (B, L, D): the outputs at the P_i
+        x, _ = sample_queries(model, h, B, False, 1.0, None, temperature, 0, 1.0, generator)   # (B, L) gen. order
+    finally:
+        model.train(was_training)
+    return to_slot_order(x, order)
 
 
 def generate_randar(model, cond, L, num_steps, cfg_scale=1.0, cfg_schedule="linear", temperature=1.0, top_k=0,

@@ -1,6 +1,6 @@
 """Stage 2: class-conditional autoregressive generators on MergeVQ tokens (paper Sec. 4, Appendix A.2, Table A2).
 
-Three subcommands, in the order a run uses them:
+The subcommands, in the order a run uses them:
 
   extract  A stage-1 checkpoint (its EMA weights) tokenizes the training images once, into one file: for every
            image (and, with --flip, its mirror image) the K merged LFQ indices and the source map at several kept
@@ -15,13 +15,22 @@ Three subcommands, in the order a run uses them:
                                counts with the tokenizer's weights (Eq. (15) / (16)).
            Both models see the same sequence: the N recovered codes, codes_full[j] = indices[source[j]] (Eq. (11)),
            so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
+             --model randar    RandAR (Sec. 4.2, randar.py) on the K merged tokens of the target K, one random
+                               order per image (drawn from (seed, step), like K); no source is modelled.
   sample   Class-conditional samples of a trained generator, decoded by the tokenizer: a PNG grid (one row per
            class) and an ADM-format .npz (`arr_0` uint8 N x H x W x 3, `labels`) for `evaluate.py fid` or
-           `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count --keep.
+           `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count --keep; RandAR decodes
+           K tokens in --num-steps parallel steps (linear CFG), then the Source Recovery Model predicts the source.
+  nll      Held-out negative log-likelihood per code (codes of `extract --split val`).
+  finetune-recovery
+           Appendix A.1's optional step: the Source Recovery Model fine-tuned on a RandAR generator's tokens of
+           real images against their true source; writes a stage-1 checkpoint with the new recovery weights.
 
 Optimisation (Table A2): AdamW, lr 1e-4, batch 1024, 300 epochs, betas (0.9, 0.99), label smoothing 0.1, weight
 decay 0.05 on weights of dim >= 2 only, gradient clipping 1.0, bf16 autocast on GPUs. LlamaGen's code differs in
-three places, each a flag: --betas 0.9 0.95, --label-smoothing 0, --lr-schedule constant.
+three places, each a flag: --betas 0.9 0.95, --label-smoothing 0, --lr-schedule constant. RandAR trains with
+Table A2's RandAR-L column: betas (0.9, 0.95), the rest as LlamaGen-L (RandAR's code: lr 4e-4, cosine, 50k
+warm-up steps: --lr 4e-4 --lr-schedule cosine).
 
     # the CPU demo: a tiny stage-1 checkpoint, its codes, a tiny generator of each kind, samples, the shapes score
     python train_stage1.py --variant g --preset tiny --out runs/stage1-g-tiny
@@ -29,8 +38,11 @@ three places, each a flag: --betas 0.9 0.95, --label-smoothing 0, --lr-schedule 
         --out runs/codes-g-tiny.pt
     python train_stage2.py train --codes runs/codes-g-tiny.pt --model mergear --preset tiny
     python train_stage2.py train --codes runs/codes-g-tiny.pt --model llamagen --preset tiny
+    python train_stage2.py train --codes runs/codes-g-tiny.pt --model randar --preset tiny
     python train_stage2.py sample --ckpt runs/stage2-mergear-tiny/last.pt --num-per-class 20
     python evaluate.py shapes runs/stage2-mergear-tiny/samples_0000300_cfg1.npz
+    python train_stage2.py finetune-recovery --ckpt runs/stage2-randar-tiny/last.pt --codes runs/codes-g-tiny.pt \\
+        --out runs/stage1-g-tiny/recovery-finetuned.pt
 
     # the paper (Table A2): GPT-L on ImageNet codes of MergeVQ (G+R), 8 GPUs
     python train_stage2.py extract --tokenizer runs/stage1-gr-paper/last.pt --data /data/imagenet --flip \\
@@ -62,11 +74,14 @@ from torch.utils.data import DataLoader
 import common
 import data as data_lib
 from merge import KeptTokenSampler
-from mergear import (GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate, generate_mergear,
-                     merge_window, mergear_loss, rep_from_codes, rep_from_source)
+from gpt import GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
+from mergear import generate_mergear, merge_window, mergear_loss, rep_from_codes, rep_from_source
+from randar import (RandARTransformer, build_randar, decode_with_recovery, generate_randar, randar_loss,
+                    random_orders, teacher_forced_samples)
 from tokenizer import load_tokenizer
 
-MODELS = ("llamagen", "mergear")
+MODELS = ("llamagen", "mergear", "randar")
+RANDAR_STEPS = {256: 88, 144: 64}   # Table 3: RandAR's parallel steps for K = 256 (G) and 144 (G+R)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training configuration: Table A2 (paper) and a CPU preset (tiny)
@@ -211,6 +226,19 @@ def gather_codes(table, rows, K):
     return codes, source
 
 
+def merged_codes(table, rows, K):
+    """RandAR's tokens: rows (B,) at one kept count K -> the K merged indices (B, K) in slot order, int64 (ToMe's
+    output order, the order the Source Recovery Model reads: randar.py's docstring)."""
+    return table["indices"][K][rows].long()
+
+
+def draw_orders(L, step, seed, global_batch, rank, world):
+    """RandAR's random generation orders, one permutation of the L slots per image of the global batch, from
+    (seed, step) only, this rank's share taken as in `draw_K`: 1 and N processes and a resumed run agree."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)    # a stream apart from draw_K's
+    return random_orders(global_batch, L, g)[rank::world]                  # (local batch, L)
+
+
 def draw_K(table_Ks, probs, step, seed, global_batch, rank, world):
     """One K per image of the global batch, from (seed, step) only: every rank draws the same list and takes the
     images it holds (the sampler gives rank r the global positions r, r + world, ...), so 1 and N processes and a
@@ -225,14 +253,18 @@ class Stage2Loss(nn.Module):
 
     llamagen: teacher-forced cross-entropy of all N codes, causal (the class token predicts code 0).
     mergear:  the same under the Eq. (12) mask of rep (from the true source or from code equality), with the
-              Merge Instruction token of each sequence's K; duplicates are targets too (Fig. 6)."""
+              Merge Instruction token of each sequence's K; duplicates are targets too (Fig. 6).
+    randar:   codes are the K merged indices (B, K) in slot order, order (B, K) the generation order of each:
+              the cross-entropy of all K tokens in that order (Sec. 4.2, randar.py)."""
 
     def __init__(self, model, kind, window=None, rep="source", label_smoothing=0.0):
         super().__init__()
         self.model, self.kind, self.window, self.rep, self.ls = model, kind, window, rep, label_smoothing
 
-    def forward(self, codes, labels, K, source):
+    def forward(self, codes, labels, K, source, order=None):
         m = self.model
+        if self.kind == "randar":
+            return randar_loss(m, codes, labels, order, label_smoothing=self.ls)
         if self.kind == "llamagen":
             inputs = codes if m.cfg.factorized else codes[:, :-1]           # the factorized head reads all N
             return m(inputs, labels, targets=codes, label_smoothing=self.ls).loss
@@ -240,15 +272,18 @@ class Stage2Loss(nn.Module):
         return mergear_loss(m, codes, labels, K, rep, self.window, self.ls)
 
 
-def build_generator(kind, cfg, table):
-    """The GPT for the codes: block_size N, the tokenizer's vocabulary (factorized when d = 18), one Merge
-    Instruction row per extracted K for MergeAR."""
+def build_generator(kind, cfg, table, K=None):
+    """The GPT for the codes: the tokenizer's vocabulary (factorized when d = 18); block_size N for the raster
+    models (one Merge Instruction row per extracted K for MergeAR), K for RandAR (its slots on a sqrt(K) grid)."""
     tok_cfg = table["tokenizer_config"]
     d, N = tok_cfg["z_channels"], table["source"][int(table["Ks"][0])].shape[1]
-    return build_gpt(cfg.gpt, vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
-                     block_size=N, token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout,
-                     ffn_dropout_p=cfg.dropout, class_dropout_prob=cfg.class_dropout,
-                     merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else ())
+    common_args = dict(vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
+                       token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout,
+                       class_dropout_prob=cfg.class_dropout)
+    if kind == "randar":
+        return build_randar(cfg.gpt, block_size=K, **common_args)
+    return build_gpt(cfg.gpt, block_size=N, merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else (),
+                     **common_args)
 
 
 def optimizer_groups(model, weight_decay):
@@ -270,6 +305,8 @@ def build_train_config(args):
                  if getattr(args, k) is not None}
     if args.betas is not None:
         overrides["betas"] = tuple(args.betas)
+    elif args.model == "randar":
+        overrides["betas"] = (0.9, 0.95)                                    # Table A2's RandAR-L column
     if args.epochs is not None and args.steps is None:
         overrides["steps"] = 0                                              # --epochs counts, not the preset's steps
     return dataclasses.replace(cfg, **overrides)
@@ -309,7 +346,7 @@ def snapshot(run, step, args):
 
 def setup(args, rank, world, device):
     """Config, codes, model, optimizer, data order and (on --resume) the saved state, as one namespace `run`."""
-    run = argparse.Namespace(rank=rank, world=world, seed=args.seed)
+    run = argparse.Namespace(rank=rank, world=world, seed=args.seed, kind=args.model)
     run.cfg = cfg = build_train_config(args)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
@@ -328,13 +365,17 @@ def setup(args, rank, world, device):
         if args.keep not in run.Ks.tolist():
             raise ValueError(f"--keep {args.keep}: the codes file holds K {run.Ks.tolist()} only")
         run.K_probs = (run.Ks == args.keep).double()
-    elif args.model == "llamagen":                                          # no M token: the tokenizer's target K
+    elif args.model in ("llamagen", "randar"):                              # no M token: the tokenizer's target K
         run.K_probs = (run.Ks == table["tokenizer_config"]["K"]).double()
         if run.K_probs.sum() == 0:
             raise ValueError(f"the codes file lacks the tokenizer's target K={table['tokenizer_config']['K']}: "
                              f"pass --keep K among {run.Ks.tolist()}")
+    run.K = int(run.Ks[run.K_probs.argmax()])                              # llamagen, randar: the one K trained on
+    if args.model == "randar" and math.isqrt(run.K) ** 2 != run.K:
+        raise ValueError(f"RandAR lays the K merged tokens on a square grid: K={run.K} is no perfect square "
+                         f"(--keep a square K among {run.Ks.tolist()})")
     torch.manual_seed(args.seed)                                            # identical initial weights on every rank
-    run.model = model = build_generator(args.model, cfg, table).to(device)
+    run.model = model = build_generator(args.model, cfg, table, run.K).to(device)
     torch.manual_seed(args.seed * world + rank)                             # per-rank dropout (DiT)
     run.loss = Stage2Loss(model, args.model, args.window, args.rep, cfg.label_smoothing)
     if world > 1:
@@ -376,11 +417,15 @@ def start_log(args, run, device):
 def train_step(rows, step, run, device):
     """One optimizer step on the rows of this rank. Returns the loss terms."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
-    codes, source = gather_codes(run.table, rows, K)                        # (b, N) each
-    labels = run.table["labels"][rows]
+    labels, order = run.table["labels"][rows], None
+    if run.kind == "randar":
+        codes, source = merged_codes(run.table, rows, run.K), torch.empty(0)   # (b, K) in slot order
+        order = draw_orders(run.K, step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)   # (b, K)
+    else:
+        codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
     codes, source, labels, K = (t.to(device) for t in (codes, source, labels, K))
     with run.autocast():
-        loss = run.loss(codes, labels, K, source)
+        loss = run.loss(codes, labels, K, source, order)
     terms = {"loss": loss.float(), "K": K.float().mean()}
     common.check_finite({"loss": terms["loss"]}, step)
     run.opt.zero_grad(set_to_none=True)
@@ -452,11 +497,41 @@ def load_generator(path, device):
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["gpt_config"].items()}
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     if set(saved) != fields:
-        raise ValueError(f"generator checkpoint {path} was written by another version of mergear.py (config fields "
+        raise ValueError(f"generator checkpoint {path} was written by another version of gpt.py (config fields "
                          f"differ: {', '.join(sorted(set(saved) ^ fields))})")
-    model = Transformer(GPTConfig(**saved))
+    model = (RandARTransformer if ckpt["model_kind"] == "randar" else Transformer)(GPTConfig(**saved))
     common.load_strict(model, ckpt["model"], f"generator checkpoint {path}")
     return model.to(device).eval(), ckpt
+
+
+def check_generator_fits(tok, model, kind, tok_path):
+    """One line when the tokenizer is not the one the generator's codes came from."""
+    c, N, d = model.cfg, tok.cfg.num_tokens, tok.cfg.z_channels
+    size = c.block_size if kind != "randar" else N                          # RandAR's block_size is its K
+    if N != size or 2 ** d != c.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} (N={N}, 2^{d} codes) does not fit the generator (N={c.block_size}, "
+                         f"{c.vocab_size} codes): pass the stage-1 checkpoint the codes were extracted with")
+
+
+def sample_images(kind, model, tok, y, K, args, window, generator):
+    """One batch of class labels y (B,) -> decoded images (B, 3, S, S) in [-1, 1].
+
+    llamagen / mergear generate the N recovered codes in raster order and decode them position by position (the
+    identity source). randar generates the K merged tokens in --num-steps parallel steps; the Source Recovery Model
+    predicts their source, Eq. (11) recovers N tokens, and the decoder runs (Sec. 4.2)."""
+    N = tok.cfg.num_tokens
+    sampling = dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, generator=generator)
+    if kind == "randar":
+        indices = generate_randar(model, y, K, args.num_steps, **sampling)                 # (B, K) slot order
+        images, _ = decode_with_recovery(tok, indices)
+        return images.float().clamp(-1, 1)
+    if kind == "mergear":
+        codes = generate_mergear(model, y, K, N, window, **sampling)                        # (B, N)
+    else:
+        codes = generate(model, y, N, **sampling)                                           # (B, N)
+    identity = torch.arange(N, device=codes.device).expand(len(y), N)                       # the N codes, in place
+    return tok.decode(codes, identity).float().clamp(-1, 1)                                 # (B, 3, S, S)
 
 
 @torch.no_grad()
@@ -466,33 +541,29 @@ def run_sample(args):
     kind, c = ckpt["model_kind"], model.cfg
     tok_path = args.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tok_path, ema=True, device=device)
-    N, d = tok.cfg.num_tokens, tok.cfg.z_channels
-    if N != c.block_size or 2 ** d != c.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} (N={N}, 2^{d} codes) does not fit the generator (N={c.block_size}, "
-                         f"{c.vocab_size} codes): pass the stage-1 checkpoint the codes were extracted with")
+    check_generator_fits(tok, model, kind, tok_path)
     K = args.keep if args.keep is not None else tok.cfg.K
-    if kind == "mergear":
-        if K not in c.merge_counts:
-            raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
+    if kind == "mergear" and K not in c.merge_counts:
+        raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
+    if kind == "randar":
+        if args.keep is not None and args.keep != c.block_size:
+            raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
+        K = c.block_size
+        args.num_steps = args.num_steps or RANDAR_STEPS.get(K, max(1, round(K * 88 / 256)))
+        if not 1 <= args.num_steps <= K:
+            raise ValueError(f"--num-steps must lie in [1, K={K}], got {args.num_steps}")
+    args.cfg_schedule = args.cfg_schedule or ("linear" if kind == "randar" else "constant")
     labels = torch.arange(c.num_classes).repeat_interleave(args.num_per_class)       # rows of the grid = classes
     g = torch.Generator(device).manual_seed(args.seed)
-    window = ckpt.get("window")
     print(f"sample | {kind} step {ckpt.get('step')} | {len(labels)} images ({args.num_per_class} per class) | cfg "
           f"{args.cfg} ({args.cfg_schedule}) temperature {args.temperature} top-k {args.top_k} top-p {args.top_p}"
-          + (f" | K={K}" if kind == "mergear" else "") + f" | tokenizer {tok_path}", flush=True)
+          + (f" | K={K}" if kind != "llamagen" else "")
+          + (f" in {args.num_steps} steps, source predicted" if kind == "randar" else "")
+          + f" | tokenizer {tok_path}", flush=True)
     images, bar, t0 = [], common.progress_bar(len(labels), desc="sample"), time.time()
-    identity = torch.arange(N, device=device)                               # the N codes are the N tokens
     for s in range(0, len(labels), args.batch_size):
         y = labels[s:s + args.batch_size].to(device)
-        if kind == "mergear":
-            codes = generate_mergear(model, y, K, N, window, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     generator=g)                                        # (B, N)
-        else:
-            codes = generate(model, y, N, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
-        x = tok.decode(codes, identity.expand(len(y), N)).float().clamp(-1, 1)     # (B, 3, S, S)
-        images.append(x.cpu())
+        images.append(sample_images(kind, model, tok, y, K, args, ckpt.get("window"), g).cpu())
         bar.update(len(y))
     bar.close()
     images = torch.cat(images)                                              # (n, 3, S, S) in [-1, 1]
@@ -501,7 +572,8 @@ def run_sample(args):
     out = out[:-4] if out.endswith((".npz", ".png")) else out
     data_lib.save_image_grid(images, out + ".png", nrow=args.num_per_class)
     np.savez(out + ".npz", arr_0=data_lib.tensor_to_uint8(images), labels=labels.numpy())   # ADM: N x H x W x 3
-    print(f"wrote {out}.png and {out}.npz ({len(images)} images, {time.time() - t0:.1f} s)", flush=True)
+    print(f"wrote {out}.png and {out}.npz ({len(images)} images, {time.time() - t0:.1f} s, "
+          f"{(time.time() - t0) / len(images):.3f} s per image)", flush=True)
     return 0
 
 
@@ -509,13 +581,16 @@ def run_sample(args):
 def run_nll(args):
     """Held-out negative log-likelihood per code of a trained generator, under its own training objective: the
     causal model (llamagen) or the Eq. (12) mask with the Merge Instruction token of K (mergear), every one of the N
-    codes counted, no label smoothing, no dropout. With a factorized head the NLL of a code is CE(pre) + CE(post)."""
+    codes counted; randar: the K merged tokens, each sequence in one random order (seeded by --seed). No label
+    smoothing, no dropout. With a factorized head the NLL of a code is CE(pre) + CE(post). Also printed per image
+    (N codes for the raster models, K tokens for randar, whose source is left to the Source Recovery Model)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = load_generator(args.ckpt, device)
     table = read_codes(args.codes)
     kind, c = ckpt["model_kind"], model.cfg
     N = table["source"][int(table["Ks"][0])].shape[1]
-    if N != c.block_size or 2 ** table["tokenizer_config"]["z_channels"] != c.vocab_size:
+    if (N if kind != "randar" else c.block_size) != c.block_size or \
+            2 ** table["tokenizer_config"]["z_channels"] != c.vocab_size:
         raise ValueError(f"codes file {args.codes} (N={N}, 2^{table['tokenizer_config']['z_channels']} codes) does "
                          f"not fit the generator (N={c.block_size}, {c.vocab_size} codes)")
     if table["tokenizer_config"] != ckpt["tokenizer_config"] or table["tokenizer"] != ckpt["tokenizer"]:
@@ -525,27 +600,130 @@ def run_nll(args):
         print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
               f"(extract with --split val)", file=sys.stderr)
     K = args.keep if args.keep is not None else table["tokenizer_config"]["K"]
+    K = c.block_size if kind == "randar" else K                             # RandAR models one K, its block_size
     if K not in table["Ks"].tolist():
-        raise ValueError(f"--keep {K}: the codes file holds K {table['Ks'].tolist()} only")
+        raise ValueError(f"K={K}: the codes file holds K {table['Ks'].tolist()} only")
     if kind == "mergear" and K not in c.merge_counts:
         raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
     rep = args.rep or ckpt.get("rep") or "source"
     loss_fn = Stage2Loss(model, kind, ckpt.get("window"), rep)
     rows = torch.arange(len(table["labels"]) if args.max_rows is None else min(args.max_rows, len(table["labels"])))
     total, bar = 0.0, common.progress_bar(len(rows), desc="nll")
+    g = torch.Generator().manual_seed(args.seed)
     for s in range(0, len(rows), args.batch_size):
         r = rows[s:s + args.batch_size]
-        Kb = torch.full((len(r),), K, dtype=torch.long)
-        codes, source = gather_codes(table, r, Kb)                           # (B, N) x 2
-        loss = loss_fn(codes.to(device), table["labels"][r].to(device), Kb.to(device), source.to(device))
+        Kb, order = torch.full((len(r),), K, dtype=torch.long), None
+        if kind == "randar":
+            codes, source = merged_codes(table, r, K), torch.empty(0)       # (B, K) in slot order
+            order = random_orders(len(r), K, g).to(device)                  # (B, K)
+        else:
+            codes, source = gather_codes(table, r, Kb)                      # (B, N) x 2
+        loss = loss_fn(codes.to(device), table["labels"][r].to(device), Kb.to(device), source.to(device), order)
         total += loss.item() * len(r)
         bar.update(len(r))
     bar.close()
     nll = total / len(rows)
     print(f"nll | {kind} step {ckpt.get('step')} | {len(rows)} sequences of {table.get('split', 'train')} codes at "
           f"K={K}" + (f" (mask from {rep}, W={merge_window(model, ckpt.get('window'))})" if kind == "mergear" else "")
-          + f" | {nll:.4f} nats per code = {nll / math.log(2):.3f} bits (uniform: {math.log2(c.vocab_size):.0f})",
-          flush=True)
+          + f" | {nll:.4f} nats per code = {nll / math.log(2):.3f} bits (uniform: {math.log2(c.vocab_size):.0f}) | "
+          f"{nll * (K if kind == 'randar' else N) / math.log(2):.0f} bits per image "
+          f"({K if kind == 'randar' else N} codes)", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune-recovery: the Source Recovery Model on the generator's own tokens (Appendix A.1, Table A2)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Appendix A.1: "As for MergeVQ with Randomized AR generators, we further fine-tuned this module with the learned
+# generator after stage-2 training", 5 epochs, optional (Table A2: AdamW (0.9, 0.95), weight decay 1e-2, batch
+# 256). The target is not stated. Our reading: the inputs are tokens the generator writes for real images - at
+# every slot a token drawn from its teacher-forced distribution given the true tokens before it in a random order
+# (randar.teacher_forced_samples) - and the target is those images' true source. So the model learns to place
+# tokens with the errors a generator makes, supervised where the truth is known. Alternatives, not built: the
+# generator's argmax instead of a sample (cleaner tokens, less like sampling); freely generated samples (no true
+# source: only a self-consistency or reconstruction target); mixing in the tokenizer's own tokens (stage 1's data).
+
+
+@torch.no_grad()
+def recovery_accuracy(tok, model, table, K, batch_size, device, seed, max_rows=None):
+    """Fraction of original positions whose merged token the Source Recovery Model gets right, on the generator's
+    teacher-forced tokens of the table's images (seeded) and on the tokenizer's own tokens: (generated, true)."""
+    n = len(table["labels"]) if max_rows is None else min(max_rows, len(table["labels"]))
+    g, hits = torch.Generator().manual_seed(seed), [0.0, 0.0]
+    for s in range(0, n, batch_size):
+        r = torch.arange(s, min(s + batch_size, n))
+        tokens, labels = merged_codes(table, r, K).to(device), table["labels"][r].to(device)   # (B, K), (B,)
+        source = table["source"][K][r].long().to(device)                    # (B, N)
+        made = teacher_forced_samples(model, tokens, labels, generator=g)   # (B, K) slot order
+        for i, indices in enumerate((made, tokens)):
+            z_q = tok.quantizer.indices_to_codes(indices)                   # (B, K, d)
+            hits[i] += (tok.recovery.predict_source(z_q) == source).float().sum().item()
+    N = table["source"][K].shape[1]
+    return hits[0] / (n * N), hits[1] / (n * N)
+
+
+def run_finetune_recovery(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_generator(args.ckpt, device)
+    if ckpt["model_kind"] != "randar":
+        raise ValueError(f"{args.ckpt} is a {ckpt['model_kind']} checkpoint: the Source Recovery Model is fine-tuned "
+                         f"with a RandAR generator (the raster models need no predicted source)")
+    tok_path = args.tokenizer or ckpt["tokenizer"]
+    tok, tok_ckpt = load_tokenizer(tok_path, ema=True, device=device, return_checkpoint=True)
+    check_generator_fits(tok, model, "randar", tok_path)
+    K = model.cfg.block_size
+    table = read_codes(args.codes)
+    val = read_codes(args.val_codes) if args.val_codes else None
+    for name, t in (("--codes", table), ("--val-codes", val)):
+        if t is not None and K not in t["Ks"].tolist():
+            raise ValueError(f"{name}: the codes file holds K {t['Ks'].tolist()}, not the generator's K={K}")
+    rows = len(table["labels"])
+    steps = args.steps or max(1, args.epochs * rows // args.batch_size)
+    print(f"finetune-recovery | generator {args.ckpt} (randar, K={K}) | tokenizer {tok_path} | {rows} rows of "
+          f"{args.codes} | {steps} steps of batch {args.batch_size} | lr {args.lr}", flush=True)
+    if val is not None:
+        before = recovery_accuracy(tok, model, val, K, args.batch_size, device, args.seed, args.max_val_rows)
+        print(f"held-out recovery accuracy before: {before[0]:.4f} on generator-made tokens, {before[1]:.4f} on the "
+              f"tokenizer's tokens", flush=True)
+    rec = tok.recovery.train()
+    opt = torch.optim.AdamW(rec.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-2)   # Table A2
+    g = torch.Generator().manual_seed(args.seed)
+    order, bar, t0 = torch.empty(0, dtype=torch.long), common.progress_bar(steps, desc="finetune-recovery"), time.time()
+    for step in range(steps):
+        if len(order) < args.batch_size:                                    # a new pass over the rows
+            order = torch.cat([order, torch.randperm(rows, generator=g)])
+        r, order = order[:args.batch_size], order[args.batch_size:]
+        tokens, labels = merged_codes(table, r, K).to(device), table["labels"][r].to(device)   # (B, K), (B,)
+        made = teacher_forced_samples(model, tokens, labels, generator=g)  # (B, K): the generator's tokens
+        with torch.no_grad():
+            z_q = tok.quantizer.indices_to_codes(made)                      # (B, K, d)
+        loss = rec.loss(z_q, table["source"][K][r].long().to(device))       # Eq. (9) against the true source
+        common.check_finite({"recovery": loss}, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        if not common.bar_is_live(bar) and ((step + 1) % args.log_every == 0 or step + 1 == steps):
+            print(f"step {step + 1} recovery {loss.item():.4f}", flush=True)
+    bar.close()
+    rec.eval()
+    if val is not None:
+        after = recovery_accuracy(tok, model, val, K, args.batch_size, device, args.seed, args.max_val_rows)
+        print(f"held-out recovery accuracy after:  {after[0]:.4f} on generator-made tokens, {after[1]:.4f} on the "
+              f"tokenizer's tokens", flush=True)
+    # A stage-1 checkpoint like the input, its Source Recovery weights (EMA and raw) replaced: load_tokenizer,
+    # evaluate.py recon and `sample` read it as they read the original.
+    tuned = {f"recovery.{k}": v.detach().cpu() for k, v in rec.state_dict().items()}
+    out = dict(tok_ckpt)
+    out["ema"], out["model"] = {**tok_ckpt["ema"], **tuned}, {**tok_ckpt["model"], **tuned}
+    out["recovery_finetune"] = {"generator": os.path.abspath(args.ckpt), "codes": os.path.abspath(args.codes),
+                                "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                                "from_tokenizer": os.path.abspath(tok_path)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.save_checkpoint(args.out, out)
+    print(f"wrote {args.out} ({steps} steps, {time.time() - t0:.1f} s): the tokenizer with its fine-tuned Source "
+          f"Recovery Model", flush=True)
     return 0
 
 
@@ -612,7 +790,10 @@ def build_parser():
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class (ImageNet FID: 50 x 1000)")
     p.add_argument("--cfg", type=float, default=1.0,
                    help="guidance scale (1 = none: Table 3's LlamaGen / MergeAR rows; LlamaGen's FID script 1.5)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
+                   help="default: linear for randar (RandAR's 1 -> --cfg), constant for the raster models")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="randar: parallel decoding steps T (Table 3: 88 for K = 256, 64 for K = 144; else about K/3)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -631,8 +812,27 @@ def build_parser():
                    help="mergear: the Eq. (12) mask from the source or from codes (default: as trained)")
     p.add_argument("--max-rows", type=int, default=None, help="only the first rows of the codes file")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="randar: the random orders")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_nll)
+
+    p = sub.add_parser("finetune-recovery", help="fine-tune the Source Recovery Model on a RandAR generator's "
+                                                  "tokens of real images (Appendix A.1)")
+    p.add_argument("--ckpt", required=True, help="a randar checkpoint of `train`")
+    p.add_argument("--codes", required=True, help="codes of the training images (`extract`)")
+    p.add_argument("--val-codes", default=None,
+                   help="codes of held-out images (`extract --split val`): accuracy before and after")
+    p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
+    p.add_argument("--out", required=True, help="the stage-1 checkpoint to write, with the fine-tuned model")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the codes (Table A2: 5)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=256, help="Table A2: 256")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-val-rows", type=int, default=None, help="only the first held-out rows")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_finetune_recovery)
     return parser
 
 
@@ -640,7 +840,8 @@ def check_args(args):
     """One clear line for every argument that cannot work, before anything is built."""
     positive = {"extract": ["num_images", "batch_size"],
                 "train": ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at"],
-                "sample": ["num_per_class", "batch_size"], "nll": ["max_rows", "batch_size"]}[args.command]
+                "sample": ["num_per_class", "batch_size", "num_steps"], "nll": ["max_rows", "batch_size"],
+                "finetune-recovery": ["epochs", "steps", "batch_size", "max_val_rows", "log_every"]}[args.command]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -667,8 +868,14 @@ def check_args(args):
             raise FileNotFoundError(f"--resume {args.resume}: no such file")
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is an existing file, not a folder")
-    if args.command == "nll":
-        for flag, path in [("--ckpt", args.ckpt), ("--codes", args.codes)]:
+    if args.command == "finetune-recovery":
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be positive, got {args.lr}")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder: name the checkpoint file to write")
+    if args.command in ("nll", "finetune-recovery"):
+        for flag, path in [("--ckpt", args.ckpt), ("--codes", args.codes)] + \
+                ([("--val-codes", args.val_codes)] if getattr(args, "val_codes", None) else []):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.command == "sample":
@@ -684,7 +891,7 @@ def main(argv=None):
     name = f"train_stage2.py {args.command}"
     try:
         check_args(args)
-        if args.func is not None:                                           # extract, sample: one process
+        if args.func is not None:                                           # extract, sample, nll, finetune-recovery
             return args.func(args)
         rank, world, device = common.setup_distributed(args.device)
         try:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lfq import join_index, split_index
-from mergear import apply_rotary_emb, build_gpt, count_parameters, generate, precompute_freqs_cis_2d
+from gpt import apply_rotary_emb, build_gpt, count_parameters, generate, precompute_freqs_cis_2d
 from randar import (build_randar, check_order, decode_randar, decode_with_recovery, generate_randar,
                     num_query_tokens_schedule, randar_inputs, randar_logits, randar_loss, random_orders,
                     slot_rope_rows, to_generation_order, to_slot_order)

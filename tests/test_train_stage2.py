@@ -75,7 +75,7 @@ def test_extract_gathers_the_recovered_codes(files):
             assert torch.equal(tok.quantizer.indices_to_codes(codes_full[v::2]), recovered)
 
 
-@pytest.mark.parametrize("model", ["llamagen", "mergear"])
+@pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_loss_falls_on_fixed_codes(files, model):
     d, _, codes = files
     out = train(d, f"falls-{model}", codes, "--steps", "12", "--lr", "1e-2", "--dropout", "0", model=model)
@@ -83,10 +83,10 @@ def test_loss_falls_on_fixed_codes(files, model):
     first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
     assert last < first - 1.0, (first, last)
     Ks = {r["K"] for r in log}
-    assert Ks == {16.0} if model == "llamagen" else len(Ks) > 1             # mergear draws K per image
+    assert Ks == {16.0} if model != "mergear" else len(Ks) > 1              # mergear draws K per image
 
 
-@pytest.mark.parametrize("model", ["llamagen", "mergear"])
+@pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_resume_is_exact(files, model):
     """--stop-at + --resume equals the straight run bit for bit (dropout on: the RNG states are restored)."""
     d, _, codes = files
@@ -120,13 +120,14 @@ def test_two_processes_equal_one_process(files):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5, msg=name)
 
 
-@pytest.mark.parametrize("model", ["llamagen", "mergear"])
+@pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_sample_writes_a_png_and_an_adm_npz(files, model):
     d, _, codes = files
     out = train(d, f"sample-{model}", codes, "--steps", "1", model=model)
     prefix = str(d / f"samples-{model}")
+    steps = ["--num-steps", "5"] if model == "randar" else []                # RandAR: 16 tokens in 5 steps
     assert train_stage2.main(["sample", "--ckpt", os.path.join(out, "last.pt"), "--num-per-class", "2",
-                              "--cfg", "1.5", "--top-k", "100", "--out", prefix]) == 0
+                              "--cfg", "1.5", "--top-k", "100", "--out", prefix, *steps]) == 0
     assert os.path.getsize(prefix + ".png") > 0
     f = np.load(prefix + ".npz")
     assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (20, 32, 32, 3)
@@ -172,9 +173,15 @@ def test_plain_vocabulary_when_the_tokenizer_has_fewer_bits(tmp_path):
         assert np.load(tmp_path / f"s-{model}.npz")["arr_0"].shape == (10, 32, 32, 3)
 
 
+def nats_per_code(out):
+    """The figure of `nll`'s line "... | 12.4766 nats per code = ... | ... bits per image (...)"."""
+    part = next(p for p in out.split("|") if "nats per code" in p)
+    return float(part.split()[0])
+
+
 def test_nll_on_held_out_codes(files, capsys):
     """extract --split val tokenizes the held-out images; `nll` of a generator whose heads are still zero (lr 1e-30:
-    the zero-initialised heads stay zero) is the uniform code, 18 ln 2 = 12.4766 nats, for both models; a trained
+    the zero-initialised heads stay zero) is the uniform code, 18 ln 2 = 12.4766 nats, for all three models; a trained
     model scores its own training codes below that."""
     d, tok, _ = files
     val = str(d / "val.pt")
@@ -186,13 +193,61 @@ def test_nll_on_held_out_codes(files, capsys):
         enc = load_tokenizer(tok).encode(ShapesDataset("val", size=32)[4][0][None], K=16)
     assert torch.equal(table["indices"][16][4].long(), enc.indices[0])
     capsys.readouterr()
-    for model in ("llamagen", "mergear"):
+    for model in ("llamagen", "mergear", "randar"):
         out = train(d, f"nll-{model}", files[2], "--steps", "1", "--lr", "1e-30", model=model)
         assert train_stage2.main(["nll", "--ckpt", os.path.join(out, "last.pt"), "--codes", val]) == 0
-        nats = float(capsys.readouterr().out.split("|")[-1].split()[0])
+        nats = nats_per_code(capsys.readouterr().out)
         assert nats == pytest.approx(18 * np.log(2), abs=1e-3), model
     out = train(d, "nll-trained", files[2], "--steps", "12", "--lr", "1e-2", "--dropout", "0", model="llamagen")
     assert train_stage2.main(["nll", "--ckpt", os.path.join(out, "last.pt"), "--codes", files[2], "--keep", "16"]) == 0
     captured = capsys.readouterr()
-    assert float(captured.out.split("|")[-1].split()[0]) < 18 * np.log(2) - 1.0
+    assert nats_per_code(captured.out) < 18 * np.log(2) - 1.0
     assert "not held-out ones" in captured.err
+
+
+def test_randar_trains_on_the_merged_tokens_in_random_orders(files):
+    """RandAR's generator: block_size K (its slots on a sqrt(K) grid), the position instruction embedding, betas
+    (0.9, 0.95) (Table A2's RandAR-L column); its loss is the NLL of the K merged tokens (uniform 18 ln 2 at step 0:
+    the zero heads) in orders that differ between steps and between images."""
+    d, _, codes = files
+    out = train(d, "randar-layout", codes, "--steps", "2", "--lr", "1e-30", model="randar")
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["gpt_config"]["block_size"] == 16 and ckpt["train_config"]["betas"] in ([0.9, 0.95], (0.9, 0.95))
+    assert ckpt["model"]["pos_instruct_embeddings"].shape == (1, 64)
+    assert read_log(out)[0]["loss"] == pytest.approx(18 * np.log(2), abs=1e-3)
+    a = train_stage2.draw_orders(16, 0, 0, 4, 0, 1)
+    b = train_stage2.draw_orders(16, 1, 0, 4, 0, 1)
+    assert not torch.equal(a, b) and len({tuple(o) for o in a.tolist()}) == 4
+    assert torch.equal(a.sort(1).values, torch.arange(16).expand(4, 16))    # permutations of the slots
+    # rank r of w processes takes the global positions r, r + w, ... of the same draw
+    assert torch.equal(train_stage2.draw_orders(16, 3, 0, 4, 1, 2), train_stage2.draw_orders(16, 3, 0, 4, 0, 1)[1::2])
+
+
+def test_finetune_recovery_improves_accuracy_on_held_out_generator_tokens(files, capsys):
+    """Appendix A.1: the Source Recovery Model fine-tuned on a RandAR generator's teacher-forced tokens of the
+    training images places the generator's tokens of held-out images better than before; the written checkpoint
+    is a stage-1 checkpoint whose only changed weights are the recovery model's."""
+    d, tok, codes = files
+    val = str(d / "val-ft.pt")
+    assert train_stage2.main(["extract", "--tokenizer", tok, "--split", "val", "--num-images", "8", "--keep", "16",
+                              "--out", val]) == 0
+    gen = train(d, "randar-ft", codes, "--steps", "10", "--lr", "1e-2", "--dropout", "0", model="randar")
+    out = str(d / "tuned.pt")
+    capsys.readouterr()
+    assert train_stage2.main(["finetune-recovery", "--ckpt", os.path.join(gen, "last.pt"), "--codes", codes,
+                              "--val-codes", val, "--steps", "40", "--batch-size", "8", "--lr", "3e-3",
+                              "--out", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    acc = {w: float(next(x for x in lines if x.startswith(f"held-out recovery accuracy {w}")).split(":")[1].split()[0])
+           for w in ("before", "after")}
+    assert acc["before"] < 0.09 and acc["after"] > 1.5 * acc["before"], acc   # chance: 1 / K = 0.0625
+    old, new = torch.load(tok, weights_only=True), torch.load(out, weights_only=True)
+    changed = {k for k in old["ema"] if not torch.equal(old["ema"][k], new["ema"][k])}
+    assert changed and all(k.startswith("recovery.") for k in changed)
+    assert load_tokenizer(out).recovery.queries.shape == (1, 64, 64)        # loads as a tokenizer
+    raster = train(d, "ft-mergear", codes, "--steps", "1", model="mergear")
+    capsys.readouterr()
+    assert train_stage2.main(["finetune-recovery", "--ckpt", os.path.join(raster, "last.pt"), "--codes", codes,
+                              "--out", str(d / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fine-tuned with a RandAR generator" in err
