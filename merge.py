@@ -5,6 +5,7 @@ Implements (paper Sec. 3.1-3.3, Appendix A.1 and A.3; ToMe, Bolya et al. 2023):
   - the size-weighted average of merged tokens and the proportional-attention bias log(size)          Eq. (14)
   - the source matrix that records which original tokens every merged token holds                     Eq. (2)
   - token recovery: x_full = source^T @ z                                                            Eq. (5), (11)
+  - the group mean of original tokens per merged token (source @ x / size; MergeTok's groups, mergetok.py)
   - merge schedules over L layers (square-decreasing: paper; linear: authors' release)
   - kept-token sampling around the target K (exponential: Eq. (15); Gaussian: Eq. (16))
 
@@ -165,6 +166,23 @@ def recover(z, source):
         raise ValueError(f"recover: source {tuple(source.shape)} {source.dtype} does not fit tokens "
                          f"{tuple(z.shape)}: expected an int64 index map (B, N) for z (B, K, C)")
     return z.gather(1, source[..., None].long().expand(-1, -1, z.shape[-1]))   # Eq. (11): (B, N, C)
+
+
+def group_mean(x, source, K):
+    """The mean of the original tokens held by each merged token: x (B, N, C), source (B, N) -> (B, K, C).
+
+    m_k = sum_j [source_j = k] x_j / size_k, i.e. (source_matrix @ x) / size: the direction opposite to recover
+    (Eq. (11)), and what ToMe's size-weighted average (merge_wavg) gives when every original token has size 1.
+    So group_mean(recover(z, source), source, K) == z, and recover(group_mean(x)) is each token's group mean.
+    """
+    if source.shape != x.shape[:2] or source.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"group_mean: source {tuple(source.shape)} {source.dtype} does not fit tokens "
+                         f"{tuple(x.shape)}: expected an int64 index map (B, N) for x (B, N, C)")
+    B, N, C = x.shape
+    index = source.long()[..., None]                                           # (B, N, 1)
+    sums = x.new_zeros(B, K, C).scatter_add(1, index.expand(-1, -1, C), x)   # (B, K, C)
+    size = x.new_zeros(B, K, 1).scatter_add(1, index, x.new_ones(B, N, 1))   # (B, K, 1) members per group
+    return sums / size.clamp_min(1)                                            # an empty group stays 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, K 256   (encoder 
                       gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, K 144  (encoder 62.7M, decoder 83.4M)
                       r  - ViT-B/16, 16x16 = 256 tokens, K 36          (encoder 86.6M, decoder 83.4M)
 Each has a `paper` preset (the default) and a `tiny` one for the CPU (64x64 images, narrow, few blocks).
+A fourth variant, `mergetok` (issue 12: MergeTok, a joint continuous + discrete tokenizer on G's encoder and decoder),
+has its config here (MergeTokConfig, the same presets) and its model in mergetok.py, which builds on this module.
 
 The encoder's attention blocks use DINOv2's key names (norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
 mlp.fc2, ls2.gamma) so that the DINOv2 weight selection of G and G+R maps key to key.
@@ -37,7 +39,8 @@ from merge import (bipartite_soft_matching, track_source, merge_schedule, merge_
 from recovery import SourceRecovery
 from vit import Block, Mlp
 
-VARIANTS = ("g", "gr", "r")
+VARIANTS = ("g", "gr", "r")                 # MergeVQ's (Table A1)
+ALL_VARIANTS = VARIANTS + ("mergetok",)     # + MergeTok (mergetok.py)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: Table A1 (paper) and a CPU preset (tiny)
@@ -92,6 +95,15 @@ class TokenizerConfig:
         return self.grid ** 2
 
 
+@dataclass
+class MergeTokConfig(TokenizerConfig):
+    """MergeTok (mergetok.py): G's encoder, quantizer and decoder (the fields above) and its continuous branch."""
+    variant: str = "mergetok"
+    vae_channels: int = 18                  # C, channels of the Gaussian posterior per token (= d: same width)
+    sem_target: str = "group"               # (i) pulls mu toward its merged group's mean; "dinov2": toward DINOv2
+                                            # features pooled over the group, through a learned projection
+
+
 PRESETS = {
     "paper": {
         "g": TokenizerConfig(variant="g"),
@@ -119,15 +131,20 @@ PRESETS = {
                              rec_dim=64, rec_heads=4, rec_ffn=256),
     },
 }
+# MergeTok on G's layout at either scale (the tiny G target K = 64, so G and MergeTok compare at the same K)
+for _preset in PRESETS.values():
+    _preset["mergetok"] = MergeTokConfig(**{k: v for k, v in dataclasses.asdict(_preset["g"]).items()
+                                            if k != "variant"})
 
 
 def get_config(variant, preset="paper", **overrides):
     """The named preset of a variant, with field overrides (e.g. image_size=128, merge_schedule="linear")."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)} (G, G+R, R)")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(ALL_VARIANTS)} (G, G+R, R, "
+                         f"MergeTok)")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
+    fields = {f.name for f in dataclasses.fields(PRESETS[preset][variant])}
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"unknown tokenizer config field(s): {', '.join(sorted(unknown))}")
@@ -342,7 +359,9 @@ class Encoder(nn.Module):
                 h = stage.downsample(h)
         return h.flatten(2).transpose(1, 2), tuple(h.shape[-2:])                   # (B, N, D), (h, w)
 
-    def forward(self, x, K):
+    def merge_tokens(self, x, K):
+        """Image -> the N tokens entering the attention blocks (B, N, D), the K merged tokens they leave as
+        (B, K, D), the CLS feature (B, D) and the source (B, N) in [0, K). MergeTok (mergetok.py) reads all four."""
         tokens, _ = self.features(x)                                               # (B, N, D)
         B, N, _ = tokens.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)  # (B, 1 + N, D)
@@ -351,11 +370,16 @@ class Encoder(nn.Module):
             x, size, source = block(x, size, source, r)
         if source is None:                                                         # K == N: nothing merged
             source = torch.arange(N + 1, device=x.device).expand(B, -1)
-        cls, z = x[:, 0], x[:, 1:]                                                 # (B, D), (B, K, D)
-        z = self.norm_out(z.transpose(1, 2)).transpose(1, 2)                       # GroupNorm over (B, D, K)
-        z = self.proj_out(F.silu(z))                                               # (B, K, d)
         # The CLS token never merges and stays at 0: image token j now sits in merged token source[:, 1 + j] - 1.
-        return z, cls, source[:, 1:] - 1                                           # source (B, N) in [0, K)
+        return tokens, x[:, 1:], x[:, 0], source[:, 1:] - 1                     # (B, N, D), (B, K, D), (B, D), (B, N)
+
+    def head(self, z):
+        """GroupNorm over (B, D, T) and SiLU: tokens (B, T, D) -> (B, T, D), what proj_out reads."""
+        return F.silu(self.norm_out(z.transpose(1, 2)).transpose(1, 2))
+
+    def forward(self, x, K):
+        _, z, cls, source = self.merge_tokens(x, K)                               # z (B, K, D), source (B, N)
+        return self.proj_out(self.head(z)), cls, source                            # (B, K, d), (B, D), (B, N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,10 +458,12 @@ class TokenizerOutput(NamedTuple):
 
 
 class MergeVQTokenizer(nn.Module):
+    variants = VARIANTS                     # the variants this class builds (mergetok.MergeTokenizer: "mergetok")
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        if cfg.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {cfg.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if cfg.variant not in self.variants:
+            raise ValueError(f"unknown variant {cfg.variant!r}: choose one of {', '.join(self.variants)}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quantizer = LFQ(cfg.z_channels)
@@ -544,11 +570,15 @@ class MergeVQTokenizer(nn.Module):
 
 
 def build_tokenizer(variant, preset="paper", config=None, **overrides):
-    """The MergeVQ tokenizer of a variant ('g', 'gr', 'r') at a preset ('paper' default, 'tiny'), or from a config."""
+    """The tokenizer of a variant ('g', 'gr', 'r'; 'mergetok') at a preset ('paper' default, 'tiny'), or from a
+    config."""
     if config is None:
         config = get_config(variant, preset, **overrides)
     elif config.variant != variant:
         raise ValueError(f"config is for variant {config.variant!r}, not {variant!r}")
+    if variant == "mergetok":
+        from mergetok import MergeTokenizer        # here, not at the top: mergetok.py builds on this module
+        return MergeTokenizer(config)
     return MergeVQTokenizer(config)
 
 
@@ -558,11 +588,12 @@ def load_tokenizer(path, ema=True, device="cpu", return_checkpoint=False):
     file. With return_checkpoint, also the checkpoint dict (step, configs, ...)."""
     ckpt = read_checkpoint(path, "stage-1 checkpoint", required=("model", "ema", "tokenizer_config"))
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["tokenizer_config"].items()}
-    fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
+    config_class = MergeTokConfig if saved.get("variant") == "mergetok" else TokenizerConfig
+    fields = {f.name for f in dataclasses.fields(config_class)}
     if set(saved) != fields:
         raise ValueError(f"stage-1 checkpoint {path} was written by another version of tokenizer.py (config fields "
                          f"differ: {', '.join(sorted(set(saved) ^ fields))})")
-    config = TokenizerConfig(**saved)
+    config = config_class(**saved)
     model = build_tokenizer(config.variant, config=config)
     weights = ckpt["ema" if ema else "model"]
     own = model.state_dict()

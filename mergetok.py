@@ -1,0 +1,199 @@
+"""MergeTok: one encoder-decoder with a continuous (VAE) and a discrete (LFQ) branch, bridged by token merging.
+
+Issue 12; the paper (arXiv 2605.30904) is available to us as its abstract only (../shared/papers/mergetok-abstract.txt)
+and no code of it is public, so this module is one reading of it. Every choice below is ours, with its reason.
+
+The abstract's claims we build on: a unified tokenizer "jointly optimizes continuous (VAE) and discrete (VQ)
+tokenizers within a[n] encoder-decoder architecture"; clustering similar tokens during encoding (token merging)
+"provides dual supervision signals: (i) merged-token semantic alignment in the VAE branch ... (ii) group-wise
+constraints, promoting intra-group diversity and inter-group exclusivity that stabilize VQ training"; comparisons
+are "under matched token budgets".
+
+The model (MergeTokenizer), for an image x:
+
+    the shared encoder = G's (tokenizer.Encoder): CNN -> N tokens t_i -> ToMe attention blocks that merge them into
+        K tokens z_k; the source g(i) in [0, K) names the merged group of token i                (merge.py, Eq. (7))
+    per-token features   h_i = z_g(i) + (t_i - tbar_g(i)),   tbar_k = mean of t_j over group k
+    shared head          h_i -> GroupNorm - SiLU (the encoder's norm_out) -> two projections:
+        discrete         u_i = proj_out(.)                          (B, N, d)  the encoder's own projection (G's)
+        continuous       (mu_i, log sigma_i^2) = posterior(.)       (B, N, C)  a Gaussian posterior per token
+    merging the latents  both branches send the decoder K merged tokens, the group means of the per-token latents:
+        discrete         q_k = sign(mean_{i in k} u_i)              LFQ (lfq.py, Eq. (4)): K indices of d bits
+        continuous       c_k = mean_{i in k} (mu_i + sigma_i eps_i) (training; eval: mean_{i in k} mu_i)
+    one decoder          x_d = Dec(recover(q, source)),  x_c = Dec(recover(W c, source))      (Eq. (11) recovery)
+
+and the losses (losses.generator_loss, weights in train_stage1.TrainConfig), on top of G's (LFQ commitment and
+entropy on the merged latents, source recovery, the Eq. (10) alignment):
+
+    both reconstructions     L_rec + LPIPS + GAN for x_d and for x_c
+    KL                       mean_i KL(N(mu_i, sigma_i^2) || N(0, I))                        small weight (w_kl)
+    (i)  semantic alignment  L_sem = mean_i (1 - cos(mu_i, sg(m_g(i)))),  m_k = mean_{i in k} mu_i
+    (ii) group constraints   s_ib = sigmoid(4 u_ib / tau),  k_ij = prod_b [s_ib s_jb + (1 - s_ib)(1 - s_jb)],
+                             L_intra = mean of k_ij over pairs i != j in one group,
+                             L_exc   = mean of k_ij over pairs in different groups of one image
+
+Design choices and their reasons:
+
+ 1. The encoder is G's, unchanged (so DINOv2 weight selection, the alignment head and the Source Recovery Model
+    carry over), and the ablation G vs MergeTok differs only by what this module adds.
+ 2. Per-token features h_i = z_g(i) + (t_i - tbar_g(i)). Both signals of the abstract are statements about the N
+    tokens inside and across merged groups, so every token needs a feature of its own. Recovering the merged tokens
+    (recover(z, source)) gives every member of a group the same feature: L_sem would be 0 and every pair inside a
+    group would collide, whatever the weights. h_i keeps each token's own deviation from its group at the input of
+    the attention blocks, and its group mean is exactly the encoder's merged token (the deviations average to 0):
+    group_mean(h) = z. With K = N (no merging) h = z.
+ 3. Where the tokens sit relative to merging: both branches decode the K merged tokens, recovered to N with the
+    source, as G does. (a) The token budget is K in all three (G, discrete, continuous), the "matched token budget"
+    of the abstract, so the ablation compares them at one K. (b) The discrete tokens are exactly what stage 2 reads:
+    encode(x, K) gives indices (B, K) and the source (B, N), decode(indices, source) is G's decode, and
+    train_stage2.py (extract, MergeAR, sampling) runs unchanged on what the decoder was trained with. The per-token
+    latents u_i, mu_i are the tokens "before merging": the losses (i), (ii) and the KL act on them. Not taken:
+    decoding N per-token codes (4 times G's bits at K = 64 of N = 256, and stage 2's K merged indices would not be
+    what the decoder saw).
+ 4. The merged latent is the group mean of the per-token latents (each original token weighs 1, what ToMe's
+    size-weighted average gives the features): the merged code is the sign of the mean of its members' latents,
+    so each member's bits vote; the merged Gaussian latent is the mean of the members' samples.
+ 5. The continuous branch is sampled per token (the reparameterisation mu + sigma eps on every token) before the
+    merge: the KL is per token as the posterior is, and a merged token of n members carries noise of variance
+    mean(sigma^2) / n. Evaluation decodes the merged means (no noise). log sigma^2 is clamped to [-30, 20].
+ 6. One decoder for both branches, with separate input projections: the discrete codes enter as in G (identity),
+    the continuous latent through its own Linear(C, d) (W above, initialised to the identity when C = d). The
+    discrete path stays G's exactly, so decoding indices needs no branch flag; the continuous latents (Gaussian,
+    any scale) and the +-1 codes differ in distribution, and W lets the decoder, whose conv_in and adaptive
+    GroupNorm both read the latent, tell them apart (a branch embedding would be W's bias alone). Both branches
+    are decoded in one decoder call on the concatenated batch (2B): the decoder has no operation across images.
+ 7. (ii) acts on the per-token discrete latents u_i with LFQ's own per-bit probability (p(c | u) factorises into
+    sigmoid(4 u_b c_b / tau), lfq.py), so k_ij is the probability that tokens i and j draw the same code; tau is
+    its own setting (TrainConfig.group_tau = 1, not LFQ's 0.01): at 0.01 a latent of |u| = 0.1 already has bits
+    within e^-40 of hard ones and k_ij is 0 or 1 with no gradient except at the decision boundary; at tau = 1 a
+    committed latent (|u| ~ 1) has s = 0.982, identical codes collide with k ~ 0.53 and codes one bit apart with
+    ~0.02, with gradients. losses.code_collision computes k_ij in log space.
+ 8. (i)'s target is the stop-gradient group mean of the posterior means (the default); --sem-target dinov2 pulls a
+    learned projection of mu_i toward DINOv2 patch features pooled over the same group (a margin cosine loss, as
+    VA-VAE's), for runs with DINOv2 weights.
+
+    python mergetok.py       # parameter counts of both presets and a tiny forward with every loss term
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from lfq import LFQOutput
+from merge import group_mean, recover
+from tokenizer import MergeTokConfig, MergeVQTokenizer
+
+# ----------------------------------------------------------------------------------------------------------------
+# What encode and forward return
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MergeTokEncoding(NamedTuple):
+    """tokenizer.Encoding's fields first (the discrete branch: what stage 2 and evaluate.py read), then the rest."""
+    indices: torch.Tensor           # (B, K) int64 LFQ indices of the merged tokens
+    source: torch.Tensor            # (B, N) int64 in [0, K): the merged group of original token i
+    z_q: torch.Tensor               # (B, K, d) quantized merged tokens in {-1, +1} (straight-through)
+    K: int
+    cls: torch.Tensor               # (B, D) the encoder's CLS output
+    lfq: LFQOutput                  # LFQ's terms on the merged latents
+    u: torch.Tensor                 # (B, N, d) per-token discrete latents, before merging ((ii) acts on them)
+    mu: torch.Tensor                # (B, N, C) posterior means
+    logvar: torch.Tensor            # (B, N, C) posterior log-variances
+    latent: torch.Tensor            # (B, K, C) merged continuous latent: group mean of samples (train) / means (eval)
+
+
+class MergeTokOutput(NamedTuple):
+    recon: torch.Tensor             # (B, 3, H, W) the discrete branch's reconstruction (tokenizer.TokenizerOutput's)
+    enc: MergeTokEncoding
+    recovery_loss: torch.Tensor     # Eq. (9), on the discrete codes
+    recon_vae: torch.Tensor         # (B, 3, H, W) the continuous branch's reconstruction
+    sem_pred: torch.Tensor          # (B, N, align_dim) projected mu_i for --sem-target dinov2, else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MergeTokenizer(MergeVQTokenizer):
+    """G's tokenizer (encoder, LFQ, decoder, Source Recovery Model, alignment head) plus a Gaussian posterior per
+    token and the continuous branch's input projection. encode / decode keep MergeVQTokenizer's interface."""
+    variants = ("mergetok",)
+
+    def __init__(self, cfg: MergeTokConfig):
+        super().__init__(cfg)
+        if cfg.sem_target not in ("group", "dinov2"):
+            raise ValueError(f"sem_target must be 'group' or 'dinov2', got {cfg.sem_target!r}")
+        if cfg.patch_size:
+            raise ValueError("MergeTok builds on G's CNN encoder: patch_size must be 0")
+        C, d = cfg.vae_channels, cfg.z_channels
+        self.posterior = nn.Linear(cfg.embed_dim, 2 * C)                 # h_i -> (mu_i, log sigma_i^2)
+        self.vae_in = nn.Linear(C, d)                                     # W: the continuous input projection
+        nn.init.trunc_normal_(self.posterior.weight, std=0.02)
+        nn.init.zeros_(self.posterior.bias)
+        with torch.no_grad():                                            # identity where it can be
+            self.vae_in.weight.copy_(torch.eye(d, C))
+            self.vae_in.bias.zero_()
+        self.sem_proj = nn.Linear(C, cfg.align_dim) if cfg.sem_target == "dinov2" else None
+
+    # ---- encode ---------------------------------------------------------------------------------------------
+
+    def token_latents(self, x, K):
+        """Images -> per-token latents u (B, N, d), mu and logvar (B, N, C), the CLS feature, the source (B, N)."""
+        tokens, z, cls, source = self.encoder.merge_tokens(x, K)      # (B, N, D), (B, K, D), (B, D), (B, N)
+        # h_i = z_g(i) + (t_i - tbar_g(i)): each token's own deviation on top of its merged token
+        tbar = group_mean(tokens, source, K)                          # (B, K, D)
+        h = recover(z, source) + tokens - recover(tbar, source)       # (B, N, D)
+        a = self.encoder.head(h)                                      # (B, N, D): GroupNorm - SiLU
+        u = self.encoder.proj_out(a)                                  # (B, N, d): G's projection
+        mu, logvar = self.posterior(a).float().chunk(2, dim=-1)       # (B, N, C) each
+        return u, mu, logvar.clamp(-30.0, 20.0), cls, source
+
+    def encode(self, x, K=None):
+        """Images (B, 3, H, W) in [-1, 1] -> MergeTokEncoding: the discrete branch's merged indices and source
+        (G's Encoding fields, what stage 2 reads), then the per-token latents and the merged continuous latent."""
+        self._check_image(x)
+        K = self.check_K(self.cfg.K if K is None else K)
+        u, mu, logvar, cls, source = self.token_latents(x, K)
+        q = self.quantizer(group_mean(u.float(), source, K))          # LFQ of the merged latents (B, K, d), fp32
+        sample = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if self.training else mu   # (B, N, C)
+        latent = group_mean(sample, source, K)                         # (B, K, C)
+        return MergeTokEncoding(q.indices, source, q.z_q, K, cls, q, u, mu, logvar, latent)
+
+    # ---- decode (decode(indices, source) and decode_codes are MergeVQTokenizer's: the discrete branch) -------
+
+    def decode_latent(self, latent, source):
+        """The continuous branch: merged latents (B, K, C) + the source (B, N) -> images (B, 3, H, W)."""
+        if source is None:
+            raise ValueError("decode_latent needs the source: the Source Recovery Model reads discrete codes only")
+        z = self.vae_in(latent.to(self.vae_in.weight.dtype))          # (B, K, d)
+        return self.decode_codes(z, source)
+
+    def forward(self, x, K=None):
+        """The stage-1 forward: both branches decoded with the true source in one decoder call, the recovery loss
+        (Eq. 9) on the discrete codes, and (sem_target dinov2) the projection of mu that (i) aligns."""
+        enc = self.encode(x, K)
+        B, g = x.shape[0], self.cfg.grid
+        z = torch.cat([enc.z_q.to(self.vae_in.weight.dtype), self.vae_in(enc.latent.to(self.vae_in.weight.dtype))])
+        z_full = recover(z, torch.cat([enc.source, enc.source]))       # Eq. (11): (2B, N, d)
+        z_full = z_full.transpose(1, 2).reshape(2 * B, -1, g, g)       # (2B, d, g, g)
+        recon, recon_vae = self.decoder(z_full).chunk(2)               # (B, 3, H, W) each
+        recovery_loss = self.recovery.loss(enc.z_q, enc.source)
+        sem_pred = self.sem_proj(enc.mu.to(self.sem_proj.weight.dtype)) if self.sem_proj is not None else None
+        return MergeTokOutput(recon, enc, recovery_loss, recon_vae, sem_pred)
+
+
+if __name__ == "__main__":
+    from tokenizer import build_tokenizer, count_parameters
+    with torch.device("meta"):
+        paper = build_tokenizer("mergetok")
+    print(f"paper mergetok: encoder {count_parameters(paper.encoder) / 1e6:.2f}M, decoder "
+          f"{count_parameters(paper.decoder) / 1e6:.2f}M, continuous head + input projection "
+          f"{(count_parameters(paper.posterior) + count_parameters(paper.vae_in)) / 1e3:.1f}K")
+    torch.manual_seed(0)
+    tok = build_tokenizer("mergetok", "tiny")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = tok(x, K=64)
+    print("tiny: indices", tuple(out.enc.indices.shape), "source", tuple(out.enc.source.shape), "u",
+          tuple(out.enc.u.shape), "mu", tuple(out.enc.mu.shape), "latent", tuple(out.enc.latent.shape),
+          "recon", tuple(out.recon.shape), "recon_vae", tuple(out.recon_vae.shape))
