@@ -9,6 +9,8 @@
     `dinov2_vitb14_pretrain.pth` key for key.
   - The global alignment losses: the paper's DINO-style cross-entropy (Eq. (10)) and the authors' release's
     temperature-scaled KL.
+  - MergeTok's terms (issue 12, mergetok.py): the per-token Gaussian KL, (i) merged-token semantic alignment, and
+    (ii) the group-wise code constraints from the collision probability k_ij of two tokens' soft codes.
   - The stage-1 objective: `generator_loss` (the tokenizer's named terms and their weighted sum) and
     `discriminator_loss` (hinge + LeCam), the weights read from the training configuration in one place.
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import all_reduce_mean, all_reduce_sum_differentiable, load_strict, resolve_weights
+from merge import group_mean, recover
 from vit import Block, PatchEmbed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,7 +361,8 @@ class DINOv2(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)             # (1, h*w, D)
         return torch.cat([cls_pos, patch_pos], dim=1).to(self.pos_embed.dtype)      # (1, 1 + h*w, D)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """x as in forward -> all final-norm tokens (B, 1 + h*w, D): CLS first, then the patches row by row."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"DINOv2 expects (B, 3, H, W) images, got {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -371,7 +375,22 @@ class DINOv2(nn.Module):
         tokens = tokens + self.interpolate_pos_encoding(H // P, W // P)
         for blk in self.blocks:
             tokens = blk(tokens)
-        return self.norm(tokens)[:, 0]                                              # (B, D)
+        return self.norm(tokens)
+
+    def forward(self, x):
+        return self.forward_features(x)[:, 0]                                       # (B, D)
+
+    def patch_grid(self, x, grid):
+        """DINOv2's patch features resampled to a tokenizer's grid x grid tokens (area average, or bilinear when
+        the grid is finer): x as in forward -> (B, grid * grid, D), row by row (MergeTok's --sem-target dinov2)."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        patches = self.forward_features(x)[:, 1:]                                   # (B, h*w, D)
+        patches = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)             # (B, D, h, w)
+        if grid <= min(h, w):
+            patches = F.adaptive_avg_pool2d(patches, grid)                          # (B, D, grid, grid)
+        else:
+            patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False)
+        return patches.flatten(2).transpose(1, 2)                                   # (B, grid * grid, D)
 
 
 def load_dinov2(model, weights):
@@ -440,14 +459,122 @@ def alignment_loss_kl(student, teacher, tau=4.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# MergeTok's terms (issue 12; mergetok.py has the model and the reasons for each choice)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, diag(sigma^2)) || N(0, I)) per token, summed over its C channels and averaged over the tokens:
+    0.5 sum_c (mu_c^2 + sigma_c^2 - 1 - log sigma_c^2). mu, logvar (B, N, C) -> scalar, float32."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean()
+
+
+def semantic_alignment(mu, source, K):
+    """(i) Merged-token semantic alignment: every token's posterior mean is pulled toward the stop-gradient mean of
+    its merged group,
+
+        L_sem = mean_i (1 - cos(mu_i, sg(m_g(i)))),   m_k = mean_{j: g(j) = k} mu_j.
+
+    mu (B, N, C), source (B, N) in [0, K) -> scalar. A token alone in its group is its own mean (cos = 1, adds 0);
+    K = N gives 0. float32, autocast off."""
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        mu = mu.float()
+        target = recover(group_mean(mu.detach(), source, K), source)               # m_g(i), (B, N, C)
+        return (1.0 - F.cosine_similarity(mu, target, dim=-1, eps=1e-8)).mean()
+
+
+def semantic_alignment_dinov2(pred, teacher, source, K, margin=0.5):
+    """(i), the DINOv2 reading (--sem-target dinov2): a learned projection of every token's posterior mean,
+    pred_i = P mu_i, is pulled toward the DINOv2 patch features pooled over its merged group, with a margin:
+
+        L = mean_i relu(1 - margin - cos(pred_i, sg(f_g(i)))),   f_k = mean_{j: g(j) = k} DINOv2_j
+
+    (VA-VAE's margin cosine loss: pairs already closer than 1 - margin stop pulling). pred, teacher (B, N, D'),
+    teacher resampled to the tokenizer's grid (DINOv2.patch_grid) -> scalar, float32."""
+    if pred is None:
+        raise ValueError("semantic_alignment_dinov2: the model has no projection (build it with sem_target='dinov2')")
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        target = recover(group_mean(teacher.detach().float(), source, K), source)  # f_g(i), (B, N, D')
+        cos = F.cosine_similarity(pred.float(), target, dim=-1, eps=1e-8)           # (B, N)
+        return F.relu(1.0 - margin - cos).mean()
+
+
+def code_collision(u, tau):
+    """The probability that two tokens draw the same code, for every pair of tokens of an image: (B, N, d) -> (B, N, N).
+
+    LFQ's code distribution factorises over bits (lfq.py): p(c | u_i) = prod_b p_ib(c_b) with
+    p_ib(+1) = s_ib = sigmoid(4 u_ib / tau), p_ib(-1) = 1 - s_ib. Two tokens draw their codes independently, so
+
+        k_ij = P(c_i = c_j) = sum_c p(c | u_i) p(c | u_j) = prod_b sum_{c_b in +-1} p_ib(c_b) p_jb(c_b)
+             = prod_b [s_ib s_jb + (1 - s_ib)(1 - s_jb)]
+
+    (the sum over 2^d codes of a product of per-bit factors is the product of per-bit sums): O(N^2 d), no code is
+    ever enumerated. In log space, with log s = logsigmoid(a) and log(1 - s) = logsigmoid(-a), a = 4 u / tau,
+
+        log k_ij = sum_b logaddexp(log s_ib + log s_jb, log(1 - s_ib) + log(1 - s_jb)),
+
+    nothing underflows as tau -> 0 and no 1 - s loses its digits (hard bits: log k = 0 for equal codes, about
+    -min(|a_ib|, |a_jb|) per differing bit). float32, autocast off. Memory: two (B, N, N, d) tables.
+    """
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        a = 4.0 * u.float() / tau                                                   # bit logits (B, N, d)
+        log_s, log_not_s = F.logsigmoid(a), F.logsigmoid(-a)                        # log s, log (1 - s)
+        both_pos = log_s[:, :, None, :] + log_s[:, None, :, :]                      # (B, N, N, d)
+        both_neg = log_not_s[:, :, None, :] + log_not_s[:, None, :, :]              # (B, N, N, d)
+        return torch.logaddexp(both_pos, both_neg).sum(dim=-1).exp()                # (B, N, N)
+
+
+def group_constraints(u, source, tau):
+    """(ii) Group-wise constraints on the discrete branch, from k_ij (code_collision) and the merge groups g(i):
+
+        L_intra = mean of k_ij over ordered pairs i != j with g(i) = g(j)     intra-group diversity: members of a
+                  group may share most bits, not all
+        L_exc   = mean of k_ij over ordered pairs with g(i) != g(j)           inter-group exclusivity: different
+                  groups should not draw the same code
+
+    Pairs are taken inside each image and pooled over the batch (this process's share under torchrun). A batch
+    without such pairs (every group a single token, or a single group) gives 0 for that term.
+    u (B, N, d) per-token latents, source (B, N) -> (L_intra, L_exc), float32 scalars.
+    """
+    if source.shape != u.shape[:2]:
+        raise ValueError(f"group_constraints: source {tuple(source.shape)} does not fit latents {tuple(u.shape)}")
+    k = code_collision(u, tau)                                                      # (B, N, N)
+    same = source[:, :, None] == source[:, None, :]                                 # (B, N, N) one group
+    other = torch.eye(u.shape[1], dtype=torch.bool, device=u.device).logical_not()  # (N, N) i != j
+    intra, inter = same & other, ~same                                              # (B, N, N) each
+    L_intra = (k * intra).sum() / intra.sum().clamp_min(1)
+    L_exc = (k * inter).sum() / inter.sum().clamp_min(1)
+    return L_intra, L_exc
+
+
+def mergetok_terms(out, cfg, sem_teacher=None):
+    """MergeTok's own named terms from its MergeTokOutput: kl, sem ((i)), intra and exc ((ii)), unweighted. A term
+    whose weight is 0 is still computed, without a graph, so a run with it switched off logs what it would be.
+    sem_teacher: DINOv2 patch features on the token grid (B, N, D') for sem_target 'dinov2', else None."""
+    enc = out.enc
+    terms = {"kl": gaussian_kl(enc.mu, enc.logvar)}
+    grad = torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad and cfg.w_sem > 0):
+        if sem_teacher is None:
+            terms["sem"] = semantic_alignment(enc.mu, enc.source, enc.K)
+        else:
+            terms["sem"] = semantic_alignment_dinov2(out.sem_pred, sem_teacher, enc.source, enc.K, cfg.sem_margin)
+    with torch.set_grad_enabled(grad and (cfg.w_intra > 0 or cfg.w_exc > 0)):
+        terms["intra"], terms["exc"] = group_constraints(enc.u, enc.source, cfg.group_tau)
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The stage-1 objective (Sec. 3, Table A1)
 # ----------------------------------------------------------------------------------------------------------------
 # `cfg` is the training configuration (train_stage1.TrainConfig): the one place where every weight is set.
 #   w_recon, w_perceptual, w_gan, w_lecam, w_commit, w_entropy, w_recovery, w_align   (Table A1)
 #   recon_loss ("l2" | "l1"), gan_loss ("hinge" | "non-saturating"), adaptive_gan_weight, align_loss ("ce" | "kl")
+#   MergeTok: w_kl, w_sem, w_intra, w_exc, group_tau, sem_margin
 
 
-def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_layer=None):
+def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_layer=None, sem_teacher=None):
     """The tokenizer's loss of one step. Returns (total, terms): the weighted sum and the unweighted terms by name.
 
       total = w_recon L_rec + w_perceptual LPIPS                                           (reconstruction, "nll")
@@ -455,9 +582,13 @@ def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_lay
             + w_recovery CE(recovery logits, source)                                       (Eq. (9))
             + w_align H(P_teacher, P_student)                                              (Eq. (10))
             + lambda w_gan L_G                 lambda = 1, or taming's adaptive weight (then logged as gan_lambda)
-    x: images; out: the tokenizer's TokenizerOutput; lpips: the perceptual metric or None (term dropped);
-    disc: the discriminator for a step with the GAN on, else None; align_pair: (student, teacher) CLS features or
-    None; last_layer: the decoder weight the adaptive weight differentiates against.
+    MergeTok (out has recon_vae) adds its continuous reconstruction to the "nll" and to L_G (the discriminator
+    sees both reconstructions), and its own terms (mergetok_terms):
+            + w_recon L_rec(x_c) + w_perceptual LPIPS(x_c) + w_kl KL + w_sem L_sem + w_intra L_intra + w_exc L_exc
+    x: images; out: the tokenizer's TokenizerOutput (or MergeTokOutput); lpips: the perceptual metric or None (term
+    dropped); disc: the discriminator for a step with the GAN on, else None; align_pair: (student, teacher) CLS
+    features or None; last_layer: the decoder weight the adaptive weight differentiates against; sem_teacher:
+    MergeTok's DINOv2 patch features on the token grid for sem_target 'dinov2'.
     """
     recon, lfq = out.recon.float(), out.enc.lfq
     terms = {"recon": F.mse_loss(recon, x) if cfg.recon_loss == "l2" else F.l1_loss(recon, x)}
@@ -472,8 +603,20 @@ def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_lay
     nll = cfg.w_recon * terms["recon"] + cfg.w_perceptual * terms.get("perceptual", 0.0)
     total = (nll + cfg.w_commit * terms["commit"] + cfg.w_entropy * terms["entropy"]
              + cfg.w_recovery * terms["recovery"] + cfg.w_align * terms.get("align", 0.0))
+    fakes = recon
+    if getattr(out, "recon_vae", None) is not None:                                    # MergeTok's second branch
+        recon_vae = out.recon_vae.float()
+        terms["recon_vae"] = F.mse_loss(recon_vae, x) if cfg.recon_loss == "l2" else F.l1_loss(recon_vae, x)
+        if lpips is not None:
+            terms["perceptual_vae"] = lpips(recon_vae, x).mean()
+        terms.update(mergetok_terms(out, cfg, sem_teacher))
+        nll_vae = cfg.w_recon * terms["recon_vae"] + cfg.w_perceptual * terms.get("perceptual_vae", 0.0)
+        nll = nll + nll_vae
+        total = (total + nll_vae + cfg.w_kl * terms["kl"] + cfg.w_sem * terms["sem"]
+                 + cfg.w_intra * terms["intra"] + cfg.w_exc * terms["exc"])
+        fakes = torch.cat([recon, recon_vae])                                          # (2B, 3, H, W)
     if disc is not None:
-        logits_fake = disc(recon)
+        logits_fake = disc(fakes)
         terms["gan_g"] = hinge_g_loss(logits_fake) if cfg.gan_loss == "hinge" else non_saturating_g_loss(logits_fake)
         lam = 1.0
         if cfg.adaptive_gan_weight:
