@@ -362,6 +362,9 @@ def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), dev
     Table 5). Row keys: K, source, bits (K x d), num_images, psnr, ssim (on [0, 1]), lpips, rfid (vs the originals;
     None without `lpips` / `inception`), rfid_random_inception, codebook_usage (of the 2^d codes),
     recovery_accuracy (predicted source: original positions given the right merged token), thumb_psnr / thumb_side.
+    MergeTok (a model with decode_latent, mergetok.py): every row also has `branch`, "discrete" for the rows above,
+    and each K gets a "continuous" row, the merged posterior means decoded with the true source (its bits, usage
+    and thumbnail are None: its latents are not bits).
     """
     Ks = list(dict.fromkeys(model.check_K(K) for K in Ks))                          # each K checked, in order
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
@@ -379,7 +382,9 @@ def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), dev
         loader, total, _ = _shard_loader(dataset_or_loader, max_images, batch_size, pad=True)
         real = len(range(rank, total, world))
         batches, limit, step = ((item, pos < real) for pos, item in loader), None, world
-    rows = [(K, s) for K in Ks for s in sources]
+    continuous = hasattr(model, "decode_latent")                            # MergeTok's second branch
+    rows = [(K, s, "discrete") for K in Ks for s in sources]
+    rows += [(K, "true", "continuous") for K in Ks] if continuous else []
     # per row: images, psnr, ssim, lpips, thumbnail psnr (sums over images), right / all source positions
     sums = {row: torch.zeros(7, dtype=torch.float64) for row in rows}
     usage = {K: CodebookUsage(2 ** d, device) for K in Ks}
@@ -399,16 +404,21 @@ def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), dev
             enc = model.encode(x, K=K)                                              # indices (B, K), source (B, N)
             usage[K].update(enc.indices[ok])
             thumb = psnr((thumbnail_baseline(x, K * d) + 1) / 2, x01)[ok].sum().item()
-            for s in sources:
+            for row in [r for r in rows if r[0] == K]:
+                _, s, branch = row
                 source = enc.source if s == "true" else model.recovery.predict_source(enc.z_q)   # (B, N)
-                rec = model.decode(enc.indices, source).float().clamp(-1, 1)       # (B, 3, S, S)
+                if branch == "discrete":
+                    rec = model.decode(enc.indices, source)                        # (B, 3, S, S)
+                else:
+                    rec = model.decode_latent(enc.latent, source)                  # MergeTok: the merged means
+                rec = rec.float().clamp(-1, 1)
                 r01 = (rec + 1) / 2
-                sums[(K, s)] += torch.tensor([ok.sum(), psnr(r01, x01)[ok].sum(), ssim(r01, x01)[ok].sum(),
-                                              lpips(rec, x)[ok].sum() if lpips is not None else 0.0, thumb,
-                                              (source == enc.source)[ok].sum(), enc.source[ok].numel()],
-                                             dtype=torch.float64)
+                sums[row] += torch.tensor([ok.sum(), psnr(r01, x01)[ok].sum(), ssim(r01, x01)[ok].sum(),
+                                           lpips(rec, x)[ok].sum() if lpips is not None else 0.0, thumb,
+                                           (source == enc.source)[ok].sum(), enc.source[ok].numel()],
+                                          dtype=torch.float64)
                 if inception is not None and ok.any():
-                    moments[(K, s)].update(inception(r01[ok])[0])
+                    moments[row].update(inception(r01[ok])[0])
         seen += len(x)
         bar.update(min(len(x) * step, bar.total - bar.n))
     bar.close()
@@ -421,29 +431,38 @@ def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), dev
     fid = inception is not None and n >= 2
     ref = moments["originals"].stats() if fid else None
     out = []
-    for K, s in rows:
-        _, p, ss, lp, th, hits, positions = sums[(K, s)].tolist()
-        out.append({"K": K, "source": s, "bits": K * d, "num_images": n, "psnr": p / n, "ssim": ss / n,
-                    "lpips": lp / n if lpips is not None else None,
-                    "rfid": frechet_distance(*moments[(K, s)].stats(), *ref) if fid else None,
+    for row in rows:
+        K, s, branch = row
+        _, p, ss, lp, th, hits, positions = sums[row].tolist()
+        bits = branch == "discrete"
+        out.append({"K": K, "source": s, "bits": K * d if bits else None, "num_images": n, "psnr": p / n,
+                    "ssim": ss / n, "lpips": lp / n if lpips is not None else None,
+                    "rfid": frechet_distance(*moments[row].stats(), *ref) if fid else None,
                     "rfid_random_inception": fid and bool(getattr(inception, "is_random", False)),
-                    "codebook_usage": usage[K].gather().fraction,
+                    "codebook_usage": usage[K].gather().fraction if bits else None,
                     "recovery_accuracy": hits / positions if s == "predicted" else None,
-                    "thumb_psnr": th / n, "thumb_side": thumbnail_side(K * d, S)})
+                    "thumb_psnr": th / n if bits else None, "thumb_side": thumbnail_side(K * d, S) if bits else None,
+                    **({"branch": branch} if continuous else {})})
     return out
 
 
 def format_recon_table(rows):
     """The rows of `evaluate_reconstruction` as a text table, one line per (K, source), with footnotes."""
     random = any(r["rfid_random_inception"] for r in rows)
-    lines = [f"{'K':>5} {'source':>9} {'bits':>6} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6} "
-             f"{'rFID*' if random else 'rFID':>8} {'usage':>8} {'rec.acc':>7} {'thumb PSNR':>15}"]
+    branches = any("branch" in r for r in rows)                          # MergeTok: a branch column
+    lines = [f"{'K':>5} {'source':>9} " + (f"{'branch':>10} " if branches else "") + f"{'bits':>6} {'PSNR':>7} "
+             f"{'SSIM':>6} {'LPIPS':>6} {'rFID*' if random else 'rFID':>8} {'usage':>8} {'rec.acc':>7} "
+             f"{'thumb PSNR':>15}"]
     for r in rows:
         lp, fid, acc = (("-" if r[k] is None else format(r[k], f)) for k, f in
                         (("lpips", ".4f"), ("rfid", ".2f"), ("recovery_accuracy", ".4f")))
-        lines.append(f"{r['K']:>5} {r['source']:>9} {r['bits']:>6} {r['psnr']:>7.2f} {r['ssim']:>6.4f} {lp:>6} "
-                     f"{fid:>8} {100 * r['codebook_usage']:>7.3f}% {acc:>7} {r['thumb_psnr']:>7.2f} "
-                     f"{'(%dx%d)' % (r['thumb_side'], r['thumb_side']):>7}")
+        if r["bits"] is None:                                              # MergeTok's continuous branch
+            bits, usage, thumb = "-", f"{'-':>8}", f"{'-':>15}"
+        else:
+            bits, usage = r["bits"], f"{100 * r['codebook_usage']:>7.3f}%"
+            thumb = f"{r['thumb_psnr']:>7.2f} {'(%dx%d)' % (r['thumb_side'], r['thumb_side']):>7}"
+        lines.append(f"{r['K']:>5} {r['source']:>9} " + (f"{r.get('branch', ''):>10} " if branches else "")
+                     + f"{bits:>6} {r['psnr']:>7.2f} {r['ssim']:>6.4f} {lp:>6} {fid:>8} {usage} {acc:>7} {thumb}")
     lines.append(f"{rows[0]['num_images']} images. PSNR, SSIM on [0, 1]; usage: codes used / 2^d; rec.acc: positions "
                  "the predicted source assigns right;\nthumb: an 8-bit RGB thumbnail of K x d bits (the indices' "
                  "budget; a true source is side information on top), upsampled")

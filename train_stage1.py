@@ -6,9 +6,14 @@ tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commi
 source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
 generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
 Without pretrained weights (VGG16 + LPIPS, DINOv2) the terms that need them are dropped, loudly.
+`--variant mergetok` trains MergeTok (issue 12, mergetok.py) with the same loop: both of its reconstructions get the
+reconstruction, perceptual and GAN losses, plus its KL, (i) semantic alignment and (ii) group constraints
+(--kl-weight, --sem-weight, --intra-weight, --exc-weight; 0 switches a term off, which is then still logged).
+Every step logs `batch_usage`: the distinct LFQ codes of the global batch over min(2^d, its merged tokens).
 
     # a CPU smoke run on the embedded procedural data (no download)
     python train_stage1.py --variant g --preset tiny --steps 50
+    python train_stage1.py --variant mergetok --preset tiny --steps 50
     # the README quick start: two processes on the CPU
     torchrun --nproc_per_node=2 train_stage1.py --variant g --preset tiny
     # the paper: G on ImageNet with 8 GPUs (defaults reproduce Table A1)
@@ -36,7 +41,8 @@ import common
 import data as data_lib
 import losses
 from merge import KeptTokenSampler
-from tokenizer import build_tokenizer, count_parameters, get_config
+from lfq import CodebookUsage
+from tokenizer import ALL_VARIANTS, build_tokenizer, count_parameters, get_config
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training configuration: Table A1 (paper) and a CPU preset (tiny)
@@ -71,6 +77,13 @@ class TrainConfig:
     adaptive_gan_weight: bool = False
     align_loss: str = "ce"         # paper: DINO-style cross-entropy; the release: KL at temperature 4
     align_size: int = 224          # the student's and the teacher's view size
+    # MergeTok (issue 12; our choices, mergetok.py gives the reasons); ignored by g, gr, r
+    w_kl: float = 1e-4             # KL of every token's posterior to N(0, I), averaged over tokens: a small weight
+    w_sem: float = 0.1             # (i) merged-token semantic alignment
+    w_intra: float = 0.1           # (ii) intra-group diversity: mean code collision k_ij inside a group
+    w_exc: float = 0.1             # (ii) inter-group exclusivity: mean k_ij across groups
+    group_tau: float = 1.0         # s_ib = sigmoid(4 u_ib / tau) of (ii) (LFQ's own tau is 0.01)
+    sem_margin: float = 0.5        # margin of the --sem-target dinov2 cosine loss
     log_every: int = 50
     ckpt_every: int = 5000
     sample_every: int = 5000
@@ -103,6 +116,11 @@ TRAIN_PRESETS = {
                      ("r", TrainConfig(lr_schedule="cosine", w_align=1.0))]
     },
 }
+# MergeTok trains as G at either scale (its encoder and decoder are G's), with its own weights above.
+for _presets in TRAIN_PRESETS.values():
+    _presets["mergetok"] = _presets["g"]
+MERGETOK_FLAGS = {"w_kl": "--kl-weight", "w_sem": "--sem-weight", "w_intra": "--intra-weight",
+                  "w_exc": "--exc-weight", "group_tau": "--group-tau", "sem_target": "--sem-target"}
 
 # Fields a resumed run may change; every other one must equal the checkpoint's (a different batch size or lr would
 # silently make the "continued" run a different run).
@@ -116,7 +134,8 @@ RESUMABLE_CHANGES = ("log_every", "ckpt_every", "sample_every", "workers")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--variant", required=True, choices=["g", "gr", "r"], help="G, G+R or R (Table A1)")
+    p.add_argument("--variant", required=True, choices=list(ALL_VARIANTS),
+                   help="G, G+R or R (Table A1), or MergeTok (issue 12)")
     p.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model and schedule size")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/class/*.jpg); default: embedded shapes")
     p.add_argument("--out", default=None, help="output folder (default runs/stage1-<variant>-<preset>)")
@@ -156,8 +175,21 @@ def parse_args(argv=None):
     p.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth path or 'download'")
     p.add_argument("--lpips-lin-weights", default=None, help="LPIPS v0.1 vgg.pth path or 'download'")
     p.add_argument("--dinov2-weights", default=None,
-                   help="dinov2_vitb14_pretrain.pth path or 'download': the alignment teacher and (G, G+R) the "
+                   help="dinov2_vitb14_pretrain.pth path or 'download': the alignment teacher and (G, G+R, MergeTok) the "
                         "encoder's weight selection")
+    p.add_argument("--kl-weight", type=float, default=None, dest="w_kl", metavar="W",
+                   help="MergeTok: weight of the per-token KL to N(0, I) (default 1e-4)")
+    p.add_argument("--sem-weight", type=float, default=None, dest="w_sem", metavar="W",
+                   help="MergeTok: weight of (i) merged-token semantic alignment (default 0.1; 0: off)")
+    p.add_argument("--intra-weight", type=float, default=None, dest="w_intra", metavar="W",
+                   help="MergeTok: weight of (ii) intra-group diversity (default 0.1; 0: off)")
+    p.add_argument("--exc-weight", type=float, default=None, dest="w_exc", metavar="W",
+                   help="MergeTok: weight of (ii) inter-group exclusivity (default 0.1; 0: off)")
+    p.add_argument("--group-tau", type=float, default=None, metavar="TAU",
+                   help="MergeTok: tau of the soft bits sigmoid(4 u / tau) of (ii) (default 1.0)")
+    p.add_argument("--sem-target", choices=["group", "dinov2"], default=None,
+                   help="MergeTok: (i) pulls mu toward its group's mean (default) or toward DINOv2 patch features "
+                        "pooled over the group (needs --dinov2-weights)")
     p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
@@ -176,9 +208,19 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lr is not None and not args.lr > 0:                                # also catches nan
         raise ValueError(f"--lr must be positive, got {args.lr}")
-    for flag, value in [("--gan-weight", args.w_gan), ("--perceptual-weight", args.w_perceptual)]:
+    for flag, value in [("--gan-weight", args.w_gan), ("--perceptual-weight", args.w_perceptual),
+                        ("--kl-weight", args.w_kl), ("--sem-weight", args.w_sem), ("--intra-weight", args.w_intra),
+                        ("--exc-weight", args.w_exc)]:
         if value is not None and not value >= 0:
             raise ValueError(f"{flag} must be 0 or more, got {value}")
+    if args.group_tau is not None and not args.group_tau > 0:
+        raise ValueError(f"--group-tau must be positive, got {args.group_tau}")
+    if args.variant != "mergetok":
+        given = [flag for name, flag in MERGETOK_FLAGS.items() if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: MergeTok settings, for --variant mergetok only")
+    if args.sem_target == "dinov2" and not args.dinov2_weights:
+        raise ValueError("--sem-target dinov2 needs the DINOv2 teacher: pass --dinov2-weights PATH (or download)")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.disc_start is not None and args.disc_start < 0:
@@ -195,7 +237,8 @@ def build_train_config(args):
     cfg = TRAIN_PRESETS[args.preset][args.variant]
     overrides = {k: getattr(args, k) for k in ["steps", "epochs", "batch_size", "lr", "workers", "recon_loss",
                                                "gan_loss", "adaptive_gan_weight", "align_loss", "disc_start", "w_gan",
-                                               "w_perceptual", "log_every", "ckpt_every", "sample_every"]
+                                               "w_perceptual", "log_every", "ckpt_every", "sample_every", "w_kl",
+                                               "w_sem", "w_intra", "w_exc", "group_tau"]
                  if getattr(args, k) is not None}
     if args.epochs is not None and args.steps is None:
         overrides["steps"] = 0                                                # --epochs counts, not the preset's steps
@@ -204,7 +247,7 @@ def build_train_config(args):
 
 def build_tokenizer_config(args):
     overrides = {k: v for k, v in [("image_size", args.image_size), ("merge_schedule", args.merge_schedule),
-                                   ("K_sampling", args.K_sampling)] if v is not None}
+                                   ("K_sampling", args.K_sampling), ("sem_target", args.sem_target)] if v is not None}
     if args.K_offsets is not None:
         overrides["K_low"], overrides["K_high"] = args.K_offsets
     return get_config(args.variant, args.preset, **overrides)
@@ -286,7 +329,7 @@ def load_pretrained(args, model, ema, device):
                            "loss is DROPPED (a random VGG is not a perceptual metric).")
     if args.dinov2_weights:
         teacher = losses.load_dinov2(losses.DINOv2(), args.dinov2_weights).to(device).eval().requires_grad_(False)
-        if args.variant in ("g", "gr") and not args.resume:
+        if args.variant in ("g", "gr", "mergetok") and not args.resume:
             loaded = model.load_dinov2_selection(teacher.state_dict())
             ema.load_state_dict(model.state_dict())
             common.rank0_print(f"DINOv2 weight selection: {len(loaded)} encoder tensors initialised from the teacher")
@@ -329,14 +372,29 @@ def snapshot(state, step, cfg, tok_cfg, args, world):
 
 @torch.no_grad()
 def write_samples(model, x, path, Ks):
-    """Rows: originals, reconstructions at each K, then the merge groups at the first K drawn over the image."""
+    """Rows: originals, reconstructions at each K (MergeTok: discrete, then continuous), then the merge groups at the
+    first K drawn over the image."""
     model.eval()
-    rows = [x] + [model(x, K=K).recon.clamp(-1, 1) for K in Ks]
+    outs = [model(x, K=K) for K in Ks]
+    rows = [x] + [out.recon.clamp(-1, 1) for out in outs]
+    if getattr(outs[0], "recon_vae", None) is not None:                      # MergeTok: its continuous branch
+        rows += [out.recon_vae.clamp(-1, 1) for out in outs]
     source = model.encode(x, K=Ks[0]).source                                  # (B, N) merged token of each token
     g = model.cfg.grid
     rows.append(torch.stack([data_lib.overlay(img, data_lib.colorize_groups(s, (g, g), x.shape[-1]))
                              for img, s in zip(x, source)]))
     data_lib.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=x.shape[0])
+
+
+def batch_usage(indices, d):
+    """The codebook usage of one step: distinct codes among the global batch's merged tokens, over
+    min(2^d, their number) (a batch of 16 x 64 tokens can use at most 1024 of the 2^18 codes, 0.4%: usage over 2^d
+    would call every step a collapse). 1.0: every token its own code; a collapse is below 0.01."""
+    used = CodebookUsage(2 ** d, indices.device)
+    used.update(indices)
+    used.gather()                                                             # all ranks' codes (a collective)
+    tokens = indices.numel() * common.dist_info()[1]
+    return used.used.sum().float() / min(2 ** d, tokens)
 
 
 def _ignore_signals_in_worker(worker_id):
@@ -362,6 +420,12 @@ def train_step(x, K, step, run):
         align_view = data_lib.random_resized_crop(x.cpu(), cfg.align_size, generator=g).to(x.device)
         with torch.no_grad():
             align_target = run.teacher(losses.dinov2_preprocess(x, size=cfg.align_size)).float()
+    sem_teacher = None
+    if getattr(run.tok_cfg, "sem_target", None) == "dinov2":
+        # MergeTok's (i) toward DINOv2: the teacher's patch features of the whole image on the token grid
+        with torch.no_grad():
+            sem_teacher = run.teacher.patch_grid(losses.dinov2_preprocess(x, size=cfg.align_size),
+                                                 run.tok_cfg.grid).float()                 # (B, N, 768)
 
     # ---- the tokenizer: the discriminator is frozen, so the generator's loss never reaches it ----------------
     disc.requires_grad_(False)
@@ -370,8 +434,9 @@ def train_step(x, K, step, run):
         total, terms = losses.generator_loss(
             x, out, cfg, lpips=run.lpips, disc=disc if gan_on else None,
             align_pair=None if pred is None else (pred.float(), align_target),
-            last_layer=model.decoder.last_layer_weight())
+            last_layer=model.decoder.last_layer_weight(), sem_teacher=sem_teacher)
     disc.requires_grad_(True)
+    terms["batch_usage"] = batch_usage(out.enc.indices, run.tok_cfg.z_channels)
     common.check_finite(terms, step)
     run.opt_g.zero_grad(set_to_none=True)
     total.backward()
@@ -381,7 +446,8 @@ def train_step(x, K, step, run):
     # ---- the discriminator on detached reconstructions: its loss never reaches the tokenizer -----------------
     if gan_on:
         with run.autocast():
-            d_total, d_terms, logits = losses.discriminator_loss(run.disc_ddp, x, out.recon.detach().float(),
+            fakes = out.recon if getattr(out, "recon_vae", None) is None else torch.cat([out.recon, out.recon_vae])
+            d_total, d_terms, logits = losses.discriminator_loss(run.disc_ddp, x, fakes.detach().float(),
                                                                  run.lecam, cfg)
         common.check_finite(d_terms, step)
         run.opt_d.zero_grad(set_to_none=True)
@@ -432,7 +498,9 @@ def setup(args, rank, world, device):
     run.disc_ddp = run.disc
     if world > 1:
         # Without a teacher the alignment head takes no part in the loss.
-        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None, **ddp)
+        # MergeTok's DINOv2 projection is unused with --sem-weight 0.
+        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None or args.variant == "mergetok",
+                          **ddp)
         run.disc_ddp = DDP(run.disc, **ddp)
     run.opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     run.opt_d = torch.optim.AdamW(run.disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
