@@ -261,6 +261,14 @@ def prepare_out_dir(out_dir, config):
         json.dump(config, f, indent=2)
 
 
+def last_step(step, total, stop_at=None):
+    """The step a run ends at: the total, or --stop-at if it comes first; one line if nothing is left to train."""
+    end = min(total, stop_at) if stop_at else total
+    if step >= end:
+        raise ValueError(f"nothing to train: the run is at step {step} and would stop at {end} (--steps / --stop-at)")
+    return end
+
+
 def print_run_end(step, total, stopped_by, elapsed, seen, unit, ckpt_path):
     """Rank 0 at the end of a run: how it ended, its speed, and where to continue from."""
     how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"

@@ -472,16 +472,20 @@ class Transformer(nn.Module):
         return self.run_layers(self.tok_dropout(h), input_pos)
 
 
-def build_gpt(preset, vocab_size=None, factorized=False, num_classes=1000, **overrides):
-    """A Transformer from GPT_PRESETS ("tiny", "B", "L", "XL", "XXL"). vocab_size defaults to 16384 (LlamaGen's
-    VQ codebook) for the plain model and 2^18 (LFQ) for the factorized one; overrides set GPTConfig fields."""
+def gpt_config(preset, vocab_size=None, factorized=False, num_classes=1000, **overrides):
+    """The GPTConfig of a preset in GPT_PRESETS ("tiny", "B", "L", "XL", "XXL"). vocab_size defaults to 16384
+    (LlamaGen's VQ codebook) for the plain model and 2^18 (LFQ) for the factorized one; overrides set fields."""
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
     if vocab_size is None:
         vocab_size = 2 ** 18 if factorized else 16384
-    cfg = replace(GPTConfig(**GPT_PRESETS[preset]), vocab_size=vocab_size, factorized=factorized,
-                  num_classes=num_classes, **overrides)
-    return Transformer(cfg)
+    return replace(GPTConfig(**GPT_PRESETS[preset]), vocab_size=vocab_size, factorized=factorized,
+                   num_classes=num_classes, **overrides)
+
+
+def build_gpt(preset, vocab_size=None, factorized=False, num_classes=1000, **overrides):
+    """A Transformer of a preset; see `gpt_config`."""
+    return Transformer(gpt_config(preset, vocab_size, factorized, num_classes, **overrides))
 
 
 def count_parameters(model):

@@ -67,15 +67,14 @@ Source Recovery Model / demo.
 """
 import math
 from collections import namedtuple
-from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfq import join_index, split_index
-from gpt import (GPT_PRESETS, GPTConfig, Transformer, apply_rotary_emb, cfg_scale_at, combine, count_parameters,
+from gpt import (Transformer, apply_rotary_emb, cfg_scale_at, combine, count_parameters, gpt_config,
                  sample_logits)
+from lfq import join_index, split_index
 
 # ----------------------------------------------------------------------------------------------------------------
 # Slots, cells and orders
@@ -182,13 +181,7 @@ def build_randar(preset, vocab_size=None, factorized=False, num_classes=1000, **
     defaults to 16384 (LlamaGen's and RandAR's VQ codebook) for the plain model and 2^18 (LFQ) for the factorized
     one; overrides set GPTConfig fields. block_size sets the RoPE grid (256 = 16 x 16): any square K up to it works
     (K = 144 on the default grid)."""
-    if preset not in GPT_PRESETS:
-        raise ValueError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
-    if vocab_size is None:
-        vocab_size = 2 ** 18 if factorized else 16384
-    cfg = replace(GPTConfig(**GPT_PRESETS[preset]), vocab_size=vocab_size, factorized=factorized,
-                  num_classes=num_classes, **overrides)
-    return RandARTransformer(cfg)
+    return RandARTransformer(gpt_config(preset, vocab_size, factorized, num_classes, **overrides))
 
 
 # ----------------------------------------------------------------------------------------------------------------

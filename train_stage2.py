@@ -441,10 +441,7 @@ def train(args, rank, world, device):
     if rank == 0:
         start_log(args, run, device)
     ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
-    stop_at = min(run.total, args.stop_at) if args.stop_at else run.total
-    if step >= stop_at:
-        raise ValueError(f"nothing to train: the run is at step {step} and would stop at {stop_at} "
-                         f"(--steps / --stop-at)")
+    stop_at = common.last_step(step, run.total, args.stop_at)
     stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage2-{args.model}")
     t_start, seqs_seen, stopped_by = time.time(), 0, None
