@@ -13,7 +13,7 @@ from lfq import join_index, split_index
 from gpt import apply_rotary_emb, build_gpt, count_parameters, generate, precompute_freqs_cis_2d
 from randar import (build_randar, check_order, decode_randar, decode_with_recovery, generate_randar,
                     num_query_tokens_schedule, randar_inputs, randar_logits, randar_loss, random_orders,
-                    slot_rope_rows, to_generation_order, to_slot_order)
+                    slot_rope_rows, teacher_forced_samples, to_generation_order, to_slot_order)
 
 V, C = 64, 10                                   # tiny vocabulary and number of classes
 FV = 2 ** 10                                    # tiny factorized vocabulary: pre 6 bits (64), post 4 bits (16)
@@ -448,3 +448,26 @@ def test_tiny_randar_loss_falls_on_fixed_tokens(which):
     uniform = math.log(256) if which == "plain" else math.log(64) + math.log(4096)
     assert losses[0] == pytest.approx(uniform, rel=1e-3)                # zero heads: uniform logits
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_teacher_forced_samples_at_zero_temperature_are_the_argmax(plain, factorized):
+    """finetune-recovery's data: at temperature -> 0 the token drawn for each slot is the argmax of the teacher-
+    forced logits (factorized: pre's argmax, then post's argmax given that pre), put back in slot order."""
+    torch.manual_seed(0)
+    cond = torch.tensor([1, 2])
+    order = random_orders(2, L)
+    tokens = torch.randint(0, V, (2, L))
+    made = teacher_forced_samples(plain, tokens, cond, order, temperature=1e-6)
+    with torch.no_grad():
+        expected = to_slot_order(randar_logits(plain, tokens, cond, order).argmax(-1), order)
+    assert torch.equal(made, expected)
+    codes = torch.randint(0, FV, (2, L))
+    made = teacher_forced_samples(factorized, codes, cond, order, temperature=1e-6)
+    pre, post = split_index(to_generation_order(made, order), 6)
+    with torch.no_grad():
+        l_pre, _ = randar_logits(factorized, codes, cond, order)
+        assert torch.equal(pre, l_pre.argmax(-1))
+        # post given the drawn pre: the logits of the sequence whose pre sub-tokens are the drawn ones
+        h, freqs = randar_inputs(factorized, codes, cond, order)
+        h = factorized.run_rotated(h, freqs)[:, 1::2]
+        assert torch.equal(post, factorized.intra_logits(h, pre)[1].argmax(-1))
