@@ -704,6 +704,8 @@ def add_shapes_args(p):
     p.add_argument("--reconstructions", metavar="CKPT", default=None,
                    help="also score this stage-1 tokenizer's reconstructions of held-out shapes (the ceiling row)")
     p.add_argument("--keep", dest="K", metavar="K", type=int, default=None, help="K of the reconstructions")
+    p.add_argument("--source", choices=["true", "predicted", "both"], default="true",
+                   help="reconstructions decoded with the true source, the predicted one (RandAR's ceiling) or both")
     p.add_argument("--num-images", type=int, default=500, help="held-out images of the real and reconstruction rows")
     p.add_argument("--seed", type=int, default=0, help="the classifier's seed")
     p.add_argument("--classifier", default=None,
@@ -727,9 +729,10 @@ def run_shapes(args):
     rows = {}
     if inputs is not None:
         rows[f"samples {args.samples}"] = shapes_score(model, info, *inputs)
-    if args.reconstructions:
-        rec, y, K = shapes_reconstructions(args.reconstructions, start, args.num_images, args.K, args.device)
-        rows[f"reconstructions K={K} {args.reconstructions}"] = shapes_score(model, info, rec, y)
+    for source in (["true", "predicted"] if args.source == "both" else [args.source]) if args.reconstructions else []:
+        rec, y, K = shapes_reconstructions(args.reconstructions, start, args.num_images, args.K, args.device,
+                                           source=source)
+        rows[f"reconstructions K={K} {source} source {args.reconstructions}"] = shapes_score(model, info, rec, y)
     real, y = shapes_images("val", start, args.num_images)
     rows["held-out real images"] = shapes_score(model, info, real, y)
     print(f"{'accuracy':>9} {'FD':>9} {'images':>7}  set")

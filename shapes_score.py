@@ -149,14 +149,18 @@ def shapes_score(model, info, images, labels=None):
 
 
 @torch.no_grad()
-def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50):
-    """A tokenizer's reconstructions (true source, target K unless given) of held-out shapes start .. start + n - 1
-    -> (images (n, 3, S, S) in [-1, 1], labels (n,), K)."""
+def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50, source="true"):
+    """A tokenizer's reconstructions (target K unless given) of held-out shapes start .. start + n - 1, decoded with
+    the encoder's true source or the Source Recovery Model's predicted one (the ceiling of RandAR's path, which has
+    only the predicted source) -> (images (n, 3, S, S) in [-1, 1], labels (n,), K)."""
+    if source not in ("true", "predicted"):
+        raise ValueError(f"source must be 'true' or 'predicted', got {source!r}")
     tok = load_tokenizer(ckpt, ema=True, device=device)
     K = tok.check_K(tok.cfg.K if K is None else K)
     x, y = shapes_images("val", start, n, size=tok.cfg.image_size)
     out = []
     for s in range(0, n, batch_size):
         enc = tok.encode(x[s:s + batch_size].to(device), K=K)                     # indices (b, K), source (b, N)
-        out.append(tok.decode(enc.indices, enc.source).float().clamp(-1, 1).cpu())
+        given = enc.source if source == "true" else None                         # None: predicted from the codes
+        out.append(tok.decode(enc.indices, given).float().clamp(-1, 1).cpu())
     return torch.cat(out), y, K

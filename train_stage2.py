@@ -404,8 +404,10 @@ def start_log(args, run, device):
     c = run.model.cfg
     Ks = [K for K, p in zip(run.Ks.tolist(), run.K_probs.tolist()) if p > 0]
     print(f"stage 2 | {args.model} GPT-{run.cfg.gpt} | {count_parameters(run.model) / 1e6:.2f}M parameters | "
-          f"{'factorized 2^18' if c.factorized else f'vocab {c.vocab_size}'} | N={c.block_size} codes | K {Ks} | "
-          f"{len(run.rows)} rows | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | "
+          f"{'factorized 2^18' if c.factorized else f'vocab {c.vocab_size}'} | "
+          + (f"K={run.K} merged tokens in random orders | " if args.model == "randar" else
+             f"N={c.block_size} codes | K {Ks} | ")
+          + f"{len(run.rows)} rows | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | "
           f"{run.total} steps | amp {run.amp} | out {run.out_dir}", flush=True)
 
 

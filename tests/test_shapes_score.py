@@ -62,3 +62,29 @@ def test_cli_scores_an_adm_npz_with_labels(classifier, tmp_path, capsys):
     assert evaluate.main(["shapes", str(tmp_path / "missing.npz"), "--classifier", path]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err
+
+
+def test_reconstruction_rows_decode_with_the_true_or_the_predicted_source(tmp_path):
+    """The ceiling rows: held-out shapes encoded at K and decoded with the encoder's source, or with the source the
+    Source Recovery Model predicts from the codes (RandAR's only path); a bad source name is one error."""
+    import dataclasses
+    from common import save_checkpoint
+    from tokenizer import build_tokenizer, get_config
+    cfg = get_config("g", "tiny")
+    torch.manual_seed(0)
+    tok = build_tokenizer("g", config=cfg).eval()
+    ckpt = str(tmp_path / "tok.pt")
+    save_checkpoint(ckpt, {"model": tok.state_dict(), "ema": tok.state_dict(),
+                           "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    x, y = shapes_score.shapes_images("val", 7, 3)
+    with torch.no_grad():
+        enc = tok.encode(x, K=64)
+        predicted = tok.recovery.predict_source(enc.z_q)                  # (3, N)
+        assert not torch.equal(predicted, enc.source)                     # an untrained recovery model errs
+        want = {"true": tok.decode(enc.indices, enc.source), "predicted": tok.decode(enc.indices, predicted)}
+    for source, expected in want.items():
+        rec, labels, K = shapes_score.shapes_reconstructions(ckpt, 7, 3, K=64, source=source)
+        assert K == 64 and torch.equal(labels, y)
+        torch.testing.assert_close(rec, expected.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="source must be"):
+        shapes_score.shapes_reconstructions(ckpt, 7, 3, source="oracle")
