@@ -25,11 +25,18 @@ rules below are our reading of them, each with the evidence it rests on.
     N = 256, 32 at N = 1024): then every token sees the token directly above it and the row between, the
     neighbourhood 2D RoPE measures offsets in, however the image was merged; with W = 2 a token inside a long
     group would lose its upper neighbour. The price is W keys per step (163 keys, not 257, at N = 256, K = 144).
+    Measured on the CPU demo (tiny GPT, 1000 steps, held-out codes of the tiny G tokenizer at K = 64): W = 16
+    reaches 3.015 nats per code, W = 2 3.213, the unmasked causal model 2.973.
   Where rep comes from. Training has the tokenizer's true source (merge.py's index map): rep_from_source. The
     decoder has only codes; Sec. 4.1: "MergeAR compares it against existing tokens in the KV cache. If it is a
     duplicate ..." - a code equal to an earlier code is a duplicate: rep_from_codes. The two differ wherever two
     groups share one code (the code reading folds the later group into the earlier); rep_disagreement measures
-    how often on real tokenizations. Passing rep_from_codes(codes) to mergear_loss trains on the decoder's view.
+    how often on real tokenizations: on the tiny G tokenizer at K = 64, 11 of 64 groups per image share a code with
+    an earlier group, and 12% of the positions (28% at K = 144) get another representative. Passing
+    rep_from_codes(codes) to mergear_loss trains on the decoder's view, which train_stage2.py does by default: the
+    same model trained with it scores 3.015 nats per code on held-out codes under the decoder's mask, against
+    3.034 when trained with the source (tiny GPT, 1000 steps) - close, and the code reading never shows the model
+    a mask it will not meet at inference.
 
 Why the compacted cache gives the masked forward's logits (the invariant tests/test_mergear.py checks, with CFG):
   1. The rows that may read key j form an interval, j <= t <= e_j, with e_j = infinity for a first member and

@@ -236,7 +236,7 @@ def test_finetune_recovery_improves_accuracy_on_held_out_generator_tokens(files,
     capsys.readouterr()
     assert train_stage2.main(["finetune-recovery", "--ckpt", os.path.join(gen, "last.pt"), "--codes", codes,
                               "--val-codes", val, "--steps", "40", "--batch-size", "8", "--lr", "3e-3",
-                              "--out", out]) == 0
+                              "--mix-true", "0", "--out", out]) == 0
     lines = capsys.readouterr().out.splitlines()
     acc = {w: float(next(x for x in lines if x.startswith(f"held-out recovery accuracy {w}")).split(":")[1].split()[0])
            for w in ("before", "after")}
