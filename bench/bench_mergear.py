@@ -165,7 +165,7 @@ def train_step_times(threads, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--png", default="/tmp/bench_mergear.png")
+    ap.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "mergear_entries.png"))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
