@@ -1,7 +1,7 @@
 """MergeTok: one encoder-decoder with a continuous (VAE) and a discrete (LFQ) branch, bridged by token merging.
 
-Issue 12; the paper (arXiv 2605.30904) is available to us as its abstract only (../shared/papers/mergetok-abstract.txt)
-and no code of it is public, so this module is one reading of it. Every choice below is ours, with its reason.
+Of the paper (arXiv 2605.30904) we have read its abstract only, and no code of it is public, so this
+module is one reading of it. Every choice below is ours, with its reason.
 
 The abstract's claims we build on: a unified tokenizer "jointly optimizes continuous (VAE) and discrete (VQ)
 tokenizers within a[n] encoder-decoder architecture"; clustering similar tokens during encoding (token merging)

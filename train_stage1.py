@@ -6,7 +6,7 @@ tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commi
 source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
 generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
 Without pretrained weights (VGG16 + LPIPS, DINOv2) the terms that need them are dropped, loudly.
-`--variant mergetok` trains MergeTok (issue 12, mergetok.py) with the same loop: both of its reconstructions get the
+`--variant mergetok` trains MergeTok (arXiv 2605.30904; mergetok.py) with the same loop: both of its reconstructions get the
 reconstruction, perceptual and GAN losses, plus its KL, (i) semantic alignment and (ii) group constraints
 (--kl-weight, --sem-weight, --intra-weight, --exc-weight; 0 switches a term off, which is then still logged).
 Every step logs `batch_usage`: the distinct LFQ codes of the global batch over min(2^d, its merged tokens).
@@ -77,7 +77,7 @@ class TrainConfig:
     adaptive_gan_weight: bool = False
     align_loss: str = "ce"         # paper: DINO-style cross-entropy; the release: KL at temperature 4
     align_size: int = 224          # the student's and the teacher's view size
-    # MergeTok (issue 12; our choices, mergetok.py gives the reasons); ignored by g, gr, r
+    # MergeTok (arXiv 2605.30904; our choices, mergetok.py gives the reasons); ignored by g, gr, r
     w_kl: float = 1e-4             # KL of every token's posterior to N(0, I), averaged over tokens: a small weight
     w_sem: float = 0.1             # (i) merged-token semantic alignment
     w_intra: float = 0.1           # (ii) intra-group diversity: mean code collision k_ij inside a group
@@ -135,7 +135,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--variant", required=True, choices=list(ALL_VARIANTS),
-                   help="G, G+R or R (Table A1), or MergeTok (issue 12)")
+                   help="G, G+R or R (Table A1), or MergeTok (arXiv 2605.30904)")
     p.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model and schedule size")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/class/*.jpg); default: embedded shapes")
     p.add_argument("--out", default=None, help="output folder (default runs/stage1-<variant>-<preset>)")

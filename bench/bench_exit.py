@@ -1,4 +1,4 @@
-"""Repeat short 2-process torchrun trainings and count how each one ended (issue: a finished run must exit 0).
+"""Repeat short 2-process torchrun trainings and count how each one ended (a finished run must exit 0).
 
 A run that finished can still abort at teardown when one rank destroys its process group (and exits) while the
 other still has gloo work in flight ("terminate called without an active exception", SIGABRT, torchrun returns 1);

@@ -1,4 +1,4 @@
-"""RandAR's parallel decoding against raster decoding: forward passes and wall time per image (issue figures for
+"""RandAR's parallel decoding against raster decoding: forward passes and wall time per image (the figures for
 Sec. 4.2 / Table 3's step counts).
 
 One transformer width (default 256, 4 blocks, 8 heads, factorized 2^18 codes as in MergeVQ), L = 256 tokens:
