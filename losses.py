@@ -9,8 +9,8 @@
     `dinov2_vitb14_pretrain.pth` key for key.
   - The global alignment losses: the paper's DINO-style cross-entropy (Eq. (10)) and the authors' release's
     temperature-scaled KL.
-  - MergeTok's terms (arXiv 2605.30904; mergetok.py): the per-token Gaussian KL, (i) merged-token semantic alignment, and
-    (ii) the group-wise code constraints from the collision probability k_ij of two tokens' soft codes.
+  - MergeTok's terms (arXiv 2605.30904; mergetok.py): the per-token Gaussian KL, (i) merged-token semantic
+    alignment, and (ii) the group-wise code constraints from the collision probability k_ij of two tokens' soft codes.
   - The stage-1 objective: `generator_loss` (the tokenizer's named terms and their weighted sum) and
     `discriminator_loss` (hinge + LeCam), the weights read from the training configuration in one place.
 

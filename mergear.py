@@ -314,10 +314,11 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     """MergeAR's raster-order decoding of num_tokens codes for labels cond (B,) and kept count K (int or (B,)).
 
     codes=None samples (temperature, top-k, top-p, CFG u + s (c - u) on the batch [cond; null], M in both
-    halves, s constant or linear over the codes as in `generate`); given codes (B, num_tokens) are replayed (teacher forcing through the cache). compact=True uses the
-    compacted cache: a fed code that equals an earlier code (rep_from_codes' rule) is a duplicate and goes into the
-    ring of W + 1 slots, any other code is appended for good. compact=False is part 1's KVCache: every position
-    kept, the plain causal model on the same weights (the bench's baseline).
+    halves, s constant or linear over the codes as in `generate`); given codes (B, num_tokens) are replayed
+    (teacher forcing through the cache). compact=True uses the compacted cache: a fed code that equals an earlier
+    code (rep_from_codes' rule) is a duplicate and goes into the ring of W + 1 slots, any other code is appended
+    for good. compact=False is part 1's KVCache: every position kept, the plain causal model on the same weights
+    (the bench's baseline).
 
     Returns MergeARDecode(codes (B, N), logits (B, N, vocab) guided and pre-temperature (factorized: a pair),
     reads (B, N) keys each step's attention actually uses (prefix and the fed token included), computed (N,) keys

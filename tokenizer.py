@@ -15,8 +15,9 @@ Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, K 256   (encoder 
                       gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, K 144  (encoder 62.7M, decoder 83.4M)
                       r  - ViT-B/16, 16x16 = 256 tokens, K 36          (encoder 86.6M, decoder 83.4M)
 Each has a `paper` preset (the default) and a `tiny` one for the CPU (64x64 images, narrow, few blocks).
-A fourth variant, `mergetok` (MergeTok, arXiv 2605.30904: a joint continuous + discrete tokenizer on G's encoder and decoder),
-has its config here (MergeTokConfig, the same presets) and its model in mergetok.py, which builds on this module.
+A fourth variant, `mergetok` (MergeTok, arXiv 2605.30904: a joint continuous + discrete tokenizer on G's encoder
+and decoder), has its config here (MergeTokConfig, the same presets) and its model in mergetok.py, which builds
+on this module.
 
 The encoder's attention blocks use DINOv2's key names (norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
 mlp.fc2, ls2.gamma) so that the DINOv2 weight selection of G and G+R maps key to key.

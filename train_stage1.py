@@ -6,9 +6,10 @@ tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commi
 source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
 generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
 Without pretrained weights (VGG16 + LPIPS, DINOv2) the terms that need them are dropped, loudly.
-`--variant mergetok` trains MergeTok (arXiv 2605.30904; mergetok.py) with the same loop: both of its reconstructions get the
-reconstruction, perceptual and GAN losses, plus its KL, (i) semantic alignment and (ii) group constraints
-(--kl-weight, --sem-weight, --intra-weight, --exc-weight; 0 switches a term off, which is then still logged).
+`--variant mergetok` trains MergeTok (arXiv 2605.30904; mergetok.py) with the same loop: both of its
+reconstructions get the reconstruction, perceptual and GAN losses, plus its KL, (i) semantic alignment and
+(ii) group constraints (--kl-weight, --sem-weight, --intra-weight, --exc-weight; 0 switches a term off, which is
+then still logged).
 Every step logs `batch_usage`: the distinct LFQ codes of the global batch over min(2^d, its merged tokens).
 
     # a CPU smoke run on the embedded procedural data (no download)

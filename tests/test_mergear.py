@@ -295,7 +295,7 @@ def test_tiny_mergear_loss_falls_on_fixed_codes():
 
 
 def test_mergear_re_exports_the_transformers_public_names():
-    """Outside code reads LlamaGen's GPT through mergear (the public names other code relies on); they are gpt.py's objects."""
+    """Outside code reads LlamaGen's GPT through mergear's public names; they are gpt.py's objects."""
     for name in ("build_gpt", "precompute_freqs_cis_2d", "apply_rotary_emb", "generate", "load_llamagen",
                  "GPTConfig", "Transformer"):
         assert getattr(mergear, name) is getattr(gpt, name), name
