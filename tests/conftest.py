@@ -1,9 +1,30 @@
-"""Shared test settings: small thread count so the suite behaves the same on 2-core CI machines."""
+"""Shared test settings: small thread count so the suite behaves the same on 2-core CI machines, and what the
+stage-2 tests (test_gpt, test_mergear, test_randar) share."""
 import os
 import sys
 
+import pytest
 import torch
 
 # the top-level modules (merge.py, lfq.py, ...) are imported from the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny GPTs run thousands of microsecond ops: on a loaded 2-core machine a second thread costs more in
+    hand-offs than it saves (a training step 0.3 s instead of 5 ms). Restored after the module that asks for it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize_heads(model):
+    """The GPT's heads start at zero (uniform logits); give them weights so that logits differ between positions."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("output"):
+                p.normal_(0, 0.5)
+    return model

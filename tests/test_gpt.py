@@ -11,18 +11,12 @@ from gpt import (apply_rotary_emb, build_gpt, count_parameters, filter_logits, g
                  precompute_freqs_cis_2d, sample_logits)
 from lfq import join_index, split_index
 
+from conftest import randomize_heads
+
 V, C = 64, 10                                   # tiny vocabulary and number of classes
 FV = 2 ** 10                                    # tiny factorized vocabulary: pre 6 bits (64), post 4 bits (16)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run thousands of microsecond ops: on a loaded 2-core machine a second thread costs more in
-    hand-offs than it saves (a training step 0.3 s instead of 5 ms). Restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +33,6 @@ def factorized():
     model = build_gpt("tiny", vocab_size=FV, factorized=True, num_classes=C).eval()
     randomize_heads(model)
     return model
-
-
-def randomize_heads(model):
-    """The heads start at zero (uniform logits); give them weights so that logits differ between positions."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("output"):
-                p.normal_(0, 0.5)
 
 
 def cell(r, c, g):

@@ -12,26 +12,12 @@ from gpt import build_gpt, generate
 from mergear import (decode_mergear, generate_mergear, merge_causal_mask, mergear_logits, mergear_logits_cached,
                      mergear_loss, rep_disagreement, rep_from_codes, rep_from_source)
 
+from conftest import randomize_heads
+
 V, C = 64, 10                                   # tiny vocabulary and number of classes
 FV = 2 ** 10                                    # tiny factorized vocabulary: pre 6 bits (64), post 4 bits (16)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run thousands of microsecond ops: on a loaded 2-core machine a second thread costs more in
-    hand-offs than it saves (a training step 0.3 s instead of 5 ms). Restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize_heads(model):
-    """The heads start at zero (uniform logits); give them weights so that logits differ between positions."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("output"):
-                p.normal_(0, 0.5)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py: tiny models run fastest on one thread
 
 
 # ----------------------------------------------------------------------------------------------------------------

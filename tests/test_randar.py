@@ -15,27 +15,13 @@ from randar import (build_randar, check_order, decode_randar, decode_with_recove
                     num_query_tokens_schedule, randar_inputs, randar_logits, randar_loss, random_orders,
                     slot_rope_rows, teacher_forced_samples, to_generation_order, to_slot_order)
 
+from conftest import randomize_heads
+
 V, C = 64, 10                                   # tiny vocabulary and number of classes
 FV = 2 ** 10                                    # tiny factorized vocabulary: pre 6 bits (64), post 4 bits (16)
 L = 16                                          # the tiny preset's grid: 4 x 4 slots
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread on a loaded 2-core machine costs more than it saves. Restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize_heads(model):
-    """The heads start at zero (uniform logits); give them weights so that logits differ between positions."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("output"):
-                p.normal_(0, 0.5)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
