@@ -76,7 +76,7 @@ import common
 import data as data_lib
 from merge import KeptTokenSampler
 from gpt import GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
-from mergear import generate_mergear, merge_window, mergear_loss, rep_from_codes, rep_from_source
+from mergear import generate_mergear, merge_window, mergear_loss, rep_disagreement, rep_from_codes, rep_from_source
 from randar import (RandARTransformer, build_randar, decode_with_recovery, generate_randar, randar_loss,
                     random_orders, teacher_forced_samples)
 from tokenizer import load_tokenizer
@@ -185,8 +185,15 @@ def run_extract(args):
         if not common.bar_is_live(bar) and (start // args.batch_size) % 20 == 0:
             print(f"extract: {start}/{n} images", flush=True)
     bar.close()
+    # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
+    # groups share a code: how often, on these codes (README, "Stage 2")
+    disagreement = {}
+    for K in Ks:
+        codes_full = torch.gather(indices[K].long(), 1, source[K].long())  # (M, N) recovered codes, Eq. (11)
+        disagreement[K] = torch.tensor(rep_disagreement(source[K].long(), codes_full))
     num_classes = len(dataset.classes)
     out = {"indices": indices, "source": source, "Ks": torch.tensor(Ks), "K_probs": torch.tensor(probs),
+           "rep_disagreement": disagreement,                                # K -> (token, sequence rate, folded)
            "labels": labels, "flips": torch.tensor(variants).repeat(n),                 # (M,) row i * V + v
            "image_index": torch.arange(n).repeat_interleave(V),
            "num_classes": num_classes, "num_images": n, "tokenizer": os.path.abspath(args.tokenizer),
@@ -197,6 +204,11 @@ def run_extract(args):
     size = sum(t.numel() * t.element_size() for d in (indices, source) for t in d.values())
     print(f"wrote {args.out}: {M} rows ({n} images, {num_classes} classes), K {Ks}, {size / 2**20:.1f} MB of codes, "
           f"{time.time() - t0:.1f} s", flush=True)
+    for K in Ks:
+        token_rate, sequence_rate, folded = disagreement[K].tolist()
+        print(f"K={K}: MergeAR's representatives from code equality vs from the true source differ on "
+              f"{token_rate:.1%} of positions ({sequence_rate:.0%} of sequences; {folded:.1f} of {K} groups share an "
+              f"earlier group's code)", flush=True)
     return 0
 
 

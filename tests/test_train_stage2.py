@@ -75,6 +75,20 @@ def test_extract_gathers_the_recovered_codes(files):
             assert torch.equal(tok.quantizer.indices_to_codes(codes_full[v::2]), recovered)
 
 
+def test_extract_reports_how_often_the_two_representative_readings_differ(files):
+    """Brute force, position by position: the first position of j's group (source) vs of j's code (codes)."""
+    table = torch.load(files[2], weights_only=True)
+    for K in (16, 36):
+        source = table["source"][K].long().tolist()
+        codes = [[row[g] for g in src] for row, src in zip(table["indices"][K].tolist(), source)]   # recovered
+        differ = [[seq_s.index(seq_s[j]) != seq_c.index(seq_c[j]) for j in range(len(seq_s))]
+                  for seq_s, seq_c in zip(source, codes)]
+        folded = [len(set(seq_s)) - len(set(seq_c)) for seq_s, seq_c in zip(source, codes)]
+        expected = [sum(map(sum, differ)) / sum(map(len, differ)), sum(map(any, differ)) / len(differ),
+                    sum(folded) / len(folded)]
+        assert table["rep_disagreement"][K].tolist() == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_loss_falls_on_fixed_codes(files, model):
     d, _, codes = files
