@@ -101,6 +101,15 @@ def test_loss_falls_on_fixed_codes(files, model):
 
 
 @pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
+def test_bf16_autocast_step(files, model):
+    """The GPU default (--amp bf16) on the CPU: two steps train, finite, and the weights stay fp32."""
+    d, _, codes = files
+    out = train(d, f"bf16-{model}", codes, "--steps", "2", "--amp", "bf16", model=model)
+    assert all(np.isfinite(r["loss"]) for r in read_log(out))
+    assert all(w.dtype == torch.float32 for w in weights(out).values() if w.is_floating_point())
+
+
+@pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_resume_is_exact(files, model):
     """--stop-at + --resume equals the straight run bit for bit (dropout on: the RNG states are restored)."""
     d, _, codes = files
