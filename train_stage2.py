@@ -752,11 +752,7 @@ def run_finetune_recovery(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_extract_args(sub):
     p = sub.add_parser("extract", help="tokenize the training images once (codes at several K, the source)")
     p.add_argument("--tokenizer", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/train if present); default: embedded shapes")
@@ -772,6 +768,8 @@ def build_parser():
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_extract)
 
+
+def add_train_args(sub):
     p = sub.add_parser("train", help="train a generator on extracted codes (Table A2)")
     p.add_argument("--codes", required=True, help="the file `extract` wrote")
     p.add_argument("--model", required=True, choices=MODELS)
@@ -804,6 +802,8 @@ def build_parser():
     p.add_argument("--run-anyway", action="store_true", help="start a large GPT even without a GPU")
     p.set_defaults(func=None)
 
+
+def add_sample_args(sub):
     p = sub.add_parser("sample", help="class-conditional samples -> PNG grid + ADM .npz")
     p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
     p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
@@ -825,6 +825,8 @@ def build_parser():
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_sample)
 
+
+def add_nll_args(sub):
     p = sub.add_parser("nll", help="held-out NLL per code of a trained generator (codes of `extract --split val`)")
     p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
     p.add_argument("--codes", required=True, help="codes of held-out images (`extract --split val`)")
@@ -837,6 +839,8 @@ def build_parser():
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_nll)
 
+
+def add_finetune_recovery_args(sub):
     p = sub.add_parser("finetune-recovery", help="fine-tune the Source Recovery Model on a RandAR generator's "
                                                   "tokens of real images (Appendix A.1)")
     p.add_argument("--ckpt", required=True, help="a randar checkpoint of `train`")
@@ -856,6 +860,14 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_finetune_recovery)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_args in (add_extract_args, add_train_args, add_sample_args, add_nll_args, add_finetune_recovery_args):
+        add_args(sub)
     return parser
 
 
