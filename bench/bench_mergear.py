@@ -90,7 +90,11 @@ def timed(fn, repeats=1):
 
 def plot(curves, path):
     """Attention entries per decoding step, one panel per N: plain (gray) vs. MergeAR (one colour per K)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=12)                              # Pillow >= 10.1: a scalable font
+    except TypeError:
+        font = ImageFont.load_default()
     W_, H_, pad = 520, 360, 50
     panels = sorted({N for N, _ in curves})
     img = Image.new("RGB", (W_ * len(panels), H_), "white")
@@ -105,11 +109,11 @@ def plot(curves, path):
         for frac in (0, 0.25, 0.5, 0.75, 1.0):
             v, t = int(ymax * frac), int((N - 1) * frac)
             d.line([x0 - 4, sy(v), x0, sy(v)], fill="black")
-            d.text((x0 - 40, sy(v) - 6), str(v), fill="black")
+            d.text((x0 - 40, sy(v) - 6), str(v), fill="black", font=font)
             d.line([sx(t), y1, sx(t), y1 + 4], fill="black")
-            d.text((sx(t) - 10, y1 + 8), str(t), fill="black")
-        d.text((x0 + 5, y1 + 24), f"decoding step (N = {N})", fill="black")
-        d.text((x0 + 5, y0 + 5), "attention entries per step", fill="black")
+            d.text((sx(t) - 10, y1 + 8), str(t), fill="black", font=font)
+        d.text((x0 + 5, y1 + 24), f"decoding step (N = {N})", fill="black", font=font)
+        d.text((x0 + 5, y0 + 5), "attention entries per step", fill="black", font=font)
         legend = [("plain KV cache", (128, 128, 128))]
         for (n, K), (plain, merge) in curves.items():
             if n != N:
@@ -119,7 +123,7 @@ def plot(curves, path):
             legend.append((f"MergeAR K = {K}", colours[K]))
         for i, (name, col) in enumerate(legend):
             d.line([x0 + 10, y0 + 30 + 14 * i, x0 + 30, y0 + 30 + 14 * i], fill=col, width=3)
-            d.text((x0 + 36, y0 + 24 + 14 * i), name, fill="black")
+            d.text((x0 + 36, y0 + 23 + 14 * i), name, fill="black", font=font)
     img.save(path)
 
 
