@@ -187,10 +187,10 @@ def run_extract(args):
     bar.close()
     # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
     # groups share a code: how often, on these codes (README, "Stage 2")
-    disagreement = {}
+    disagreement, rows = {}, torch.arange(M)
     for K in Ks:
-        codes_full = torch.gather(indices[K].long(), 1, source[K].long())  # (M, N) recovered codes, Eq. (11)
-        disagreement[K] = torch.tensor(rep_disagreement(source[K].long(), codes_full))
+        codes_full, src = gather_codes({"indices": indices, "source": source}, rows, torch.full((M,), K))  # (M, N)
+        disagreement[K] = torch.tensor(rep_disagreement(src, codes_full))
     num_classes = len(dataset.classes)
     out = {"indices": indices, "source": source, "Ks": torch.tensor(Ks), "K_probs": torch.tensor(probs),
            "rep_disagreement": disagreement,                                # K -> (token, sequence rate, folded)
