@@ -185,16 +185,20 @@ def test_cache_holds_at_most_K_plus_W_plus_2_entries(merge_model):
     source = torch.stack([runs_source([3, 2, 1, 10]), runs_source([2, 2, 2, 10]), runs_source([4, 4, 4, 4])])
     codes = codes_from_groups(source, torch.tensor([11, 22, 33, 44]).expand(3, 4))
     d = decode_mergear(merge_model, torch.tensor([0, 1, 2]), 4, 16, W, codes=codes)
-    assert torch.equal(d.codes, codes)
-    K = 4
-    assert (d.stored <= K + W + 2).all() and (d.stored == K + W + 2).all()
+    K, N = 4, 16
+    for b in range(3):
+        rep = brute_rep(codes[b].tolist())                                  # first position of each code
+        rows = brute_mask(rep, W)                                           # Eq. (12) written out, (N, N)
+        # step 0 reads the prefix C, M; step t >= 1 feeds x_{t-1} and reads C, M and Eq. (12)'s row t - 1
+        assert d.reads[b].tolist() == [2] + [2 + int(rows[t].sum()) for t in range(N - 1)], b
+        # live at the end (x_0 .. x_{N-2} fed; row N - 1 reads next): C, M, every first member, and the
+        # duplicates j with (N - 1) - j <= W
+        live = 2 + sum(rep[j] == j or (N - 1) - j <= W for j in range(N - 1))
+        assert d.stored[b] == live, b
+    assert d.stored.tolist() == [K + W + 2] * 3                              # the bound, reached by each sample
     # every step reads at most the live entries + the fed token; the batched attention pads to the batch maximum
     assert (d.reads <= K + W + 3).all() and (d.computed <= K + W + 3).all()
     assert (d.computed >= d.reads.max(0).values).all()
-    # the last step of sample 2 (groups of 4, W = 2) reads C, M, the first members x_0, x_4, x_8, x_12 and the
-    # duplicates x_13 and x_14 (the fed token): Eq. (12)'s row 14 and the prefix
-    row = merge_causal_mask(rep_from_codes(codes), W)[2, 14]
-    assert d.reads[2, 15] == 2 + row.sum()
     # W = 0: no ring, the prefix and the K first members only
     assert decode_mergear(merge_model, torch.tensor([0]), 4, 16, 0, codes=codes[:1]).stored.item() == K + 2
     # the plain cache of the same sequence keeps every position: N + 1 entries, N + 1 keys at the last step

@@ -305,11 +305,20 @@ def test_replayed_tokens_through_the_cache_equal_teacher_forcing(factorized):
     cond, tokens = torch.tensor([0, 5]), torch.randint(0, FV, (2, L))
     order = random_orders(2, L, torch.Generator().manual_seed(4))
     d = decode_randar(factorized, cond, L, L, tokens=tokens, order=order)
-    assert torch.equal(d.tokens, tokens) and torch.equal(d.order, order)
+    assert d.counts == [1] * L                                                  # T = L: one token per step
     with torch.no_grad():
         l_pre, l_post = randar_logits(factorized, tokens, cond, order)
     torch.testing.assert_close(d.logits[0], l_pre, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(d.logits[1], l_post, rtol=1e-4, atol=1e-5)
+    # The replay feeds the given tokens in generation order: the token of slot order[b, i] is read from step i + 1
+    # on. Change only its post sub-token (+64: the low 6 bits, pre, stay), which step i's post head does not read.
+    i, b = 5, torch.arange(2)
+    changed = tokens.clone()
+    changed[b, order[:, i]] = (tokens[b, order[:, i]] + 64) % FV
+    e = decode_randar(factorized, cond, L, L, tokens=changed, order=order)
+    for before, after in zip(d.logits, e.logits):                               # pre, post: (B, L, vocab)
+        torch.testing.assert_close(before[:, :i + 1], after[:, :i + 1], rtol=0, atol=0)
+        assert ((before[:, i + 1:] - after[:, i + 1:]).abs().amax(-1) > 1e-4).all()   # every later step sees it
 
 
 @pytest.mark.parametrize("which", ["plain", "factorized"])
@@ -368,13 +377,30 @@ def test_tokens_come_back_in_the_slot_order_recovery_reads():
     with torch.no_grad():
         enc = tok.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert enc.indices.shape == (2, L)
-    model = build_randar("tiny", factorized=True, num_classes=C).eval()              # 2^18 codes
+    model = randomize_heads(build_randar("tiny", factorized=True, num_classes=C).eval())   # 2^18 codes
     order = random_orders(2, L, torch.Generator().manual_seed(7))
-    d = decode_randar(model, torch.tensor([0, 1]), L, 6, tokens=enc.indices, order=order)   # replay
-    assert torch.equal(d.tokens, enc.indices)
-    images, source = decode_with_recovery(tok, d.tokens)
-    torch.testing.assert_close(images, tok.decode(d.tokens))
-    assert torch.equal(source, tok.recovery.predict_source(enc.z_q))
+    # Greedy decoding in 6 parallel steps: the token sampled at generation step i (pre, then post given pre, each
+    # its argmax) comes back at slot order[b, i]
+    d = decode_randar(model, torch.tensor([0, 1]), L, 6, top_k=1, order=order)
+    pre, post = d.logits[0].argmax(-1), d.logits[1].argmax(-1)                        # (B, L) generation order
+    assert all(d.tokens[b, order[b, i]] == pre[b, i] + 64 * post[b, i] for b in range(2) for i in range(L))
+    # decode_with_recovery, written out: the codes of the indices bit by bit (LFQ: bit k -> +-1), the predicted
+    # source, Eq. (11) position by position, the N tokens laid out on the 8 x 8 grid in raster order, the decoder
+    d_bits, g = tok.cfg.z_channels, tok.cfg.grid
+    z = torch.tensor([[[1.0 if (idx >> k) & 1 else -1.0 for k in range(d_bits)] for idx in row]
+                      for row in enc.indices.tolist()])                                # (B, K, d)
+    assert torch.equal(z, enc.z_q)
+    with torch.no_grad():
+        src = tok.recovery.predict_source(z)                                           # (B, N)
+        grid = torch.zeros(2, d_bits, g, g)
+        for b in range(2):
+            for j in range(g * g):
+                grid[b, :, j // g, j % g] = z[b, src[b, j]]                            # Eq. (11): x_j = z_source[j]
+        expected = tok.decoder(grid)
+    images, source = decode_with_recovery(tok, enc.indices)
+    assert torch.equal(source, src)
+    torch.testing.assert_close(images, expected)
+    assert not torch.equal(source, enc.source)              # the predicted source is not the true one here
     # The order matters to the recovery model only through its slot embedding: fed the tokens in generation
     # order it predicts other sources, and with the slot embedding zeroed it is blind to the order.
     rec = tok.recovery
