@@ -1,6 +1,7 @@
 """train_stage2.py: extract (shapes, codes gathered through the source = the tokenizer's recovered codes, labels,
 flips), the loss falls on fixed codes, 2 processes == 1 process, exact resume, sample (PNG + ADM .npz), one-line
 errors. A random-init tiny tokenizer at 32 px (N = 64 tokens, K in {16, 25, 36}) keeps every run small."""
+import argparse
 import dataclasses
 import json
 import os
@@ -10,11 +11,14 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_stage2
 from common import save_checkpoint
+from data import tensor_to_uint8
 from data import ShapesDataset
 from merge import recover
+from mergear import mergear_logits, rep_from_codes
 from tokenizer import build_tokenizer, get_config, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +93,101 @@ def test_extract_reports_how_often_the_two_representative_readings_differ(files)
         assert table["rep_disagreement"][K].tolist() == pytest.approx(expected)
 
 
+def test_extract_reads_an_image_folder(files, tmp_path):
+    """--data DIR reads DIR/train/<class>/<image> (classes sorted -> labels 0, 1, ...; files sorted), each image's
+    shorter side resized to the tokenizer's 32 px and centre-cropped, rows i * 2 + v with --flip. The images written
+    out by hand: a 32 x 32 image is read as it is, the centre crop of a 96 x 32 one is its middle third, a uniform
+    64 x 48 image stays uniform."""
+    _, tok_path, _ = files
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(32, 32, 3), (32, 96, 3), (32, 32, 3)]]
+    layout = [("cat", "a.png", noise[0]), ("cat", "b.png", noise[1]),                  # label 0
+              ("dog", "c.png", np.full((48, 64, 3), (200, 30, 90), np.uint8)), ("dog", "d.png", noise[2])]
+    for cls, name, arr in layout:
+        os.makedirs(tmp_path / "folder" / "train" / cls, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "folder" / "train" / cls / name)
+    (tmp_path / "folder" / "train" / "dog" / "notes.txt").write_text("not an image")
+    expected = [noise[0], noise[1][:, 32:64], np.full((32, 32, 3), (200, 30, 90), np.uint8), noise[2]]
+    x = torch.tensor(np.stack(expected)).permute(0, 3, 1, 2).float() / 127.5 - 1            # (4, 3, 32, 32)
+    out = str(tmp_path / "codes.pt")
+    assert train_stage2.main(["extract", "--tokenizer", tok_path, "--data", str(tmp_path / "folder"), "--flip",
+                              "--batch-size", "3", "--out", out]) == 0
+    table = torch.load(out, weights_only=True)
+    assert table["num_classes"] == 2 and table["num_images"] == 4 and table["Ks"].tolist() == [16, 25, 36]
+    assert table["labels"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]                      # 4 images x (plain, mirrored)
+    assert table["flips"].tolist() == [False, True] * 4 and table["image_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    tok = load_tokenizer(tok_path)
+    for K in (16, 36):
+        assert table["indices"][K].shape == (8, K) and table["source"][K].shape == (8, 64)
+        for v, img in enumerate([x, x.flip(-1)]):
+            with torch.no_grad():
+                enc = tok.encode(img, K=K)
+            assert torch.equal(table["indices"][K][v::2].long(), enc.indices), (K, v)
+            assert torch.equal(table["source"][K][v::2].long(), enc.source), (K, v)
+
+
+def test_optimizer_groups_decay_every_weight_but_the_norms(files):
+    """Table A2 / LlamaGen: weight decay 0.05 on the linear layers and the embeddings (class, codes, Merge
+    Instruction, RandAR's position instruction), none on the RMSNorm gains; every parameter in exactly one group,
+    and these are the groups of the optimizer `train` builds."""
+    _, _, codes = files
+    for model in ("llamagen", "mergear", "randar"):
+        args = train_stage2.build_parser().parse_args(["train", "--codes", codes, "--model", model, "--preset", "tiny",
+                                                       "--batch-size", "4"])
+        run = train_stage2.setup(args, 0, 1, torch.device("cpu"))
+        names = {id(p): n for n, p in run.model.named_parameters()}
+        groups = {g["weight_decay"]: [names[id(p)] for p in g["params"]] for g in run.opt.param_groups}
+        assert set(groups) == {0.05, 0.0} and sum(map(len, groups.values())) == len(names), model
+        no_decay = {n for n in names.values() if n == "norm.weight" or n.endswith(("attention_norm.weight",
+                                                                                     "ffn_norm.weight"))}
+        assert set(groups[0.0]) == no_decay and set(groups[0.05]) == set(names.values()) - no_decay, model
+        assert {"cls_embedding.embedding_table.weight", "layers.0.attention.wqkv.weight"} <= set(groups[0.05])
+        assert ("merge_embedding.weight" in groups[0.05]) == (model == "mergear")
+        assert ("pos_instruct_embeddings" in groups[0.05]) == (model == "randar")
+
+
+def smoothed_cross_entropy(logits, targets, eps):
+    """Label smoothing written out: the target distribution is (1 - eps) on the target plus eps / V on every class,
+    so the loss per position is (1 - eps) (-log p_y) + eps mean_v (-log p_v); averaged over positions."""
+    logits = logits.double()
+    log_p = logits - logits.exp().sum(-1, keepdim=True).log()                       # (..., V) log-softmax
+    nll = -log_p.gather(-1, targets[..., None]).squeeze(-1)                         # (...,)
+    return ((1 - eps) * nll + eps * -log_p.mean(-1)).mean()
+
+
+@pytest.mark.parametrize("kind,factorized", [("llamagen", False), ("llamagen", True), ("mergear", True),
+                                             ("randar", True)])
+def test_label_smoothing_is_the_closed_form(kind, factorized):
+    """Stage2Loss with label smoothing 0.1 (Table A2) equals the smoothed cross-entropy written out on the model's
+    logits (factorized: that of the 6-bit pre sub-token plus that of the post sub-token), and differs from the
+    unsmoothed loss."""
+    from conftest import randomize_heads
+    from gpt import build_gpt
+    from randar import build_randar
+    V, B, N = (2 ** 10 if factorized else 64), 3, 16
+    torch.manual_seed(0)
+    build = build_randar if kind == "randar" else build_gpt
+    extra = {"merge_counts": (4, 16)} if kind == "mergear" else {}
+    model = randomize_heads(build("tiny", vocab_size=V, factorized=factorized, num_classes=10, **extra).eval())
+    codes, labels = torch.randint(0, V, (B, N)), torch.tensor([0, 3, 9])
+    codes[:, 8:] = codes[:, :8]                                 # repeated codes: mergear's mask is not causal's
+    K, order = torch.tensor([4, 16, 16]), torch.stack([torch.randperm(N) for _ in range(B)])
+    targets = codes.gather(1, order) if kind == "randar" else codes                 # RandAR: generation order
+    with torch.no_grad():
+        if kind == "randar":
+            logits = model(codes, labels, order)
+        elif kind == "mergear":
+            logits = mergear_logits(model, codes, labels, K, rep_from_codes(codes))
+        else:
+            logits = model(codes if factorized else codes[:, :-1], labels)[:2 if factorized else 1]
+        loss = {eps: train_stage2.Stage2Loss(model, kind, rep="codes", label_smoothing=eps)(
+            codes, labels, K, torch.empty(0), order).item() for eps in (0.0, 0.1)}
+    parts = [(logits[0], targets % 64), (logits[1], targets // 64)] if factorized else [(logits[0], targets)]
+    for eps in (0.0, 0.1):
+        assert loss[eps] == pytest.approx(sum(smoothed_cross_entropy(l, t, eps).item() for l, t in parts), rel=1e-5)
+    assert abs(loss[0.1] - loss[0.0]) > 1e-3
+
+
 @pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_loss_falls_on_fixed_codes(files, model):
     d, _, codes = files
@@ -145,16 +244,42 @@ def test_two_processes_equal_one_process(files):
 
 @pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_sample_writes_a_png_and_an_adm_npz(files, model):
-    d, _, codes = files
+    """The grid holds the .npz images in order, 2 per row; `labels` names the class each image was generated for:
+    greedy decoding (top-k 1) makes a raster model's sample a function of its class, so a class generated alone
+    gives the images its label marks. (RandAR draws its orders from the batch's generator: sampled, not checked.)"""
+    d, tok, codes = files
     out = train(d, f"sample-{model}", codes, "--steps", "1", model=model)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for name, w in ckpt["model"].items():                   # heads near zero after one step: give them weights,
+        if name.startswith("output"):                       # so that no greedy choice is a near-tie
+            w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    path = str(d / f"sample-{model}.pt")
+    save_checkpoint(path, ckpt)
     prefix = str(d / f"samples-{model}")
-    steps = ["--num-steps", "5"] if model == "randar" else []                # RandAR: 16 tokens in 5 steps
-    assert train_stage2.main(["sample", "--ckpt", os.path.join(out, "last.pt"), "--num-per-class", "2",
-                              "--cfg", "1.5", "--top-k", "100", "--out", prefix, *steps]) == 0
-    assert os.path.getsize(prefix + ".png") > 0
+    steps = ["--num-steps", "5", "--top-k", "100"] if model == "randar" else ["--top-k", "1"]   # RandAR: 5 steps
+    assert train_stage2.main(["sample", "--ckpt", path, "--num-per-class", "2", "--cfg", "1.5", "--out", prefix,
+                              *steps]) == 0
     f = np.load(prefix + ".npz")
     assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (20, 32, 32, 3)
-    assert f["labels"].tolist() == [c for c in range(10) for _ in range(2)]   # grid rows = classes
+    grid = np.array(Image.open(prefix + ".png"))                            # 10 x 2 images, 2 white pixels apart
+    assert grid.shape == (10 * 34 + 2, 2 * 34 + 2, 3)
+    for i in range(20):
+        y, x = 2 + (i // 2) * 34, 2 + (i % 2) * 34
+        assert np.array_equal(grid[y:y + 32, x:x + 32], f["arr_0"][i]), i
+    if model == "randar":
+        return
+    gen, ckpt = train_stage2.load_generator(path, torch.device("cpu"))
+    greedy = argparse.Namespace(cfg=1.5, cfg_schedule="constant", temperature=1.0, top_k=1, top_p=1.0)
+    alone = {}
+    for c in (3, 8):
+        with torch.no_grad():
+            images = train_stage2.sample_images(model, gen, load_tokenizer(tok), torch.tensor([c]), 16, greedy,
+                                                ckpt["window"], torch.Generator().manual_seed(1))
+        alone[c] = tensor_to_uint8(images)[0].astype(int)                    # (32, 32, 3)
+        marked = f["arr_0"][f["labels"] == c].astype(int)
+        assert len(marked) == 2 and np.abs(marked - alone[c]).max() <= 1, c
+    assert np.abs(alone[3] - alone[8]).max() > 10                            # the class changes the sample
 
 
 def test_bad_input_is_one_line(files, tmp_path, capsys):
