@@ -27,6 +27,8 @@ only) says so on every line it prints.
     # generation on the embedded shapes without Inception weights: a small classifier's accuracy on the samples and
     # the Frechet distance of its features to held-out images; a tokenizer's reconstructions as the ceiling row
     python evaluate.py shapes samples.npz --reconstructions runs/g-tiny/last.pt
+    # training curves (plots.py): every logged term against step, several runs overlaid
+    python evaluate.py curves runs/stage2-mergear-tiny runs/stage2-llamagen-tiny --out curves.png
 
 Every subcommand runs on one process or under torchrun (each rank takes a strided share of the images; features
 are gathered in the original order), on any device (`--device`, default cuda:LOCAL_RANK if available else cpu).
@@ -49,6 +51,7 @@ from PIL import Image
 
 import data as data_lib
 import losses
+import plots
 from common import all_gather_rows, dist_info, progress_bar, setup_distributed, teardown_distributed
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
@@ -827,6 +830,13 @@ def run_stats(args):
     return 0
 
 
+def run_curves(args):
+    """Training curves of one or more runs (plots.py): one panel per logged quantity, one colour per run."""
+    width, height = plots.plot_runs(args.runs, args.out)
+    print(f"wrote {args.out} ({width} x {height}): {len(args.runs)} run(s)", flush=True)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -858,6 +868,11 @@ def build_parser():
                                       "small classifier trained here (no pretrained weights)")
     add_shapes_args(p)
     p.set_defaults(func=run_shapes)
+
+    p = sub.add_parser("curves", help="training curves: every term of runs' log.jsonl against step, overlaid -> PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (its log.jsonl) or a log .jsonl file")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.set_defaults(func=run_curves, device="cpu")
     return parser
 
 
