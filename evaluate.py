@@ -490,7 +490,7 @@ def add_recon_args(p):
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/<split> if present); default: embedded shapes")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--keep", dest="K", metavar="K", type=int, nargs="+", default=None,
-                   help="kept-token counts K (default: the checkpoint's target K)")
+                   help="kept counts K (default: the checkpoint's target K)")
     p.add_argument("--source", default="true", choices=["true", "predicted", "both"],
                    help="decode with the encoder's source, the Source Recovery Model's, or both (Table 5)")
     p.add_argument("--max-images", type=int, default=None)
@@ -596,7 +596,7 @@ PROBE_FEATURES = ("cls", "mean")
 def tokenizer_features(model, dataset, K=None, feature="cls", batch_size=50, device=None, max_images=None):
     """Frozen features of a labelled dataset's first max_images items -> (float32 (n, F), int64 labels (n,)).
 
-    K: the encoder's kept-token count; default N, no merging (Appendix A.4 probes the tokenizers with all tokens).
+    K: the encoder's kept count; default N, no merging (Appendix A.4 probes the tokenizers with all tokens).
     "cls": the encoder's CLS output after the attention blocks (B, D), the token the alignment head (Eq. 10) reads.
     "mean": the quantized code averaged over the N original positions, i.e. the K merged z_q weighted by how many
     positions each holds (B, d): what the discrete tokens carry. All ranks share the work and get all rows, in
@@ -632,7 +632,7 @@ def add_probe_args(p):
     p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
     p.add_argument("--data", default=None, help="ImageFolder root: train/ fits, val/ scores; default: embedded shapes")
     p.add_argument("--keep", dest="K", metavar="K", type=int, default=None,
-                   help="kept-token count K of the encoder (default: N, all tokens, no merging: Appendix A.4)")
+                   help="kept count K of the encoder (default: N, all tokens, no merging: Appendix A.4)")
     p.add_argument("--feature", choices=PROBE_FEATURES, default="cls",
                    help="cls: the encoder's CLS output; mean: the size-weighted mean of the merged codes")
     p.add_argument("--epochs", type=int, default=90, help="paper: 90")

@@ -253,7 +253,7 @@ def merge_schedule(N, K, L, kind="square"):
 
 @dataclass
 class KeptTokenSampler:
-    """Draws the kept-token count K of each training step around the target K (Appendix A.3).
+    """Draws the kept count K of each training step around the target K (Appendix A.3).
 
     Candidates are perfect squares (sqrt(K) + i)^2 for offsets i = low..high, so the merged tokens can always form
     a square grid. Weights over the offsets:
@@ -278,7 +278,7 @@ class KeptTokenSampler:
     def __post_init__(self):
         root = math.isqrt(self.K)
         if root * root != self.K:
-            raise ValueError(f"the target kept-token count K must be a perfect square, got {self.K}")
+            raise ValueError(f"the target kept count K must be a perfect square, got {self.K}")
         if self.low > self.high or root + self.low < 1:
             raise ValueError(f"bad candidate offsets low={self.low}, high={self.high} for the target K={self.K}")
         offsets = np.arange(self.low, self.high + 1)

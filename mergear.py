@@ -4,9 +4,9 @@ MergeAR is LlamaGen's GPT (gpt.py) with a second prefix token, a sparse causal m
 training, and a compacted KV cache in decoding. The paper states the idea in a few sentences and one figure; the
 rules below are our reading of them, each with the evidence it rests on.
 
-  What is generated. All N recovered tokens, in raster order, one per step: Table 3's "Step" column reads 256
+  What is generated. All N recovered codes, in raster order, one per step: Table 3's "Step" column reads 256
     for MergeVQ (G+R) + MergeAR (144 merged tokens recovered to 256) and 1024 for (G) (256 recovered to 1024),
-    the lengths of the recovered sequences. The members of one merged group are identical copies of one code
+    the lengths of the recovered codes. The members of one merged group are identical copies of one code
     (recovery, Eq. (11), copies the merged token to each of its positions), and Appendix A.2 says MergeAR needs
     no Source Recovery Model. The saving is a shorter attention context per step, not fewer steps.
   The prefix [C, M]. C is the class embedding; M the Merge Instruction token, "a learnable embedding token with
@@ -130,7 +130,7 @@ def rep_disagreement(source, codes):
     sequence_rate  the fraction of sequences with at least one such token;
     folded_groups  groups per sequence that code equality folds into an earlier group sharing their code
                    (distinct sources minus distinct codes, averaged over the batch).
-    The two agree exactly when no two groups share a code (and each group is one code, as recovered tokens are)."""
+    The two agree exactly when no two groups share a code (and each group is one code, as in recovered codes)."""
     a, b = rep_from_source(source), rep_from_codes(codes)
     differs = a != b                                                        # (B, N)
     arange = torch.arange(source.shape[1], device=source.device)

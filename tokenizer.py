@@ -443,11 +443,11 @@ class Decoder(nn.Module):
 
 
 class Encoding(NamedTuple):
-    """What stage 2 needs from an image: the K merged indices, the source and the kept count."""
+    """What stage 2 needs from an image: the K merged indices, the source and the kept count K."""
     indices: torch.Tensor           # (B, K) int64 LFQ indices of the merged tokens
     source: torch.Tensor            # (B, N) int64 in [0, K): the merged token that holds original token j
     z_q: torch.Tensor               # (B, K, d) quantized merged tokens in {-1, +1} (straight-through)
-    K: int                          # the kept-token count
+    K: int                          # the kept count
     cls: torch.Tensor               # (B, D) the encoder's CLS output (before the alignment head)
     lfq: LFQOutput                  # the quantizer's losses and statistics
 
@@ -476,19 +476,19 @@ class MergeVQTokenizer(nn.Module):
         layers += [nn.LayerNorm(Hd)] if cfg.align_layers == 2 else [nn.Linear(Hd, Hd), nn.GELU()]
         self.align_head = nn.Sequential(*layers, nn.Linear(Hd, cfg.align_dim))
 
-    # ---- kept-token counts ---------------------------------------------------------------------------------
+    # ---- kept counts K ---------------------------------------------------------------------------------------
 
     def check_K(self, K):
         """K must be an integer in [1, N] that the L merging layers can reach (each removes at most half)."""
         N, L = self.cfg.num_tokens, self.cfg.enc_layers
         if isinstance(K, bool) or not isinstance(K, int):
-            raise ValueError(f"the kept-token count K must be an int, got {K!r}")
+            raise ValueError(f"the kept count K must be an int, got {K!r}")
         if not 1 <= K <= N:
-            raise ValueError(f"kept-token count K={K} is not allowed: it must be between 1 and N={N}")
+            raise ValueError(f"kept count K={K} is not allowed: it must be between 1 and N={N}")
         try:
             merge_schedule(N, K, L, self.cfg.merge_schedule)
         except ValueError as e:
-            raise ValueError(f"kept-token count K={K} is not allowed: {e}") from None
+            raise ValueError(f"kept count K={K} is not allowed: {e}") from None
         return K
 
     # ---- encode / decode -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Stage 1: train the MergeVQ tokenizer (paper Sec. 3, Appendix A.1, Table A1).
 
 One script for one process or many (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): nccl on GPUs, gloo on the CPU.
-The loop below follows the paper's training: a kept-token count K per step (Appendix A.3, Eq. (15)-(16)), the
+The loop below follows the paper's training: a kept count K per step (Appendix A.3, Eq. (15)-(16)), the
 tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commitment and entropy (Eq. (4)), the
 source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
 generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
@@ -149,7 +149,7 @@ def parse_args(argv=None):
                    help="stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=int, default=None, dest="K", metavar="K",
-                   help="a fixed kept-token count K instead of sampling it around the target")
+                   help="a fixed kept count K instead of sampling it around the target")
     p.add_argument("--keep-sampling", choices=["exponential", "gaussian", "fixed"], default=None, dest="K_sampling",
                    help="weights of the candidate K (paper: Eq. (15) for G and R, Eq. (16) for G+R)")
     p.add_argument("--keep-offsets", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"), dest="K_offsets",

@@ -14,13 +14,13 @@ The subcommands, in the order a run uses them:
                                source (--rep source, the paper's training reading), window W = one grid row unless
                                --window; K drawn per image among the extracted counts with the tokenizer's
                                weights (Eq. (15) / (16)). Both defaults are measured (README, "Stage 2").
-           Both models see the same sequence: the N recovered codes, codes_full[j] = indices[source[j]] (Eq. (11)),
+           Both models see the same sequence: the N recovered codes, recovered[j] = indices[source[j]] (Eq. (11)),
            so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
              --model randar    RandAR (Sec. 4.2, randar.py) on the K merged tokens of the target K, one random
                                order per image (drawn from (seed, step), like K); no source is modelled.
   sample   Class-conditional samples of a trained generator, decoded by the tokenizer: a PNG grid (one row per
            class) and an ADM-format .npz (`arr_0` uint8 N x H x W x 3, `labels`) for `evaluate.py fid` or
-           `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count --keep; RandAR decodes
+           `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count K (--keep); RandAR decodes
            K tokens in --num-steps parallel steps (linear CFG), then the Source Recovery Model predicts the source.
   nll      Held-out negative log-likelihood per code (codes of `extract --split val`).
   finetune-recovery
@@ -189,8 +189,8 @@ def run_extract(args):
     # groups share a code: how often, on these codes (README, "Stage 2")
     disagreement, rows = {}, torch.arange(M)
     for K in Ks:
-        codes_full, src = gather_codes({"indices": indices, "source": source}, rows, torch.full((M,), K))  # (M, N)
-        disagreement[K] = torch.tensor(rep_disagreement(src, codes_full))
+        recovered, src = gather_codes({"indices": indices, "source": source}, rows, torch.full((M,), K))  # (M, N)
+        disagreement[K] = torch.tensor(rep_disagreement(src, recovered))
     num_classes = len(dataset.classes)
     out = {"indices": indices, "source": source, "Ks": torch.tensor(Ks), "K_probs": torch.tensor(probs),
            "rep_disagreement": disagreement,                                # K -> (token, sequence rate, folded)
@@ -228,7 +228,7 @@ def read_codes(path):
 
 def gather_codes(table, rows, K):
     """Rows (B,) at kept counts K (B,) -> the N recovered codes (B, N) and the source (B, N), int64:
-    codes_full[j] = indices[source[j]] (Eq. (11) on indices: each original position takes its merged token's code)."""
+    recovered[j] = indices[source[j]] (Eq. (11) on indices: each original position takes its merged token's code)."""
     B, N = len(rows), table["source"][int(K[0])].shape[1]
     codes, source = torch.empty(B, N, dtype=torch.long), torch.empty(B, N, dtype=torch.long)
     for k in K.unique().tolist():
@@ -264,7 +264,7 @@ def draw_K(table_Ks, probs, step, seed, global_batch, rank, world):
 class Stage2Loss(nn.Module):
     """The training loss in one module call, so DistributedDataParallel sees every parameter.
 
-    llamagen: teacher-forced cross-entropy of all N codes, causal (the class token predicts code 0).
+    llamagen: teacher-forced cross-entropy of all N recovered codes, causal (the class token predicts code 0).
     mergear:  the same under the Eq. (12) mask of rep (from the true source or from code equality), with the
               Merge Instruction token of each sequence's K; duplicates are targets too (Fig. 6).
     randar:   codes are the K merged indices (B, K) in slot order, order (B, K) the generation order of each:
@@ -830,7 +830,7 @@ def add_nll_args(sub):
     p = sub.add_parser("nll", help="held-out NLL per code of a trained generator (codes of `extract --split val`)")
     p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
     p.add_argument("--codes", required=True, help="codes of held-out images (`extract --split val`)")
-    p.add_argument("--keep", type=int, default=None, metavar="K", help="the kept count (default: the target K)")
+    p.add_argument("--keep", type=int, default=None, metavar="K", help="the kept count K (default: the target K)")
     p.add_argument("--rep", choices=["source", "codes"], default=None,
                    help="mergear: the Eq. (12) mask from the source or from codes (default: as trained)")
     p.add_argument("--max-rows", type=int, default=None, help="only the first rows of the codes file")

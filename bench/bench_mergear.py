@@ -7,7 +7,7 @@ step's attention reads: every earlier position (plain: 2 + t keys at step t) or 
 every group so far and the window (MergeAR: at most K + W + 3, padded to the batch's largest count).
 
 Model: a small LlamaGen-style GPT (width 128, 4 blocks, 4 heads, vocab 4096), W = one grid row (the default).
-Codes: synthetic recovered sequences with a realistic duplicate pattern: the sqrt(N) x sqrt(N) grid is cut into
+Codes: synthetic recovered codes with a realistic duplicate pattern: the sqrt(N) x sqrt(N) grid is cut into
 K 2D blobs (the Voronoi cells of K random seed cells; ToMe's merged groups are such contiguous-ish regions, so
 in raster order a group shows up as short runs on several rows), each blob one distinct code. Grid sizes as in
 Table 3: N = 256 with K = 64 and 144 (G+R), N = 1024 with K = 256 (G); batch 1 and 16.

@@ -71,7 +71,7 @@ def test_fig6_mask_is_the_papers_example():
                              [1, 0, 1, 0, 1, 1, 1, 1, 0],
                              [1, 0, 1, 0, 1, 0, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(merge_causal_mask(rep, 2)[0], expected)
-    # the codes of the recovered tokens: one code per group, all distinct -> the same reading
+    # the recovered codes: one code per group, all distinct -> the same reading
     assert torch.equal(rep_from_codes(torch.tensor([[5, 5, 9, 9, 1, 1, 1, 7, 7]])), rep)
 
 

@@ -73,7 +73,7 @@ def test_decoding_with_true_source_is_deterministic_and_uses_recovery(tiny_model
 def test_kept_count_errors(tiny_models):
     model = tiny_models["g"]
     for bad in [0, -4, 257, 2.5, True]:
-        with pytest.raises(ValueError, match="kept-token count K"):
+        with pytest.raises(ValueError, match="kept count K"):
             model.encode(images(), K=bad)
     with pytest.raises(ValueError, match="not allowed"):
         model.check_K(8)                       # 256 tokens halve to at least 16 in 4 layers

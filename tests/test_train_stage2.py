@@ -70,13 +70,13 @@ def test_extract_gathers_the_recovered_codes(files):
     for K in (16, 36):
         assert table["indices"][K].shape == (M, K) and table["source"][K].shape == (M, 64)
         rows, Ks = torch.arange(M), torch.full((M,), K)
-        codes_full, source = train_stage2.gather_codes(table, rows, Ks)     # codes_full[j] = indices[source[j]]
+        recovered_codes, source = train_stage2.gather_codes(table, rows, Ks)   # [j] = indices[source[j]]
         for v, img in enumerate([x, x.flip(-1)]):
             with torch.no_grad():
                 enc = tok.encode(img, K=K)
             assert torch.equal(source[v::2], enc.source)
             recovered = recover(enc.z_q, enc.source)                        # Eq. (11): (B, N, d)
-            assert torch.equal(tok.quantizer.indices_to_codes(codes_full[v::2]), recovered)
+            assert torch.equal(tok.quantizer.indices_to_codes(recovered_codes[v::2]), recovered)
 
 
 def test_extract_reports_how_often_the_two_representative_readings_differ(files):
