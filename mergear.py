@@ -63,7 +63,7 @@ transformer, its sampling and LlamaGen's loader live in gpt.py; the names an out
 (build_gpt, precompute_freqs_cis_2d, apply_rotary_emb, generate, ...) are re-exported below.
 
     python mergear.py                      # a tiny MergeAR: 100 steps, greedy decoding through its compacted cache
-    python -m pytest tests/test_mergear.py # RoPE, cache == full forward, CFG, counts, loading; MergeAR's mask, cache
+    python -m pytest tests/test_mergear.py # MergeAR's mask (Fig. 6, brute force), the compacted cache == masked forward
     python bench/bench_mergear.py          # MergeAR's compacted cache vs. the plain KV cache: tokens/s, entries, PNG
 
     from mergear import build_gpt, generate_mergear, mergear_loss, rep_from_source

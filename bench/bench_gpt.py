@@ -4,7 +4,7 @@ A small GPT (width 256, 4 blocks, 8 heads, vocab 16384) greedily decodes 256 cod
 labels, with and without classifier-free guidance. Both paths must produce the same codes; the table gives
 codes/s and the speed-up. CPU, one thread by default.
 
-    python bench/bench_gpt.py [--threads 1] [--tokens 256]
+    python bench/bench_gpt.py --threads 1 --tokens 256      # the defaults: every option may be left out
 """
 import argparse
 import os

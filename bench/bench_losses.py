@@ -3,7 +3,7 @@
 Per training step the generator pays one LPIPS forward + backward to the input, one PatchGAN forward + backward and
 one DINOv2 ViT-B/14 teacher forward (no gradient); the discriminator step adds two PatchGAN passes.
 
-    python bench/bench_losses.py [--batch 2] [--size 256] [--repeats 3]
+    python bench/bench_losses.py --batch 2 --size 256 --repeats 3      # the defaults: every option may be left out
 """
 import argparse
 import os

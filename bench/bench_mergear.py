@@ -33,7 +33,7 @@ the best of --repeats runs.
 Last, the training-step time of both (forward + backward, about 4096 codes per step): the plain model runs the
 fused causal attention, MergeAR an explicit Eq. (12) mask, which the fused causal kernels cannot take.
 
-    python bench/bench_mergear.py [--threads 1] [--repeats 3] [--png bench/mergear_entries.png]
+    python bench/bench_mergear.py --threads 1 --repeats 3 --png bench/mergear_entries.png   # the defaults
 """
 import argparse
 import math

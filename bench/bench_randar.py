@@ -8,7 +8,7 @@ A RandAR step feeds more positions than a raster step (it rewrites the previous 
 appends the next queries: about 2 n_j + n_{j+1} positions) and its cache holds 1 + 2L entries, not L: fewer passes,
 each a little wider. Both without CFG and with CFG (the batch doubles). Interleaved, best of --repeats, one process.
 
-    python bench/bench_randar.py [--threads 1] [--batch 8] [--repeats 3]
+    python bench/bench_randar.py --threads 1 --batch 8 --repeats 3     # the defaults: every option may be left out
 """
 import argparse
 import os
