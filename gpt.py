@@ -24,7 +24,7 @@ SwiGLU) / presets / training layout and cached decoding / sampling and generatio
 guidance) / loading LlamaGen's checkpoints / demo.
 
     python gpt.py                          # parameter counts of the presets, a tiny model: 30 steps, sampling
-    python -m pytest tests/test_gpt.py     # RoPE, cache == full forward, CFG, counts, loading (MergeAR: test_mergear.py)
+    python -m pytest tests/test_gpt.py     # RoPE, cache == full forward, CFG, counts, loading
     python bench/bench_gpt.py              # tokens/s of the cached decoder vs. recomputing the prefix (CPU)
 
     from gpt import build_gpt, generate, load_llamagen

@@ -38,7 +38,7 @@ COMMANDS = [(rel, argv) for rel in FILES for argv in docstring_commands(rel)]
 
 
 def script_and_args(argv):
-    """`python X.py A...` and `torchrun --opt=v ... X.py A...` -> (X.py, [A...]); `python -m pytest F` -> (pytest, [F])."""
+    """`python X.py A...`, `torchrun --opt=v ... X.py A...` -> (X.py, [A...]); `python -m pytest F` -> (pytest, [F])."""
     if argv[:3] == ["python", "-m", "pytest"]:
         return "pytest", argv[3:]
     rest = argv[1:]
