@@ -21,12 +21,12 @@ only) says so on every line it prints.
     # reference statistics of a folder (or of an ADM .npz batch), saved as an ADM-style stats .npz
     python evaluate.py stats /data/imagenet/val ref_stats.npz --image-size 256 --inception-weights download
     # a tokenizer's reconstructions on the held-out split: a K sweep (Table 4), true and predicted source (Table 5)
-    python evaluate.py recon --ckpt runs/g-tiny/last.pt --keep 16 36 64 100 256 --source both
+    python evaluate.py recon --ckpt runs/stage1-g-tiny/last.pt --keep 16 36 64 100 256 --source both
     # linear probe of the encoder's frozen CLS feature at K = N (Appendix A.4: 90 epochs, batch 1024)
-    python evaluate.py probe --ckpt runs/g-tiny/last.pt
+    python evaluate.py probe --ckpt runs/stage1-g-tiny/last.pt
     # generation on the embedded shapes without Inception weights: a small classifier's accuracy on the samples and
     # the Frechet distance of its features to held-out images; a tokenizer's reconstructions as the ceiling row
-    python evaluate.py shapes samples.npz --reconstructions runs/g-tiny/last.pt
+    python evaluate.py shapes samples.npz --reconstructions runs/stage1-g-tiny/last.pt
     # training curves (plots.py): every logged term against step, several runs overlaid
     python evaluate.py curves runs/stage2-mergear-tiny runs/stage2-llamagen-tiny --out curves.png
 

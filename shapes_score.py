@@ -8,7 +8,7 @@ between its penultimate features of the samples and of held-out real images is F
 other; they are not ImageNet FIDs. Rows: the samples, a tokenizer's reconstructions of held-out images (the
 ceiling a generator on its tokens can reach) and held-out real images (the floor of the distance).
 
-    python evaluate.py shapes samples.npz --reconstructions runs/g-tiny/last.pt
+    python evaluate.py shapes samples.npz --reconstructions runs/stage1-g-tiny/last.pt
 """
 import math
 import os
