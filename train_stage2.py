@@ -140,11 +140,12 @@ def extraction_dataset(data, size, split="train"):
     return data_lib.ImageFolder(root, size=size, train=False)
 
 
-def kept_counts(tok_cfg, keep=None):
+def kept_counts(tok_cfg, Ks=None):
     """The extracted counts K and the weights MergeAR training draws them with: the tokenizer's KeptTokenSampler
-    candidates and weights (Appendix A.3, Eq. (15) / (16)), or the given counts with equal weights."""
-    if keep:
-        return sorted(set(keep)), [1.0 / len(set(keep))] * len(set(keep))
+    candidates and weights (Appendix A.3, Eq. (15) / (16)), or the given counts Ks (--keep) with equal weights."""
+    if Ks:
+        Ks = sorted(set(Ks))
+        return Ks, [1.0 / len(Ks)] * len(Ks)
     sampler = KeptTokenSampler(tok_cfg.K, tok_cfg.K_low, tok_cfg.K_high, kind=tok_cfg.K_sampling)
     return list(sampler.candidates), [float(p) for p in sampler.probs]
 
