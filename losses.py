@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import all_reduce_mean, all_reduce_sum_differentiable, load_strict, resolve_weights
 from merge import group_mean, recover
@@ -500,6 +501,19 @@ def semantic_alignment_dinov2(pred, teacher, source, K, margin=0.5):
         return F.relu(1.0 - margin - cos).mean()
 
 
+def _log_collision(bits_i, bits_j):
+    """log k_ij for rows i against columns j: bits (log s, log (1 - s)), each (B, I, d) and (B, J, d) -> (B, I, J)."""
+    both_pos = bits_i[0][:, :, None, :] + bits_j[0][:, None, :, :]                # (B, I, J, d)
+    both_neg = bits_i[1][:, :, None, :] + bits_j[1][:, None, :, :]                # (B, I, J, d)
+    return torch.logaddexp(both_pos, both_neg).sum(dim=-1)                         # (B, I, J)
+
+
+def _soft_bits(u, tau):
+    """log s and log (1 - s) of the soft bits s = sigmoid(4 u / tau): (B, N, d) each, float32."""
+    a = 4.0 * u.float() / tau                                                       # bit logits (B, N, d)
+    return F.logsigmoid(a), F.logsigmoid(-a)
+
+
 def code_collision(u, tau):
     """The probability that two tokens draw the same code, for every pair of tokens of an image: (B, N, d) -> (B, N, N).
 
@@ -515,17 +529,45 @@ def code_collision(u, tau):
         log k_ij = sum_b logaddexp(log s_ib + log s_jb, log(1 - s_ib) + log(1 - s_jb)),
 
     nothing underflows as tau -> 0 and no 1 - s loses its digits (hard bits: log k = 0 for equal codes, about
-    -min(|a_ib|, |a_jb|) per differing bit). float32, autocast off. Memory: two (B, N, N, d) tables.
+    -min(|a_ib|, |a_jb|) per differing bit). float32, autocast off. Memory: two (B, N, N, d) tables - the losses
+    (group_constraints) never build them whole, they take k_ij a block of rows at a time.
     """
     with torch.autocast(device_type=u.device.type, enabled=False):
-        a = 4.0 * u.float() / tau                                                   # bit logits (B, N, d)
-        log_s, log_not_s = F.logsigmoid(a), F.logsigmoid(-a)                        # log s, log (1 - s)
-        both_pos = log_s[:, :, None, :] + log_s[:, None, :, :]                      # (B, N, N, d)
-        both_neg = log_not_s[:, :, None, :] + log_not_s[:, None, :, :]              # (B, N, N, d)
-        return torch.logaddexp(both_pos, both_neg).sum(dim=-1).exp()                # (B, N, N)
+        bits = _soft_bits(u, tau)
+        return _log_collision(bits, bits).exp()                                     # (B, N, N)
 
 
-def group_constraints(u, source, tau):
+# The collision tables of one block of rows, (B, rows, N, d), hold at most this many elements (64 MB in float32).
+# At the paper's sizes (32 images per GPU, N = 1024, d = 18) the whole table would be 2.4 GB, and forward and
+# backward keep several of them (about 7 GB and 10-15 GB); in blocks of 28 rows each block's tables are recomputed
+# in the backward pass (activation checkpointing), so the loss needs about COLLISION_TABLES blocks at any time.
+COLLISION_CHUNK_ELEMENTS = 2 ** 24
+COLLISION_TABLES = 6                 # tables of one block alive at once (2 sums and the logaddexp, their gradients)
+
+
+def collision_rows(B, N, d, chunk_elements=COLLISION_CHUNK_ELEMENTS):
+    """Rows i of k_ij taken at once: the (B, rows, N, d) tables stay within chunk_elements (at least one row)."""
+    return max(1, min(N, chunk_elements // max(1, B * N * d)))
+
+
+def collision_memory(B, N, d, chunk_elements=COLLISION_CHUNK_ELEMENTS):
+    """Bytes group_constraints needs at most (B images of N tokens, d bits): COLLISION_TABLES float32 tables of
+    one block of rows. For the memory estimate of train_stage1.py."""
+    return COLLISION_TABLES * 4 * B * collision_rows(B, N, d, chunk_elements) * N * d
+
+
+def _block_pair_sums(log_s, log_not_s, source, start, rows):
+    """Sums of k_ij over rows i = start .. start + rows - 1 against all N columns: (sum over pairs i != j in one
+    group, sum over pairs in different groups), float32 0-dim tensors. log_s, log_not_s (B, N, d), source (B, N)."""
+    stop = min(start + rows, log_s.shape[1])
+    k = _log_collision((log_s[:, start:stop], log_not_s[:, start:stop]), (log_s, log_not_s)).exp()   # (B, I, N)
+    same = source[:, start:stop, None] == source[:, None, :]                        # (B, I, N) one group
+    i = torch.arange(start, stop, device=source.device)
+    other = i[:, None] != torch.arange(source.shape[1], device=source.device)[None, :]   # (I, N) i != j
+    return (k * (same & other)).sum(), (k * ~same).sum()
+
+
+def group_constraints(u, source, tau, chunk_elements=COLLISION_CHUNK_ELEMENTS):
     """(ii) Group-wise constraints on the discrete branch, from k_ij (code_collision) and the merge groups g(i):
 
         L_intra = mean of k_ij over ordered pairs i != j with g(i) = g(j)     intra-group diversity: members of a
@@ -536,16 +578,28 @@ def group_constraints(u, source, tau):
     Pairs are taken inside each image and pooled over the batch (this process's share under torchrun). A batch
     without such pairs (every group a single token, or a single group) gives 0 for that term.
     u (B, N, d) per-token latents, source (B, N) -> (L_intra, L_exc), float32 scalars.
+
+    Memory: k_ij is summed a block of rows at a time (collision_rows: the block's (B, rows, N, d) tables within
+    chunk_elements); with more than one block and gradients on, each block is recomputed in the backward pass
+    (torch.utils.checkpoint) instead of kept, so no (B, N, N, d) table is ever whole.
     """
     if source.shape != u.shape[:2]:
         raise ValueError(f"group_constraints: source {tuple(source.shape)} does not fit latents {tuple(u.shape)}")
-    k = code_collision(u, tau)                                                      # (B, N, N)
-    same = source[:, :, None] == source[:, None, :]                                 # (B, N, N) one group
-    other = torch.eye(u.shape[1], dtype=torch.bool, device=u.device).logical_not()  # (N, N) i != j
-    intra, inter = same & other, ~same                                              # (B, N, N) each
-    L_intra = (k * intra).sum() / intra.sum().clamp_min(1)
-    L_exc = (k * inter).sum() / inter.sum().clamp_min(1)
-    return L_intra, L_exc
+    B, N, d = u.shape
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        bits = _soft_bits(u, tau)                                                   # 2 x (B, N, d)
+        rows = collision_rows(B, N, d, chunk_elements)
+        recompute = rows < N and torch.is_grad_enabled() and u.requires_grad
+        sums = []
+        for start in range(0, N, rows):
+            args = (bits[0], bits[1], source, start, rows)
+            sums.append(checkpoint(_block_pair_sums, *args, use_reentrant=False) if recompute
+                        else _block_pair_sums(*args))
+        intra_sum, inter_sum = (torch.stack(t).sum() for t in zip(*sums))
+    sizes = torch.zeros(B, N, dtype=torch.long, device=u.device).scatter_add_(1, source, torch.ones_like(source))
+    same_pairs = sizes.pow(2).sum()                                                 # ordered pairs in one group, i = j too
+    intra_pairs, inter_pairs = same_pairs - B * N, B * N * N - same_pairs
+    return intra_sum / intra_pairs.clamp_min(1), inter_sum / inter_pairs.clamp_min(1)
 
 
 def mergetok_terms(out, cfg, sem_teacher=None):

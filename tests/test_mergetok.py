@@ -112,6 +112,31 @@ def test_gradients_stay_finite_as_tau_gets_small(tau):
     assert 0.0 <= exc.item() <= 1.0 and 0.0 <= intra.item() <= 1.0
 
 
+def test_group_constraints_in_row_blocks_equal_the_pair_sums_written_out():
+    """k_ij taken a few rows at a time (blocks recomputed in backward) against the product formula on the whole
+    (B, N, N, d) table in float64, pair by pair: the same values and the same gradients."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 10, 5, generator=g, dtype=torch.float64).float()
+    source = torch.randint(0, 4, (2, 10), generator=g)
+    # expected: k_ij = prod_b [s_ib s_jb + (1 - s_ib)(1 - s_jb)], averaged over the pairs by a loop
+    u64 = u.double().requires_grad_(True)
+    s = torch.sigmoid(4.0 * u64 / 0.7)                                           # (B, N, d)
+    k = (s[:, :, None] * s[:, None] + (1 - s[:, :, None]) * (1 - s[:, None])).prod(-1)   # (B, N, N)
+    intra_pairs = [(b, i, j) for b in range(2) for i in range(10) for j in range(10)
+                   if i != j and source[b, i] == source[b, j]]
+    inter_pairs = [(b, i, j) for b in range(2) for i in range(10) for j in range(10) if source[b, i] != source[b, j]]
+    want = [sum(k[p] for p in pairs) / len(pairs) for pairs in (intra_pairs, inter_pairs)]
+    want_grad = torch.autograd.grad(want[0] + 2 * want[1], u64)[0]
+    for chunk in (2 * 10 * 5 * 3, 10 ** 6):                                      # blocks of 3 rows; one block
+        assert losses.collision_rows(2, 10, 5, chunk) == (3 if chunk < 10 ** 6 else 10)
+        x = u.clone().requires_grad_(True)
+        intra, exc = losses.group_constraints(x, source, 0.7, chunk_elements=chunk)
+        (intra + 2 * exc).backward()
+        assert intra.item() == pytest.approx(want[0].item(), rel=1e-5)
+        assert exc.item() == pytest.approx(want[1].item(), rel=1e-5)
+        torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (i) and the KL: closed forms
 # ----------------------------------------------------------------------------------------------------------------
