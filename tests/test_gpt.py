@@ -289,15 +289,16 @@ def test_state_dict_has_llamagens_keys_and_shapes(preset, dim, n_layer):
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == llamagen_shapes(dim, n_layer)
 
 
-def test_init_std_zero_heads_and_unit_norms():
+def test_init_std_zero_plain_head_and_unit_norms():
     torch.manual_seed(0)
     model = build_gpt("tiny", vocab_size=256)
     assert torch.count_nonzero(model.output.weight) == 0
     assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.layers[0].attention.wqkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert torch.equal(model.norm.weight, torch.ones(64))
-    f = build_gpt("tiny", vocab_size=FV, factorized=True)
-    assert torch.count_nonzero(f.output_pre.weight) == 0 and torch.count_nonzero(f.output_post.weight) == 0
+    f = build_gpt("tiny", vocab_size=FV, factorized=True)                 # zero factorized heads stall (gpt.py)
+    for head in (f.output_pre, f.output_post):
+        assert head.weight.std().item() == pytest.approx(0.02, rel=0.2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,5 +392,6 @@ def test_tiny_model_loss_falls_on_fixed_codes(which):
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-    assert losses[0] == pytest.approx(math.log(vocab), rel=1e-3)         # zero heads: uniform logits
+    # plain: the zero head gives uniform logits; factorized: N(0, 0.02) heads, logits within a few 0.01 of uniform
+    assert losses[0] == pytest.approx(math.log(vocab), rel=1e-3 if which == "plain" else 1e-2)
     assert losses[-1] < 0.5 * losses[0], losses
