@@ -15,8 +15,7 @@ from PIL import Image
 
 import train_stage2
 from common import save_checkpoint
-from data import tensor_to_uint8
-from data import ShapesDataset
+from data import ShapesDataset, tensor_to_uint8
 from merge import recover
 from mergear import mergear_logits, rep_from_codes
 from tokenizer import build_tokenizer, get_config, load_tokenizer
