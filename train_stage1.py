@@ -261,6 +261,11 @@ def build_tokenizer_config(args):
 # Activation memory of one training image (forward + backward, fp32), per input pixel, for the paper's G (width 64):
 # measured on the CPU, 31 KB at 128 px and 39 KB at 64 px; scaled by the CNN width for other configs.
 ACTIVATION_BYTES_PER_PIXEL = 32e3
+# What autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks, distinct storages, the paper presets at
+# 128 px, the difference between 2 images and 1): G 41.7 KB per pixel in float32, 21.7 KB under bf16 autocast;
+# MergeTok 67.4 and 35.2 KB (its decoder runs on both branches). Hence these factors on the figure above.
+BF16_ACTIVATION_FACTOR = 0.52
+MERGETOK_ACTIVATION_FACTOR = 1.62
 
 
 def memory_available(device):
@@ -277,12 +282,31 @@ def memory_available(device):
     return total / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def memory_estimate(variant, tok_cfg, local_batch, amp, n_params):
+    """Bytes one process needs, by part: "weights" (weights, gradients, Adam moments and EMA in fp32: 20 bytes per
+    parameter), "activations" (what the forward keeps for backward, scaled from the measured G figure above) and,
+    for MergeTok, "collision" (its code-collision blocks, losses.collision_memory)."""
+    per_pixel = ACTIVATION_BYTES_PER_PIXEL * tok_cfg.ch / 64 * (BF16_ACTIVATION_FACTOR if amp == "bf16" else 1.0)
+    parts = {"weights": 5 * 4 * n_params, "activations": local_batch * tok_cfg.image_size ** 2 * per_pixel}
+    if variant == "mergetok":
+        parts["activations"] *= MERGETOK_ACTIVATION_FACTOR
+        parts["collision"] = losses.collision_memory(local_batch, tok_cfg.num_tokens, tok_cfg.z_channels)
+    return parts
+
+
 def check_resources(args, cfg, tok_cfg, world, device, n_params):
-    """Estimate the memory of a run (weights, gradients, Adam moments, EMA in fp32 + activations); stop with one
-    line when there is no GPU for the paper preset or the estimate exceeds what the machine has."""
+    """Print the memory estimate of a run (memory_estimate); stop with one line when there is no GPU for the paper
+    preset or the estimate exceeds what the machine has."""
     local_batch = cfg.batch_size // world
-    activations = local_batch * tok_cfg.image_size ** 2 * ACTIVATION_BYTES_PER_PIXEL * tok_cfg.ch / 64
-    need, have = 5 * 4 * n_params + activations, memory_available(device)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    parts = memory_estimate(args.variant, tok_cfg, local_batch, amp, n_params)
+    need, have = sum(parts.values()), memory_available(device)
+    names = {"weights": "weights, gradients, Adam and EMA (fp32)",
+             "activations": f"activations (batch {local_batch} of {tok_cfg.image_size} px, {amp})",
+             "collision": "MergeTok's code-collision blocks"}
+    terms = " + ".join(f"{v / 2**30:.1f} GB {names[k]}" for k, v in parts.items())
+    common.rank0_print(f"memory estimate per process: {terms} = {need / 2**30:.1f} GB; {device} has "
+                       f"{have / 2**30:.1f} GB")
     problems = []
     if device.type != "cuda" and args.preset == "paper":
         problems.append("no GPU: the paper preset trains for weeks even on 8 GPUs")
@@ -418,7 +442,7 @@ def train_step(x, K, step, run):
         # Eq. (10): the teacher sees the resized image, the student a random resized crop with flip. The crop
         # draws depend on (seed, step, rank) only: exact on resume.
         g = torch.Generator().manual_seed((run.seed * 1_000_003 + step) * run.world + run.rank)
-        align_view = data_lib.random_resized_crop(x.cpu(), cfg.align_size, generator=g).to(x.device)
+        align_view = data_lib.random_resized_crop(x, cfg.align_size, generator=g)   # on x's device, no copy
         with torch.no_grad():
             align_target = run.teacher(losses.dinov2_preprocess(x, size=cfg.align_size)).float()
     sem_teacher = None

@@ -263,6 +263,20 @@ def test_paper_preset_without_a_gpu_stops_at_once(capsys):
     assert "no GPU" in err and "--preset tiny" in err and "--run-anyway" in err
 
 
+
+def test_memory_estimate_is_printed_and_counts_mergetok_collision_blocks(capsys):
+    """The paper MergeTok at 32 images per process (8 GPUs): the code-collision tables in blocks stay under 0.5 GB
+    where one whole (B, N, N, d) float32 table is 32 * 1024^2 * 18 * 4 bytes = 2.4 GB; the estimate is printed."""
+    cfg = train_stage1.build_tokenizer_config(train_stage1.parse_args(["--variant", "mergetok"]))
+    parts = train_stage1.memory_estimate("mergetok", cfg, 32, "bf16", 0)
+    assert cfg.num_tokens == 1024 and 0 < parts["collision"] < 0.5e9 < 32 * 1024 ** 2 * 18 * 4
+    g = train_stage1.memory_estimate("g", train_stage1.build_tokenizer_config(
+        train_stage1.parse_args(["--variant", "g"])), 32, "bf16", 0)
+    assert "collision" not in g and parts["activations"] > g["activations"]     # two branches decoded
+    train_stage1.main(["--variant", "mergetok", "--out", "/nonexistent/never-written"])
+    out = capsys.readouterr().out
+    assert "memory estimate per process" in out and "code-collision" in out
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     out = run(tmp_path, "ok", "--steps", "1", "--batch-size", "4", "--disc-start", "100")
     ckpt = os.path.join(out, "last.pt")
