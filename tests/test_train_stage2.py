@@ -1,6 +1,8 @@
-"""train_stage2.py: extract (shapes, codes gathered through the source = the tokenizer's recovered codes, labels,
-flips), the loss falls on fixed codes, 2 processes == 1 process, exact resume, sample (PNG + ADM .npz), one-line
-errors. A random-init tiny tokenizer at 32 px (N = 64 tokens, K in {16, 25, 36}) keeps every run small."""
+"""train_stage2.py: extract (shapes and an image folder, codes gathered through the source = the tokenizer's
+recovered codes, labels, flips), the optimizer's decay groups, label smoothing against its closed form, the loss
+falls on fixed codes, 2 processes == 1 process, exact resume, sample (PNG grid + ADM .npz whose labels name the
+class generated), one-line errors. A random-init tiny tokenizer at 32 px (N = 64 tokens, K in {16, 25, 36}) keeps
+every run small."""
 import argparse
 import dataclasses
 import json
