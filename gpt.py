@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import read_checkpoint
 from lfq import join_index, split_index
@@ -170,12 +171,14 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, heads, S, D_h) at positions input_pos (S,); return the cache up to the last written
-        position, (B, heads, L, D_h) with L = max(input_pos) + 1."""
+        """Write k, v (B, heads, S, D_h) at positions input_pos (S,); return the whole cache, (B, heads, max_seq, D_h).
+        The positions after the last written one are zeros that `context`'s mask hides. Not sliced to
+        max(input_pos) + 1: that length is a device value, and reading it (int(...)) would wait for the device in every
+        layer of every decoding step, to save attention over the unwritten keys (about 2% of a GPT-L step's work:
+        2 N D multiply-adds per token against 12 D^2 for its projections)."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
-        end = int(input_pos.max()) + 1
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k, self.v
 
     def context(self, input_pos, k, v):
         """What the attention of the new tokens reads: `update`, and the causal mask (1, S, L) over the cache
@@ -398,8 +401,20 @@ class Transformer(nn.Module):
         rope = self.rope(h.device)
         freqs = rope[: h.shape[1]] if input_pos is None else rope[input_pos]     # (S, D_h/2, 2)
         for layer in self.layers:
-            h = layer(h, freqs, input_pos, mask)
+            h = self.run_block(layer, h, freqs, input_pos, mask)
         return h
+
+    # Set by train_stage2.py --checkpoint-activations (a plain attribute, not a GPTConfig field: checkpoints and
+    # sampling do not depend on it).
+    checkpoint_activations = False
+
+    def run_block(self, layer, h, freqs, input_pos=None, mask=None):
+        """One block of the main stack. With checkpoint_activations, in teacher forcing with gradients, the block's
+        activations are not kept for backward but recomputed there from its input (torch.utils.checkpoint; dropout
+        masks replayed from the saved RNG state): per block only the input (B, S, D) stays alive."""
+        if self.checkpoint_activations and input_pos is None and torch.is_grad_enabled():
+            return checkpoint(layer, h, freqs, None, mask, use_reentrant=False)
+        return layer(h, freqs, input_pos, mask)
 
     def logits(self, h):
         """Plain head: (B, S, D) -> float32 logits (B, S, vocab)."""

@@ -156,9 +156,10 @@ class RandARTransformer(Transformer):
 
     def run_rotated(self, h, freqs, input_pos=None):
         """The main stack on h (B, S, D) with one RoPE row per sample and position, freqs (B, S, D_h/2, 2); causal
-        (teacher forcing) or through the KV cache at positions input_pos (S,) (decoding)."""
+        (teacher forcing) or through the KV cache at positions input_pos (S,) (decoding). Activation checkpointing
+        as gpt.Transformer.run_block."""
         for layer in self.layers:
-            h = layer(h, freqs, input_pos)
+            h = self.run_block(layer, h, freqs, input_pos)
         return h
 
     def forward(self, tokens, cond_idx, order):

@@ -140,6 +140,69 @@ def test_kv_cache_decoding_equals_the_full_causal_forward(plain):
     assert not any("cache" in k or "freqs" in k for k in plain.state_dict())
 
 
+def test_a_cached_decoding_step_reads_nothing_back_from_the_device(plain, monkeypatch):
+    """No int() / .item() / .tolist() of a tensor inside the layer stack of a decoding step: on a GPU each one waits
+    for the device (it was int(input_pos.max()) in every layer of every step)."""
+    reads = []
+    for name in ("__int__", "item", "tolist", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (reads.append(_name),
+                                                                                          _real(self, *a))[1])
+    cond, pos = torch.tensor([1, 2]), [torch.tensor([0]), torch.tensor([1]), torch.tensor([2])]
+    with torch.no_grad():
+        plain.setup_caches(2, 16)
+        try:
+            plain.step(None, cond, pos[0])
+            plain.step(torch.tensor([[3], [4]]), None, pos[1])
+            plain.step(torch.tensor([[5], [6]]), None, pos[2])
+        finally:
+            plain.clear_caches()
+    assert reads == []
+
+
+@pytest.mark.parametrize("kind", ["plain", "factorized", "mergear", "randar"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind):
+    """--checkpoint-activations recomputes each block in backward: loss and every gradient equal the plain
+    backward's, dropout on (its masks are replayed from the saved RNG state)."""
+    from mergear import mergear_loss, rep_from_codes
+    from randar import build_randar, randar_loss, random_orders
+    vocab = FV if kind == "factorized" else V
+    torch.manual_seed(0)
+    if kind == "randar":
+        model = build_randar("tiny", vocab_size=V, num_classes=C)
+    else:
+        model = build_gpt("tiny", vocab_size=vocab, factorized=kind == "factorized", num_classes=C,
+                          merge_counts=(4, 9) if kind == "mergear" else ())
+    randomize_heads(model)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    codes, labels = torch.randint(0, vocab, (3, 16), generator=g), torch.randint(0, C, (3,), generator=g)
+    order = random_orders(3, 16, g)
+
+    def loss():
+        if kind == "randar":
+            return randar_loss(model, codes, labels, order)
+        if kind == "mergear":
+            return mergear_loss(model, codes, labels, torch.tensor([4, 9, 4]), rep_from_codes(codes))
+        return model(codes if kind == "factorized" else codes[:, :-1], labels, targets=codes).loss
+
+    results, kept = [], []
+    for on in (False, True):
+        model.checkpoint_activations = on
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)                                                     # the same dropout draws
+        saved = []                                                               # what autograd keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            value = loss()
+        kept.append(sum(saved))
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert kept[1] < kept[0]                                                     # the blocks' insides are not kept
+    assert results[0][0].item() == results[1][0].item()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("which", ["plain", "factorized"])
 def test_generate_logits_equal_teacher_forcing_on_its_samples(plain, factorized, which):
     model = plain if which == "plain" else factorized
