@@ -175,6 +175,18 @@ class TrainingLog:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def loader_workers(requested, device):
+    """DataLoader workers of an extraction or evaluation pass (--num-workers): the number asked for; by default none
+    on the CPU (workers would take the cores the model computes on) and, on a GPU, up to 8 of the cores this
+    process has beside itself (decoding JPEGs in the main process would keep the GPU waiting)."""
+    if requested is not None:
+        return requested
+    if torch.device(device).type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (shuffled, the same permutation on every rank for an epoch) that can start mid-epoch,
     so a resumed run sees exactly the samples the uninterrupted run would have seen."""
@@ -276,9 +288,13 @@ def print_run_end(step, total, stopped_by, elapsed, seen, unit, ckpt_path):
           + (f" (continue with --resume {ckpt_path})" if step < total else ""), flush=True)
 
 
-def read_checkpoint(path, what="checkpoint", required=()):
+def read_checkpoint(path, what="checkpoint", required=(), mmap=False):
     """torch.load(weights_only=True) of a file the user passed, with one-line errors: missing, empty, truncated
-    or corrupt, not a dict, or lacking the `required` entries. Returns the dict."""
+    or corrupt, not a dict, or lacking the `required` entries. Returns the dict.
+
+    mmap: the tensors of a zip-format file (torch.save's default) stay in the file, memory-mapped (pages are read
+    when touched and shared between the processes of a machine: 8 ranks reading one 20 GB codes table hold it once,
+    in the page cache). A legacy pickle-format file is read whole."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -292,7 +308,8 @@ def read_checkpoint(path, what="checkpoint", required=()):
         raise ValueError(f"{what} {path} is not a PyTorch file: torch.save writes a zip archive or a pickle, and "
                          f"this file starts with neither (first bytes {head!r})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        mapped = {"mmap": True} if mmap and head.startswith(b"PK") else {}
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, **mapped)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise ValueError(f"{what} {path} cannot be read: truncated, corrupt or not a PyTorch file "
                          f"({_first_line(e)})") from None

@@ -24,6 +24,7 @@ mlp.fc2, ls2.gamma) so that the DINOv2 weight selection of G and G+R maps key to
 
     python tokenizer.py            # parameter counts of every paper preset next to Table A1, a tiny round trip
 """
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -349,7 +350,11 @@ class Encoder(nn.Module):
         _init_linear(self.blocks)
 
     def features(self, x):
-        """(B, 3, H, W) -> tokens (B, N, D) on an (h, w) grid."""
+        """(B, 3, H, W) -> tokens (B, N, D) on an (h, w) grid. Inside features_computed_once(x), the tokens of that
+        batch computed on entry."""
+        once = getattr(self, "_features_once", None)
+        if once is not None and once[0] is x:
+            return once[1]
         h = self.conv_in(x)
         if self.cfg.patch_size:
             h = self.norm_in(h)
@@ -359,6 +364,17 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         return h.flatten(2).transpose(1, 2), tuple(h.shape[-2:])                   # (B, N, D), (h, w)
+
+    @contextlib.contextmanager
+    def features_computed_once(self, x):
+        """Within this block, features(x) of this very batch x (the same tensor object) returns the tokens computed
+        once on entry: encoding one batch at several K (train_stage2.py extract) runs the CNN (or the patch
+        embedding), which does not depend on K, once instead of once per K."""
+        self._features_once = (x, self.features(x))
+        try:
+            yield
+        finally:
+            self._features_once = None
 
     def merge_tokens(self, x, K):
         """Image -> the N tokens entering the attention blocks (B, N, D), the K merged tokens they leave as

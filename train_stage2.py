@@ -150,72 +150,121 @@ def kept_counts(tok_cfg, Ks=None):
     return list(sampler.candidates), [float(p) for p in sampler.probs]
 
 
+def extraction_subset(dataset, n, seed):
+    """The dataset indices `extract --num-images n` tokenizes, in dataset order. All images when n is None; the
+    first n of the embedded shapes (label = index % classes: any prefix is balanced); of an image folder, whose files
+    are sorted by class (the first n would hold the first classes only), a class-balanced seeded draw: each class's
+    files in a random order, the classes taking turns in a random order, so that n >= the number of classes
+    covers every class that has images and no class gets more than one image above another (unless it runs out)."""
+    if n is None or n >= len(dataset):
+        return list(range(len(dataset)))
+    if not hasattr(dataset, "samples"):                                     # the embedded shapes
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for index, (_, label) in enumerate(dataset.samples):
+        by_class.setdefault(label, []).append(index)
+    shuffled = [[files[j] for j in torch.randperm(len(files), generator=g).tolist()]
+                for _, files in sorted(by_class.items())]
+    turns = [shuffled[j] for j in torch.randperm(len(shuffled), generator=g).tolist()]
+    picked = []
+    for r in range(max(map(len, turns))):
+        picked += [files[r] for files in turns if r < len(files)][: n - len(picked)]
+        if len(picked) == n:
+            break
+    return sorted(picked)
+
+
+def encode_counts(tok, x, Ks):
+    """One batch of images at every kept count K -> {K: the tokenizer's encoding}; the encoder's CNN (the same for
+    every K) runs once."""
+    with tok.encoder.features_computed_once(x):
+        return {K: tok.encode(x, K=K) for K in Ks}
+
+
+def report_extract(args, out, t0):
+    """The lines `extract` prints once the codes file is written."""
+    Ks, M = out["Ks"].tolist(), len(out["labels"])
+    size = sum(t.numel() * t.element_size() for d in (out["indices"], out["source"]) for t in d.values())
+    print(f"wrote {args.out}: {M} rows ({out['num_images']} images; {out['classes_present']} of "
+          f"{out['num_classes']} classes hold images), K {Ks}, {size / 2**20:.1f} MB of codes, "
+          f"{time.time() - t0:.1f} s", flush=True)
+    if out["classes_present"] < out["num_classes"]:
+        print(f"extract: warning: {out['num_classes'] - out['classes_present']} classes have no image in these "
+              f"codes (--num-images {args.num_images} is fewer than the classes, or their folders are empty)",
+              file=sys.stderr, flush=True)
+    for K in Ks:
+        token_rate, sequence_rate, folded = out["rep_disagreement"][K].tolist()
+        print(f"K={K}: MergeAR's representatives from code equality vs from the true source differ on "
+              f"{token_rate:.1%} of positions ({sequence_rate:.0%} of sequences; {folded:.1f} of {K} groups share an "
+              f"earlier group's code)", flush=True)
+
+
 @torch.no_grad()
 def run_extract(args):
-    """Rows r = i * V + v: image i, variant v (v = 1: mirrored). Per K: indices (M, K) int32, source (M, N) int16."""
+    """Rows r = i * V + v: image i of the subset (extraction_subset), variant v (v = 1: mirrored). Per K: indices
+    (M, K) int32, source (M, N) int16."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok, ckpt = load_tokenizer(args.tokenizer, ema=True, device=device, return_checkpoint=True)
     cfg = tok.cfg
     Ks, probs = kept_counts(cfg, args.keep)
     Ks = [tok.check_K(K) for K in Ks]                                       # one line for an unreachable K
     dataset = extraction_dataset(args.data, cfg.image_size, args.split)
-    n = len(dataset) if args.num_images is None else min(len(dataset), args.num_images)
+    subset = extraction_subset(dataset, args.num_images, args.seed)         # dataset indices, class-balanced
+    n = len(subset)
     variants = [False, True] if args.flip else [False]
     V, M, N = len(variants), n * len(variants), cfg.num_tokens
     indices = {K: torch.empty(M, K, dtype=torch.int32) for K in Ks}        # LFQ indices < 2^d <= 2^31
     source = {K: torch.empty(M, N, dtype=torch.int16) for K in Ks}         # values < K <= N
     labels = torch.empty(M, dtype=torch.int64)
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
-                        num_workers=args.workers)
+    # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
+    # groups share a code: how often (README, "Stage 2"), summed batch by batch (no pass over the whole table)
+    disagreement = {K: torch.zeros(3, dtype=torch.float64) for K in Ks}
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    workers = common.loader_workers(args.workers, device)
+    loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=args.batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     print(f"extract | {args.tokenizer} (step {ckpt.get('step')}, variant {cfg.variant}, N={N}, d={cfg.z_channels}) "
-          f"| {args.split}: {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} | {device}", flush=True)
+          f"| {args.split}: {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} | {device}, amp {amp}, "
+          f"{workers} loader worker(s)", flush=True)
     bar, start, t0 = common.progress_bar(n, desc="extract"), 0, time.time()
     for x, y in loader:
-        x = x.to(device)
+        x = x.to(device, non_blocking=True)
         i = torch.arange(start, start + len(x))                             # image numbers of this batch
         for v, flip in enumerate(variants):
             rows = i * V + v
             xv = x.flip(-1) if flip else x                                  # (B, 3, S, S), mirrored left-right
-            for K in Ks:
-                enc = tok.encode(xv, K=K)                                   # indices (B, K), source (B, N)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                encodings = encode_counts(tok, xv, Ks)                      # K -> indices (B, K), source (B, N)
+            for K, enc in encodings.items():
                 indices[K][rows] = enc.indices.to(torch.int32).cpu()
                 source[K][rows] = enc.source.to(torch.int16).cpu()
+                recovered = enc.indices.gather(1, enc.source)               # Eq. (11) on indices: (B, N)
+                disagreement[K] += torch.tensor(rep_disagreement(enc.source, recovered), dtype=torch.float64) * len(x)
             labels[rows] = y.long()
         start += len(x)
         bar.update(len(x))
         if not common.bar_is_live(bar) and (start // args.batch_size) % 20 == 0:
             print(f"extract: {start}/{n} images", flush=True)
     bar.close()
-    # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
-    # groups share a code: how often, on these codes (README, "Stage 2")
-    disagreement, rows = {}, torch.arange(M)
-    for K in Ks:
-        recovered, src = gather_codes({"indices": indices, "source": source}, rows, torch.full((M,), K))  # (M, N)
-        disagreement[K] = torch.tensor(rep_disagreement(src, recovered))
-    num_classes = len(dataset.classes)
     out = {"indices": indices, "source": source, "Ks": torch.tensor(Ks), "K_probs": torch.tensor(probs),
-           "rep_disagreement": disagreement,                                # K -> (token, sequence rate, folded)
+           "rep_disagreement": {K: (s / M).float() for K, s in disagreement.items()},   # K -> (token, seq, folded)
            "labels": labels, "flips": torch.tensor(variants).repeat(n),                 # (M,) row i * V + v
-           "image_index": torch.arange(n).repeat_interleave(V),
-           "num_classes": num_classes, "num_images": n, "tokenizer": os.path.abspath(args.tokenizer),
+           "image_index": torch.tensor(subset, dtype=torch.long).repeat_interleave(V),  # (M,) the dataset's index
+           "num_classes": len(dataset.classes), "classes_present": int(labels.unique().numel()), "num_images": n,
+           "tokenizer": os.path.abspath(args.tokenizer), "subset_seed": args.seed,
            "tokenizer_config": dataclasses.asdict(cfg), "tokenizer_step": ckpt.get("step"),
            "data": args.data or "embedded shapes", "split": args.split}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, out)
-    size = sum(t.numel() * t.element_size() for d in (indices, source) for t in d.values())
-    print(f"wrote {args.out}: {M} rows ({n} images, {num_classes} classes), K {Ks}, {size / 2**20:.1f} MB of codes, "
-          f"{time.time() - t0:.1f} s", flush=True)
-    for K in Ks:
-        token_rate, sequence_rate, folded = disagreement[K].tolist()
-        print(f"K={K}: MergeAR's representatives from code equality vs from the true source differ on "
-              f"{token_rate:.1%} of positions ({sequence_rate:.0%} of sequences; {folded:.1f} of {K} groups share an "
-              f"earlier group's code)", flush=True)
+    report_extract(args, out, t0)
     return 0
 
 
 def read_codes(path):
-    """The file `extract` wrote, checked (one-line errors)."""
-    table = common.read_checkpoint(path, "codes file", required=CODES_ENTRIES)
+    """The file `extract` wrote, checked (one-line errors). Memory-mapped: every rank reads the rows it draws from
+    the file (through the page cache the ranks of a machine share), and none holds the whole table."""
+    table = common.read_checkpoint(path, "codes file", required=CODES_ENTRIES, mmap=True)
     Ks = table["Ks"].tolist()
     if set(table["indices"]) != set(Ks) or set(table["source"]) != set(Ks):
         raise ValueError(f"codes file {path}: its indices / source entries do not match its counts K {Ks}")
@@ -763,9 +812,15 @@ def add_extract_args(sub):
     p.add_argument("--flip", action="store_true", help="also extract every image mirrored (recorded in `flips`)")
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="the images to tokenize: training (default) or held-out ones (for `nll`)")
-    p.add_argument("--num-images", type=int, default=None, help="only the first N images")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="only N images: of an image folder a class-balanced draw (seeded by --seed), of the embedded "
+                        "shapes the first N")
+    p.add_argument("--seed", type=int, default=0, help="the draw of --num-images from an image folder")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data-loader workers")
+    p.add_argument("--num-workers", "--workers", type=int, default=None, dest="workers",
+                   help="data-loader workers (default: 0 on the CPU, up to 8 with a GPU)")
+    p.add_argument("--amp", choices=["bf16", "none"], default=None,
+                   help="autocast of the tokenizer (default: bf16 on GPU only, as stage 1 trained)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_extract)
 
@@ -885,6 +940,8 @@ def check_args(args):
     if args.command == "extract":
         if args.keep and any(K < 1 for K in args.keep):
             raise ValueError(f"--keep counts must be positive, got {args.keep}")
+        if args.workers is not None and args.workers < 0:
+            raise ValueError(f"--num-workers must be 0 or more, got {args.workers}")
         if args.data and not os.path.isdir(args.data):
             raise FileNotFoundError(f"--data {args.data}: no such folder")
         if not os.path.isfile(args.tokenizer):

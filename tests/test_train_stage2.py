@@ -126,6 +126,63 @@ def test_extract_reads_an_image_folder(files, tmp_path):
         assert torch.equal(table["source"][16][v::2].long(), enc.source), v
 
 
+
+def test_extract_num_images_draws_every_class_of_an_image_folder(files, tmp_path):
+    """--num-images n on a folder sorted by class: a seeded, class-balanced draw (the first n files would be the
+    first class's only), the number of classes it holds printed and stored; each row's label is its file's class."""
+    _, tok_path, _ = files
+    rng = np.random.default_rng(1)
+    for c in range(4):                                                           # 4 classes x 3 images
+        os.makedirs(tmp_path / "folder" / f"class{c}")
+        for j in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "folder" / f"class{c}" / f"{j}.png")
+    files_of = sorted(str(p) for p in (tmp_path / "folder").glob("class*/*.png"))    # dataset order: class, name
+    tables = {}
+    for n, seed in [(4, 0), (6, 0), (6, 1), (6, 0)]:
+        out = str(tmp_path / f"codes-{n}-{seed}.pt")
+        assert train_stage2.main(["extract", "--tokenizer", tok_path, "--data", str(tmp_path / "folder"),
+                                  "--num-images", str(n), "--seed", str(seed), "--keep", "16", "--out", out]) == 0
+        table = torch.load(out, weights_only=True)
+        labels, index = table["labels"].tolist(), table["image_index"].tolist()
+        counts = [labels.count(c) for c in range(4)]
+        assert len(labels) == n and len(set(index)) == n
+        assert max(counts) - min(counts) <= 1 and table["classes_present"] == 4     # 1 each / 2, 2, 1, 1
+        assert all(f"class{label}" in files_of[i] for label, i in zip(labels, index))
+        tables.setdefault((n, seed), []).append(index)
+    assert tables[(6, 0)][0] == tables[(6, 0)][1]                               # seeded: the same draw again
+    assert tables[(6, 0)][0] != tables[(6, 1)][0]
+
+
+def test_extract_runs_the_tokenizers_cnn_once_per_batch_for_all_counts(files):
+    """encode_counts: the CNN (conv_in is its first layer) runs once for three K, and every K's codes equal a
+    separate encode at that K."""
+    _, tok_path, _ = files
+    tok = load_tokenizer(tok_path)
+    calls = []
+    hook = tok.encoder.conv_in.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.stack([ShapesDataset("train", size=32)[i][0] for i in range(3)])
+    with torch.no_grad():
+        together = train_stage2.encode_counts(tok, x, [16, 25, 36])
+        assert len(calls) == 1
+        for K in (16, 25, 36):
+            alone = tok.encode(x, K=K)
+            assert torch.equal(together[K].indices, alone.indices) and torch.equal(together[K].source, alone.source)
+    hook.remove()
+    assert len(calls) == 4
+
+
+def test_the_codes_table_is_memory_mapped(files):
+    """read_codes maps the file (its pages are read when touched, shared by the ranks of a machine) instead of
+    reading every tensor into this process: the file shows in this process's memory map while the table lives."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc/self/maps")
+    path = os.path.realpath(files[2])
+    table = train_stage2.read_codes(path)
+    with open("/proc/self/maps") as f:
+        assert path in f.read()
+    assert table["indices"][16][:2].shape == (2, 16)                            # rows read through the map
+
 def test_optimizer_groups_decay_every_weight_but_the_norms(files):
     """Table A2 / LlamaGen: weight decay 0.05 on the linear layers and the embeddings (class, codes, Merge
     Instruction, RandAR's position instruction), none on the RMSNorm gains; every parameter in exactly one group,
