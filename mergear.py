@@ -51,9 +51,10 @@ Why the compacted cache gives the masked forward's logits (the invariant tests/t
      mirrors is rep_from_codes of its own codes.
   Size: after any step the cache holds at most 2 + K + W live entries (K first members - the distinct codes so
   far, K for a sequence of K groups - and at most W duplicates); the step's attention reads those and the fed
-  token. Batches are padded: the first-member region to the batch's
-  largest count, with a per-sample valid mask (the ring's W + 1 slots are always in the read, masked while
-  empty or expired).
+  token. Its buffers hold 2 + (W + 1) + K slots per layer and sample (grown if sampling yields more than K distinct
+  codes), the plain cache's N + 1: 291 against 1025 at N = 1024, K = 256. Batches are padded: the first-member
+  region to the batch's largest count, with a per-sample valid mask (the ring's W + 1 slots are always in the
+  read, masked while empty or expired).
   Guidance. The null branch of CFG is [null class, M]: M stays, since the merge amount describes the layout of
   the sequence (how many distinct groups its codes form), not its class, and both branches share the codes and
   so the cache layout. Class dropout in training likewise replaces C only.
@@ -246,83 +247,168 @@ class MergeCacheLayout:
     """Which compacted slot holds which image position, per sample; one object shared by every layer's cache.
 
     Slots: [0, 1] the prefix C, M; [2, 2 + R) a ring of R = W + 1 slots for duplicates (the W before row t and t
-    itself), the duplicate at image position j in slot 2 + j mod R; [2 + R, ...) the first members, appended per
-    sample in raster order. A ring slot is live for row t while it holds a position j >= t - W. The write of a
-    duplicate at t overwrites position t - R = t - W - 1 at the latest, which row t may no longer read, so every
-    token is written before its row's attention and the attention reads the cache in place (no copy).
-    Samples of a batch hold different numbers of first members: that region is padded to the batch maximum and
-    `mask` marks each sample's live slots.
+    itself), the duplicate at image position t in slot 2 + t mod R; [2 + R, ...) the first members, appended per
+    sample in raster order. At step t the ring slot 2 + t mod R held position t - R = t - W - 1 (or an older one),
+    which row t may no longer read (Eq. (12): t - j <= W), so it is released whatever t is, and taken again if t is
+    a duplicate; every other ring slot keeps its state from the step that wrote it. Every token is written before
+    its row's attention, and the attention reads the cache in place (no copy).
+
+    Per step the layout does a fixed number of small in-place tensor operations and one host sync (the batch's
+    largest slot count, the length L of the read), shared by all layers; nothing is rebuilt or looped over the batch:
+      codes (B, capacity)   the code in each slot (-1: none): the duplicate test compares the fed code with it
+      mask (B, capacity)    additive attention mask, 0 = live, -inf = empty, expired or padding; the attention
+                            reads its first L columns (the first-member region is padded to the batch maximum)
+      next_first (B,)       each sample's next first-member slot
+    Capacity: 2 + R + K slots (K first members for a sequence of K groups), grown when sampling produces more
+    distinct codes than K. The mask takes the activations' dtype (bf16 under autocast), allocated at the first
+    write (`allocate`).
     """
 
-    def __init__(self, batch, window, num_tokens, device):
-        self.batch, self.window, self.ring = batch, window, window + 1
-        self.capacity = 2 + self.ring + num_tokens                          # room for every token being a first
-        self.ring_pos = torch.full((batch, self.ring), -(1 << 40), dtype=torch.long, device=device)  # empty: far back
-        self.n_first = torch.zeros(batch, dtype=torch.long, device=device)
+    def __init__(self, batch, heads, window, K_max, num_tokens, device):
+        self.batch, self.heads, self.window, self.ring, self.device = batch, heads, window, window + 1, device
+        self.first0 = 2 + self.ring                                         # the first first-member slot
+        self.max_capacity = self.first0 + num_tokens                        # every token a first member
+        self.capacity = min(self.first0 + K_max, self.max_capacity)
+        self.codes = torch.full((batch, self.capacity), -1, dtype=torch.long, device=device)   # (B, capacity)
+        self.next_first = torch.full((batch,), self.first0, dtype=torch.long, device=device)   # (B,)
+        self.mask = None
+        self.length = 2                                                     # slots read: the prefix so far
         self.prefill = True
+        self.set_rows()
 
-    def plan(self, t, is_first):
-        """Image position t is fed next: where its key goes (`slot`, (B,)) and the slots its row reads (`length`,
-        `mask` (B, length)). is_first (B,) bool: t is its group's first member (a code not generated before)."""
+    def set_rows(self):
+        """row_base (B, H): the first row of each (sample, head) in a cache's flat (B * H * capacity, D_h) view."""
+        rows = torch.arange(self.batch * self.heads, device=self.device).reshape(self.batch, self.heads)
+        self.row_base = rows * self.capacity                                # (B, H)
+
+    def allocate(self, dtype):
+        """The additive mask in the activations' dtype: the prefix live, everything else empty."""
+        self.mask = torch.full((self.batch, self.capacity), -math.inf, dtype=dtype, device=self.device)
+        self.mask[:, :2] = 0.0                                              # C and M: read by every row
+
+    def grow(self, need):
+        """More first-member slots (at least `need` slots in all): double the region, pad codes and mask."""
+        room = max(need - self.first0, 2 * (self.capacity - self.first0), 1)
+        extra = min(self.first0 + room, self.max_capacity) - self.capacity
+        self.codes = F.pad(self.codes, (0, extra), value=-1)                # (B, capacity + extra)
+        self.mask = F.pad(self.mask, (0, extra), value=-math.inf)
+        self.capacity += extra
+        self.set_rows()
+
+    def plan(self, t, x):
+        """Image position t with code x (B,) is fed next: pick its slot (`flat_slot`, the (B * heads,) rows the
+        caches' index_copy_ writes), update codes and mask, set the read length and `attn_mask` (B, 1, L)."""
         self.prefill = False
-        B, dev = self.batch, is_first.device
-        ring_slot = t % self.ring
-        self.slot = torch.where(is_first, 2 + self.ring + self.n_first, torch.full_like(self.n_first, 2 + ring_slot))
-        self.ring_pos[:, ring_slot] = torch.where(is_first, self.ring_pos[:, ring_slot],
-                                                  torch.full_like(self.n_first, t))   # a duplicate enters the ring
-        self.n_first += is_first.long()                                     # a first member is appended for good
-        n_max = int(self.n_first.max())
-        self.length = 2 + self.ring + n_max                                 # slots read, padding included
-        ring_live = self.ring_pos >= t - self.window                        # (B, R) Eq. (12): t - j <= W
-        first_live = torch.arange(n_max, device=dev)[None, :] < self.n_first[:, None]   # (B, n_max) not padding
-        self.mask = torch.cat([torch.ones(B, 2, dtype=torch.bool, device=dev), ring_live, first_live], dim=1)
+        is_first = (self.codes[:, : self.length] != x[:, None]).all(1)    # (B,) rep_from_codes: a new code?
+        ring_slot = 2 + t % self.ring
+        slot = torch.where(is_first, self.next_first, ring_slot)           # (B,) appended, or into the ring
+        self.next_first += is_first
+        self.length = int(self.next_first.max())                           # the one host sync of a step
+        if self.length > self.capacity:
+            self.grow(self.length)
+        self.mask[:, ring_slot] = -math.inf                                 # position t - W - 1 expires
+        slot = slot[:, None]                                                # (B, 1)
+        self.mask.scatter_(1, slot, 0.0)                                    # t is live (Eq. (12): t - t <= W)
+        self.codes.scatter_(1, slot, x[:, None])
+        self.flat_slot = (self.row_base + slot).reshape(-1)                # (B * H,) rows of the flat view
+        self.attn_mask = self.mask[:, None, : self.length]                  # (B, 1, L)
 
-    def stored(self, t):
-        """Live entries (B,) for row t: the prefix, the first members, the ring positions j >= t - W."""
-        return 2 + self.n_first + (self.ring_pos >= t - self.window).sum(1)
+
+class PlainCacheLayout:
+    """The baseline the bench measures MergeAR against: every position kept (the plain causal model), through the
+    same cache code (CompactKVCache, in-place writes, the same additive mask) so that the two differ only in the
+    slots read. Image position t sits in slot 2 + t, row t reads slots 0 .. t + 2, all live (the mask is zeros),
+    and the length is known on the host: no sync."""
+
+    def __init__(self, batch, heads, num_tokens, device):
+        self.batch, self.heads, self.device = batch, heads, device
+        self.capacity = 1 + num_tokens                                      # C, M, x_0 .. x_{N-2}
+        self.mask, self.length, self.prefill = None, 2, True
+        rows = torch.arange(batch * heads, device=device).reshape(batch, heads)
+        self.row_base = rows * self.capacity                                # (B, H)
+
+    def allocate(self, dtype):
+        self.mask = torch.zeros(self.batch, self.capacity, dtype=dtype, device=self.device)   # every slot live
+
+    def plan(self, t, x):
+        """Image position t is fed next (x unused): slot 2 + t, the read grows by one."""
+        self.prefill = False
+        self.length = t + 3                                                 # C, M, x_0 .. x_t
+        self.flat_slot = (self.row_base + (2 + t)).reshape(-1)             # (B * H,)
+        self.attn_mask = self.mask[:, None, : self.length]                  # (B, 1, L)
 
 
 class CompactKVCache:
-    """One layer's keys and values in MergeAR's compacted layout (B, heads, capacity, D_h). Attention reads the
-    first `layout.length` slots, never N: keys carry their RoPE rotation from the moment they were written, and
-    attention is a function of the set of (key, value) pairs, so a slot's place is free."""
+    """One layer's keys and values in MergeAR's compacted layout (B, heads, capacity, D_h), in the activations'
+    dtype (allocated at the prefill's write: bf16 under autocast); with a PlainCacheLayout, the bench's plain
+    baseline. Attention reads the first `layout.length` slots, never N: keys carry their RoPE rotation from the
+    moment they were written, and attention is a function of the set of (key, value) pairs, so a slot's place is
+    free. A step writes one row per (sample, head) with index_copy_ on a flat view."""
 
-    def __init__(self, layout, heads, head_dim, dtype, device):
+    def __init__(self, layout):
         self.layout = layout
-        self.k = torch.zeros(layout.batch, heads, layout.capacity, head_dim, dtype=dtype, device=device)
+        self.k = self.v = None
+
+    def allocate(self, heads, head_dim, dtype):
+        lay = self.layout
+        self.k = torch.zeros(lay.batch, heads, lay.capacity, head_dim, dtype=dtype, device=lay.device)
         self.v = torch.zeros_like(self.k)
 
     def context(self, input_pos, k, v):
         lay = self.layout
-        if lay.prefill:                                                     # [C, M]: causal, into slots 0 and 1
-            S = k.shape[2]
+        B, H, S, D_h = k.shape
+        if self.k is None:                                                  # [C, M]: causal, into slots 0 and 1
+            self.allocate(H, D_h, k.dtype)
+            if lay.mask is None:
+                lay.allocate(k.dtype)
+        if lay.prefill:
             self.k[:, :, :S], self.v[:, :, :S] = k, v
             return k, v, torch.ones(S, S, dtype=torch.bool, device=k.device).tril()[None]
-        b = torch.arange(lay.batch, device=k.device)
-        self.k[b, :, lay.slot] = k[:, :, 0]                                 # (B, H, D_h) into each sample's slot
-        self.v[b, :, lay.slot] = v[:, :, 0]
+        if self.k.shape[2] != lay.capacity:                                 # the layout grew: pad with zeros
+            extra = lay.capacity - self.k.shape[2]
+            self.k, self.v = F.pad(self.k, (0, 0, 0, extra)), F.pad(self.v, (0, 0, 0, extra))
+        self.k.view(-1, D_h).index_copy_(0, lay.flat_slot, k.reshape(B * H, D_h))   # (B*H*capacity, D_h)
+        self.v.view(-1, D_h).index_copy_(0, lay.flat_slot, v.reshape(B * H, D_h))
         L = lay.length
-        return self.k[:, :, :L], self.v[:, :, :L], lay.mask[:, None, :]    # (B, H, L, D_h) x 2, (B, 1, L)
+        return self.k[:, :, :L], self.v[:, :, :L], lay.attn_mask           # (B, H, L, D_h) x 2, (B, 1, L)
+
+    def nbytes(self):
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
-MergeARDecode = namedtuple("MergeARDecode", ["codes", "logits", "reads", "computed", "stored"])
+MergeARDecode = namedtuple("MergeARDecode", ["codes", "logits", "reads", "computed", "stored", "cache_bytes"])
+
+
+def live_entries(codes, window):
+    """The cache entries Eq. (12) keeps, counted from the codes (rep_from_codes' reading): (B, N) -> (B, N + 1),
+    entry t = the keys row t reads besides itself: the prefix C, M, the first members among positions 0 .. t - 1
+    and the duplicates among t - W .. t - 1. Two running sums, no (N, N) mask."""
+    B, N = codes.shape
+    first = (rep_from_codes(codes) == torch.arange(N, device=codes.device)).long()   # (B, N)
+    zero = first.new_zeros(B, 1)
+    n_first = torch.cat([zero, first.cumsum(1)], dim=1)                     # (B, N + 1): firsts before t
+    n_dup = torch.cat([zero, (1 - first).cumsum(1)], dim=1)                 # (B, N + 1): duplicates before t
+    start = (torch.arange(N + 1, device=codes.device) - window).clamp(min=0)   # (N + 1,) t - W, clipped
+    return 2 + n_first + n_dup - n_dup[:, start]                            # (B, N + 1)
 
 
 @torch.no_grad()
 def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=True, cfg_scale=1.0,
-                   cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0, generator=None):
+                   cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0, generator=None, return_logits=True):
     """MergeAR's raster-order decoding of num_tokens codes for labels cond (B,) and kept count K (int or (B,)).
 
     codes=None samples (temperature, top-k, top-p, CFG u + s (c - u) on the batch [cond; null], M in both
     halves, s constant or linear over the codes as in `generate`); given codes (B, num_tokens) are replayed
     (teacher forcing through the cache). compact=True uses the compacted cache: a fed code that equals an earlier
     code (rep_from_codes' rule) is a duplicate and goes into the ring of W + 1 slots, any other code is appended
-    for good. compact=False is part 1's KVCache: every position kept, the plain causal model on the same weights
-    (the bench's baseline).
+    for good. compact=False keeps every position (PlainCacheLayout): the plain causal model on the same weights
+    through the same cache code, the bench's baseline (gpt.py's `generate` has its own KVCache).
 
-    Returns MergeARDecode(codes (B, N), logits (B, N, vocab) guided and pre-temperature (factorized: a pair),
-    reads (B, N) keys each step's attention actually uses (prefix and the fed token included), computed (N,) keys
-    the batched attention computes (padding included), stored (B,) live entries at the end (compact only)).
+    Returns MergeARDecode(codes (B, N), logits (B, N, vocab) guided and pre-temperature (factorized: a pair; None
+    with return_logits=False), reads (B, N) keys each step's attention uses (prefix and the fed token included;
+    compact: Eq. (12)'s live entries, `live_entries`), computed (N,) keys the batched attention computes (padding
+    included), stored (B,) live entries at the end, cache_bytes: the K/V buffers of all layers at the end, their
+    peak (they only grow)).
     """
     if cond.dim() != 1 or cond.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cond must be a 1D tensor of class labels, got {cond.dtype} {tuple(cond.shape)}")
@@ -341,40 +427,27 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     labels = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if use_cfg else cond   # (B', )
     K = torch.as_tensor(K, device=dev).long().reshape(-1).expand(B).repeat(halves)               # (B',)
     Bp = labels.shape[0]
-    if compact:
-        layout = MergeCacheLayout(Bp, W, num_tokens, dev)
-        for layer in model.layers:
-            a = layer.attention
-            a.kv_cache = CompactKVCache(layout, a.n_head, a.head_dim, model.norm.weight.dtype, dev)
-    else:
-        model.setup_caches(Bp, num_tokens + 1)                              # positions 0 .. N (x_{N-1} is not fed)
-    out, kept, reads, computed = [], [], [], []
-    history = torch.empty(B, num_tokens, dtype=torch.long, device=dev)     # the codes fed so far
+    layout = (MergeCacheLayout(Bp, model.cfg.n_head, W, int(K.max()), num_tokens, dev) if compact
+              else PlainCacheLayout(Bp, model.cfg.n_head, num_tokens, dev))   # positions 0 .. N (x_{N-1} not fed)
+    for layer in model.layers:
+        layer.attention.kv_cache = CompactKVCache(layout)
+    positions = torch.arange(num_tokens + 1, device=dev)                    # [C, M] at 0, 1; x_t at t + 2
+    out, kept, computed = [], [], [2]                                       # step 0 reads C, M
     try:
-        h = model.run_layers(merge_prefix(model, labels, K), torch.arange(2, device=dev))   # prefill [C, M]
+        h = model.run_layers(merge_prefix(model, labels, K), positions[:2])   # prefill [C, M]
         for t in range(num_tokens):
-            if t == 0:                                                      # the output at M predicts x_0
-                reads.append(torch.full((B,), 2, device=dev))
-                computed.append(2)
-            else:                                                           # feed x_{t-1} at position t + 1
-                x = out[-1]                                                 # (B,)
-                if compact:
-                    is_first = ~(history[:, : t - 1] == x[:, None]).any(1)  # rep_from_codes: a new code?
-                    history[:, t - 1] = x
-                    layout.plan(t - 1, is_first.repeat(halves))
-                    reads.append(layout.mask[:B].sum(1))
-                    computed.append(layout.mask.shape[1])
-                else:
-                    reads.append(torch.full((B,), t + 2, device=dev))       # prefix + x_0 .. x_{t-1}
-                    computed.append(t + 2)
-                h = model.run_layers(model.embed_codes(x.repeat(halves)[:, None]), torch.tensor([t + 1], device=dev))
+            if t > 0:                                                       # feed x_{t-1} at position t + 1
+                x = out[-1] if halves == 1 else out[-1].repeat(halves)      # (B',)
+                layout.plan(t - 1, x)
+                computed.append(layout.length)
+                h = model.run_layers(model.embed_codes(x[:, None]), positions[t + 1: t + 2])
             h = h[:, -1:]                                                   # (B', 1, D)
             scale = cfg_scale_at(t, num_tokens, cfg_scale, cfg_schedule)
             if not model.cfg.factorized:
                 logits = combine(model.logits(h)[:, 0], B, use_cfg, True, scale)   # (B, vocab)
                 code = codes[:, t] if codes is not None else sample_logits(logits, temperature, top_k, top_p,
                                                                            generator)
-                kept.append(logits)
+                step = logits
             else:
                 l_pre = combine(model.intra_logits(h)[0][:, 0], B, use_cfg, True, scale)   # (B, 2^pre_bits)
                 given = split_index(codes[:, t], model.cfg.pre_bits) if codes is not None else None
@@ -383,24 +456,45 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
                                  scale)                                     # (B, 2^post_bits)
                 post = given[1] if given else sample_logits(l_post, temperature, top_k, top_p, generator)
                 code = join_index(pre, post, model.cfg.pre_bits)
-                kept.append((l_pre, l_post))
+                step = (l_pre, l_post)
+            if return_logits:
+                kept.append(step)
             out.append(code)
-        stored = layout.stored(num_tokens - 1)[:B] if compact else torch.full((B,), num_tokens + 1, device=dev)
+        cache_bytes = sum(layer.attention.kv_cache.nbytes() for layer in model.layers)
     finally:
         model.clear_caches()
         model.train(was_training)
-    if model.cfg.factorized:
-        logits = tuple(torch.stack([k[i] for k in kept], dim=1) for i in (0, 1))   # (B, N, 64), (B, N, 2^post)
-    else:
-        logits = torch.stack(kept, dim=1)                                   # (B, N, vocab)
-    return MergeARDecode(torch.stack(out, 1), logits, torch.stack(reads, 1), torch.tensor(computed), stored)
+    out = torch.stack(out, 1)                                               # (B, N)
+    reads, stored = decode_counts(out, W, compact)
+    return MergeARDecode(out, stack_logits(kept, model.cfg.factorized) if return_logits else None, reads,
+                         torch.tensor(computed), stored, cache_bytes)
+
+
+def stack_logits(kept, factorized):
+    """Per-step logits -> (B, N, vocab), or the factorized pair (B, N, 2^pre_bits), (B, N, 2^post_bits)."""
+    if factorized:
+        return tuple(torch.stack([k[i] for k in kept], dim=1) for i in (0, 1))
+    return torch.stack(kept, dim=1)
+
+
+def decode_counts(codes, window, compact):
+    """reads (B, N) and stored (B,) of a decode of codes (B, N): Eq. (12)'s live entries (compact) or every
+    position (plain: 2 + t keys at step t, N + 1 entries at the end)."""
+    B, N = codes.shape
+    if not compact:
+        reads = torch.arange(2, N + 2, device=codes.device).expand(B, N)
+        return reads, torch.full((B,), N + 1, device=codes.device)
+    E = live_entries(codes, window)                                         # (B, N + 1)
+    reads = torch.cat([torch.full((B, 1), 2, device=codes.device), E[:, : N - 1] + 1], dim=1)   # + the fed token
+    return reads, E[:, N - 1]
 
 
 def generate_mergear(model, cond, K, N, window=None, cfg_scale=1.0, cfg_schedule="constant", temperature=1.0,
                      top_k=0, top_p=1.0, generator=None):
     """Sample all N codes (B, N) int64 with the compacted cache; see `decode_mergear`."""
     return decode_mergear(model, cond, K, N, window, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
-                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator).codes
+                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                          return_logits=False).codes
 
 
 def mergear_logits_cached(model, codes, cond, K, window=None, cfg_scale=1.0, cfg_schedule="constant"):

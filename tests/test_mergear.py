@@ -199,11 +199,51 @@ def test_cache_holds_at_most_K_plus_W_plus_2_entries(merge_model):
     # every step reads at most the live entries + the fed token; the batched attention pads to the batch maximum
     assert (d.reads <= K + W + 3).all() and (d.computed <= K + W + 3).all()
     assert (d.computed >= d.reads.max(0).values).all()
+    # every step's reads: the prefix, Eq. (12)'s row of the fed position (brute force); the batched attention
+    # computes the ring's W + 1 slots and the batch's largest count of distinct codes so far
+    for t in range(1, 16):
+        for b in range(3):
+            assert d.reads[b, t] == 2 + brute_mask(brute_rep(codes[b].tolist()), W)[t - 1].sum()
+        assert d.computed[t] == 2 + (W + 1) + max(len(set(codes[b, :t].tolist())) for b in range(3))
+    # the buffers: 2 + (W + 1) + K slots per sample, K and V, every layer (float32, width 64)
+    layers, dim = len(merge_model.layers), merge_model.cfg.dim
+    assert d.cache_bytes == 2 * layers * 3 * (2 + (W + 1) + K) * dim * 4
     # W = 0: no ring, the prefix and the K first members only
     assert decode_mergear(merge_model, torch.tensor([0]), 4, 16, 0, codes=codes[:1]).stored.item() == K + 2
     # the plain cache of the same sequence keeps every position: N + 1 entries, N + 1 keys at the last step
     plain = decode_mergear(merge_model, torch.tensor([0]), 4, 16, W, codes=codes[:1], compact=False)
     assert plain.stored.item() == 17 and plain.computed[-1] == 17
+    assert plain.cache_bytes == 2 * layers * 1 * 17 * dim * 4
+
+
+def test_compact_cache_grows_when_codes_outnumber_K(merge_model):
+    """Sampling may produce more distinct codes than K: the first-member region grows (4 -> 8 -> 16 slots here)
+    and the logits stay the masked forward's."""
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.stack([torch.randperm(V, generator=gen)[:16], torch.randint(0, 3, (16,), generator=gen)])
+    cond, W = torch.tensor([1, 2]), 2
+    d = decode_mergear(merge_model, cond, 4, 16, W, codes=codes, cfg_scale=2.0)   # K = 4, 16 distinct codes
+    rep = rep_from_codes(codes)
+    with torch.no_grad():
+        c = mergear_logits(merge_model, codes, cond, 4, rep, W)
+        u = mergear_logits(merge_model, codes, torch.full_like(cond, C), 4, rep, W)
+    torch.testing.assert_close(d.logits, u + 2.0 * (c - u), rtol=1e-4, atol=1e-4)
+    layers, dim = len(merge_model.layers), merge_model.cfg.dim
+    assert d.cache_bytes == 2 * layers * 4 * (2 + (W + 1) + 16) * dim * 4          # 2 x 2 rows with CFG
+    assert d.stored.tolist() == [2 + 15, 2 + 3 + W]                                 # 15 fed firsts; 3 codes + window
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_decoding_under_bf16_autocast(merge_model, compact):
+    """Under autocast the activations are bf16: the cache takes their dtype (half the bytes), not the model's
+    float32 (an index write of bf16 keys into a float32 cache fails), and the logits stay close."""
+    codes, K, W = decoding_batches()[0]
+    cond = torch.arange(4) % C
+    full = decode_mergear(merge_model, cond, K, 16, W, codes=codes, compact=compact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = decode_mergear(merge_model, cond, K, 16, W, codes=codes, compact=compact)
+    assert half.cache_bytes * 2 == full.cache_bytes
+    torch.testing.assert_close(half.logits.float(), full.logits, rtol=0.05, atol=0.2)   # bf16: 8 mantissa bits
 
 
 def test_generate_mergear_samples_what_the_masked_forward_predicts(merge_model):
