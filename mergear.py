@@ -299,7 +299,8 @@ class MergeCacheLayout:
         """Image position t with code x (B,) is fed next: pick its slot (`flat_slot`, the (B * heads,) rows the
         caches' index_copy_ writes), update codes and mask, set the read length and `attn_mask` (B, 1, L)."""
         self.prefill = False
-        is_first = (self.codes[:, : self.length] != x[:, None]).all(1)    # (B,) rep_from_codes: a new code?
+        x = x[:, None]                                                      # (B, 1)
+        is_first = (self.codes[:, : self.length] != x).all(1)              # (B,) rep_from_codes: a new code?
         ring_slot = 2 + t % self.ring
         slot = torch.where(is_first, self.next_first, ring_slot)           # (B,) appended, or into the ring
         self.next_first += is_first
@@ -309,7 +310,7 @@ class MergeCacheLayout:
         self.mask[:, ring_slot] = -math.inf                                 # position t - W - 1 expires
         slot = slot[:, None]                                                # (B, 1)
         self.mask.scatter_(1, slot, 0.0)                                    # t is live (Eq. (12): t - t <= W)
-        self.codes.scatter_(1, slot, x[:, None])
+        self.codes.scatter_(1, slot, x)
         self.flat_slot = (self.row_base + slot).reshape(-1)                # (B * H,) rows of the flat view
         self.attn_mask = self.mask[:, None, : self.length]                  # (B, 1, L)
 

@@ -1,10 +1,13 @@
-"""MergeAR's compacted cache (paper Sec. 4.1, Fig. 6) against the plain KV cache of part 1: decoding speed and
-attention entries per step, same weights, same code sequences.
+"""MergeAR's compacted cache (paper Sec. 4.1, Fig. 6) against a plain KV cache: decoding speed, attention entries
+per step, a memory-traffic model of GPT-L's step, and the caches' memory; same weights, same code sequences.
 
 Both decoders replay the same codes through `mergear.decode_mergear` (teacher forcing through the cache,
-codes=...), so they take the same N steps and run the same matmuls per token; they differ only in the keys each
-step's attention reads: every earlier position (plain: 2 + t keys at step t) or the prefix, the first member of
-every group so far and the window (MergeAR: at most K + W + 3, padded to the batch's largest count).
+codes=...), so they take the same N steps and run the same matmuls per token, through the same cache code
+(preallocated buffers, in-place writes, an additive mask); they differ only in the keys each step's attention
+reads: every earlier position (plain, PlainCacheLayout: 2 + t keys at step t, the length known on the host) or
+the prefix, the first member of every group so far and the window (MergeAR: at most K + W + 3, padded to the
+batch's largest count, one host sync per step for that count). gpt.py's `generate` has its own KVCache, which
+attends over all N positions (masked) at every step: it is not the baseline here.
 
 Model: a small LlamaGen-style GPT (width 128, 4 blocks, 4 heads, vocab 4096), W = one grid row (the default).
 Codes: synthetic recovered codes with a realistic duplicate pattern: the sqrt(N) x sqrt(N) grid is cut into
@@ -12,28 +15,36 @@ K 2D blobs (the Voronoi cells of K random seed cells; ToMe's merged groups are s
 in raster order a group shows up as short runs on several rows), each blob one distinct code. Grid sizes as in
 Table 3: N = 256 with K = 64 and 144 (G+R), N = 1024 with K = 256 (G); batch 1 and 16.
 
+Timing: the two decoders run interleaved, plain, MergeAR, plain, MergeAR, ... for --repeats rounds on the same
+sequences; each round gives one ratio (plain time / MergeAR time, the two runs seconds apart under about the same
+load), and the table prints the median ratio and its min-max spread. tok/s are from the median times.
+
 Columns:
   entries/step  mean number of keys the attention computes per step (MergeAR: padding included; plain: 2 + t)
   last          the same at the last step
-  tok/s         codes decoded per second, batch x N / wall time (one thread by default, loaded 2-core CPU)
-  speed-up      plain time / MergeAR time, measured
+  tok/s         codes decoded per second, batch x N / median wall time (one thread by default)
+  speed-up      plain time / MergeAR time per round: median (min-max)
   FLOP pred.    the speed-up FLOP counting predicts from the per-step entries: sum_t (F + A L_plain(t)) /
                 sum_t (F + A L_merge(t)), F the matmul FLOPs per token outside attention (projections, SwiGLU,
                 head), A = 4 D n_layer per key (q.k and the weighted sum of v). "here" is this model; "GPT-L" is
                 MergeVQ's generator (width 1024, 24 blocks, the factorized 2^18 head with its 2 intra blocks).
 Reading the numbers: at this width attention is about a quarter of the FLOPs at N = 1024; at GPT-L it is a few
-percent, so FLOP counting predicts a few percent for GPT-L. Measured times differ from FLOPs both ways: at
-batch 1 the Python and bookkeeping cost of a step (the same for both caches, plus MergeAR's duplicate test and
-slot plan) dominates; at batch 16 the masked CPU attention is memory-bound (it streams L keys, L values and the
-mask for every query), so shorter contexts save more time than their FLOPs. In the first W + 1 steps MergeAR
-reads more keys than the plain cache: its W + 1 ring slots are always read, masked while empty. The PNG plots
-the entries per step of batch 1, plain vs. MergeAR (the README shows it: bench/mergear_entries.png). Timings are
-the best of --repeats runs.
+percent, so FLOP counting predicts a few percent for GPT-L. At batch 1 the step is the matmuls and a thousand
+small framework operations, the same for both caches, and attention a few percent of it: shorter contexts
+cannot save more than that. At batch 16 the CPU attention streams L keys and values for every row and is a
+large share of the step, so shorter contexts save more than their FLOPs. In the first W + 1 steps MergeAR reads
+more keys than the plain cache: its W + 1 ring slots are always read, masked while empty. The PNG plots the
+entries per step of batch 1, plain vs. MergeAR (the README shows it: bench/mergear_entries.png).
+
+Then what a GPU would see: a memory-traffic model of one decoding step (the weights read once, K and V of every
+key read for every row, bf16) for GPT-L at N = 1024, K = 256 and batch 1 to 256, its crossover batch and a check
+against this CPU at batch 16; and the KV-cache peak memory of GPT-L at batch 64, the decoder's own cache classes
+allocated on the meta device.
 
 Last, the training-step time of both (forward + backward, about 4096 codes per step): the plain model runs the
 fused causal attention, MergeAR an explicit Eq. (12) mask, which the fused causal kernels cannot take.
 
-    python bench/bench_mergear.py --threads 1 --repeats 3 --png bench/mergear_entries.png   # the defaults
+    python bench/bench_mergear.py --threads 1 --repeats 7 --png bench/mergear_entries.png   # the defaults
 """
 import argparse
 import math
@@ -44,9 +55,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt import build_gpt, ffn_hidden_size  # noqa: E402
-from mergear import (decode_mergear, merge_window, mergear_logits,  # noqa: E402
-                     mergear_loss, rep_from_codes)
+from gpt import build_gpt, ffn_hidden_size, gpt_config  # noqa: E402
+from mergear import (CompactKVCache, MergeCacheLayout, PlainCacheLayout, decode_mergear,  # noqa: E402
+                     decode_counts, merge_window, mergear_logits, mergear_loss, rep_from_codes)
 
 CONFIGS = [(256, 64), (256, 144), (1024, 256)]                  # (N, K)
 BATCHES = [1, 16]
@@ -86,6 +97,33 @@ def timed(fn, repeats=1):
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return out, best
+
+
+def interleaved(fns, repeats):
+    """Run the callables in turn, A, B, A, B, ..., `repeats` rounds: the wall times (repeats,) of each and its last
+    result. A round's two runs see about the same machine load, so their ratio holds still where the times drift."""
+    times, results = [[] for _ in fns], [None] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [torch.tensor(t, dtype=torch.float64) for t in times], results
+
+
+def padded_entries(codes, window):
+    """Keys the batched compacted attention computes per step (N,), from the codes (B, N) alone: the prefix at
+    step 0, then C, M, the ring's W + 1 slots and the batch's largest count of first members so far."""
+    N = codes.shape[1]
+    first = rep_from_codes(codes) == torch.arange(N)                       # (B, N)
+    n_max = first.long().cumsum(1).max(0).values                           # (N,) after position j
+    return torch.cat([torch.tensor([2]), 2 + (window + 1) + n_max[: N - 1]])
+
+
+def streamed_weight_bytes(model, bytes_per_param):
+    """Bytes of the weights a decoding step reads: every parameter but the embedding tables (one row each)."""
+    return bytes_per_param * sum(p.numel() for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+                                 for p in m.parameters(recurse=False))
 
 
 def plot(curves, path):
@@ -165,13 +203,135 @@ def train_step_times(threads, repeats):
         print(f"{N:5d} {K:4d} {B:3d} | {tp * 1e3:23.1f} | {tm * 1e3:24.1f} | {tm / tp:14.2f}x")
 
 
+TRAFFIC_BATCHES = [1, 16, 64, 256]
+
+
+def step_bytes(weights, kv_per_key, batch, L):
+    """The memory-traffic model of a decoding step: the weights once, K and V of L keys for each of batch rows."""
+    return weights + batch * kv_per_key * L.double()
+
+
+def traffic_model(check, gen, N=1024, K=256):
+    """What a GPU whose decoding step is bound by memory bandwidth would see: GPT-L (factorized 2^18 head) at
+    N = 1024, K = 256, bf16. check: (weights, kv_per_key, L_plain, L_merge, measured ratios) of this bench's model
+    at batch 16, where the CPU measurement tests the model."""
+    with torch.device("meta"):
+        gpt_l = build_gpt("L", factorized=True, block_size=N)
+    cfg = gpt_l.cfg
+    weights = streamed_weight_bytes(gpt_l, 2)                               # bf16
+    kv_per_key = 2 * cfg.n_layer * cfg.dim * 2                              # K and V, every layer, bf16
+    W = math.isqrt(N)
+    codes = blob_codes(N, K, max(TRAFFIC_BATCHES), 4096, gen)
+    L_plain = torch.arange(2, N + 2)                                        # 2 + t keys at step t
+    print(f"\nmemory-traffic model of one decoding step (GPU bound by memory bandwidth): GPT-L, factorized 2^18 "
+          f"head, N = {N}, K = {K}, W = {W}, bf16")
+    print(f"  assumptions: the weights are read once per step ({weights / 1e6:.0f} MB: {cfg.n_layer} blocks, "
+          f"{cfg.n_intra_layer} intra-token blocks, heads; embedding tables read one row); K and V of every key the "
+          f"attention computes are read for every row ({kv_per_key / 1e3:.1f} kB per key: 2 x {cfg.n_layer} layers x "
+          f"{cfg.dim} x 2 B); the compacted attention reads the batch-padded slots (the ring's W + 1 and the "
+          f"batch's largest first-member count); activations, the intra-token blocks' 2-slot attention and launch "
+          f"latency ignored; time ~ bytes. Batch = rows of the forward (CFG's [cond; null] doubles the images). "
+          f"Codes: Voronoi blobs as below.")
+    print(f"  {'batch':>5} | {'keys/step plain':>15} | {'MergeAR padded (live)':>21} | {'KV MB/step plain':>16} | "
+          f"{'MergeAR':>7} | {'predicted speed-up':>18}")
+    for b in TRAFFIC_BATCHES:
+        L_merge = padded_entries(codes[:b], W)
+        live = decode_counts(codes[:b], W, True)[0].double().mean()
+        ratio = step_bytes(weights, kv_per_key, b, L_plain).sum() / step_bytes(weights, kv_per_key, b, L_merge).sum()
+        print(f"  {b:5d} | {L_plain.double().mean():15.1f} | {L_merge.double().mean():12.1f} ({live:6.1f}) | "
+              f"{b * kv_per_key * L_plain.double().mean() / 1e6:16.0f} | "
+              f"{b * kv_per_key * L_merge.double().mean() / 1e6:7.0f} | {ratio:17.2f}x")
+    L_merge = padded_entries(codes[:16], W)
+    cross_p = weights / (kv_per_key * L_plain.double().mean())
+    cross_m = weights / (kv_per_key * L_merge.double().mean())
+    print(f"  crossover (the KV reads equal the weight reads, averaged over the N steps): batch {cross_p:.1f} for "
+          f"the plain cache, {cross_m:.1f} for MergeAR's; above it the KV reads dominate and the speed-up tends "
+          f"to the ratio of keys read, {L_plain.double().mean() / L_merge.double().mean():.2f}x at batch 16")
+    w, kv, Lp, Lm, measured = check
+    pred = step_bytes(w, kv, 16, Lp).sum() / step_bytes(w, kv, 16, Lm).sum()
+    med = measured.median().item()
+    print(f"  check on this CPU (this bench's model, float32: {w / 1e6:.1f} MB of weights, {kv / 1e3:.1f} kB per key; "
+          f"N = {N}, K = {K}, batch 16): the model predicts {pred:.2f}x, measured {med:.2f}x (median), "
+          f"the model {100 * (pred / med - 1):+.0f}% off")
+
+
+def cache_memory(measured, N=1024, K=256, batch=64):
+    """Peak bytes of the plain and the compacted KV cache of GPT-L, allocated on the meta device (no memory used)
+    by the decoder's own classes; measured: (plain, MergeAR) cache_bytes of this bench's model at batch 16."""
+    cfg = gpt_config("L", factorized=True, block_size=N)
+    H, D_h, W = cfg.n_head, cfg.dim // cfg.n_head, math.isqrt(N)
+    sizes = {}
+    for name, layout in (("plain", PlainCacheLayout(batch, H, N, "meta")),
+                         ("MergeAR", MergeCacheLayout(batch, H, W, K, N, "meta"))):
+        layout.allocate(torch.bfloat16)
+        caches = [CompactKVCache(layout) for _ in range(cfg.n_layer)]
+        for c in caches:
+            c.allocate(H, D_h, torch.bfloat16)
+        extra = sum(t.nbytes for t in (layout.mask, getattr(layout, "codes", layout.mask[:0]), layout.row_base))
+        sizes[name] = (layout.capacity, sum(c.nbytes() for c in caches), extra)
+    (cp, bp, ep), (cm, bm, em) = sizes["plain"], sizes["MergeAR"]
+    print(f"\nKV-cache peak memory, GPT-L ({cfg.n_layer} layers, {H} heads x {D_h}), N = {N}, K = {K}, W = {W}, "
+          f"batch {batch}, bf16, allocated on the meta device:")
+    print(f"  plain   {cp:5d} slots per row: {bp / 2 ** 30:6.2f} GiB of K/V (+ {ep / 2 ** 20:.2f} MiB mask)")
+    print(f"  MergeAR {cm:5d} slots per row: {bm / 2 ** 30:6.2f} GiB of K/V (+ {em / 2 ** 20:.2f} MiB mask, slot "
+          f"codes), {bp / bm:.2f}x less (grows only if sampling yields more than K distinct codes)")
+    print(f"  measured on this bench's model (N = {N}, K = {K}, batch 16, float32): plain {measured[0] / 2 ** 20:.1f} "
+          f"MiB, MergeAR {measured[1] / 2 ** 20:.1f} MiB, {measured[0] / measured[1]:.2f}x less")
+
+
+def decode_rows(models, repeats, gen):
+    """The decoding table: per (N, K, batch) both decoders interleaved on the same replayed codes. Returns the entry
+    curves of batch 1 (for the PNG) and the N = 1024, batch 16 measurement the memory-traffic model is checked on."""
+    F_here = dense_flops(WIDTH["dim"], WIDTH["n_layer"], WIDTH["vocab_size"])
+    A_here = 4 * WIDTH["dim"] * WIDTH["n_layer"]
+    F_L, A_L = dense_flops(1024, 24, factorized_bits=(6, 12)), 4 * 1024 * 24
+    print(f"{'N':>5} {'K':>4} {'W':>3} {'B':>3} | {'entries/step':>12} {'last':>5} {'tok/s':>7} | "
+          f"{'entries/step':>12} {'last':>5} {'tok/s':>7} | {'speed-up, median (min-max)':>26} | "
+          f"{'FLOP pred. here':>15} {'GPT-L':>6}")
+    print(f"{'':>19}| {'plain KV cache':^26} | {'MergeAR compacted cache':^26} |")
+    curves, check = {}, None
+    for N, K in CONFIGS:
+        model = models[N]
+        W = merge_window(model)
+        for B in BATCHES:
+            codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
+            cond = torch.randint(0, 1000, (B,), generator=gen)
+            for compact in (False, True):                                   # warm-up
+                decode_mergear(model, cond, K, 16, codes=codes[:, :16], compact=compact, return_logits=False)
+            (tp, tm), (plain, merge) = interleaved(
+                [lambda: decode_mergear(model, cond, K, N, codes=codes, compact=False, return_logits=False),
+                 lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False)], repeats)
+            assert torch.equal(plain.codes, merge.codes) and (merge.stored <= K + W + 2).all()
+            Lp, Lm = plain.computed, merge.computed
+            assert torch.equal(Lm, padded_entries(codes, W))                # the traffic model's count
+            ratio = tp / tm                                                 # (repeats,) paired
+            print(f"{N:5d} {K:4d} {W:3d} {B:3d} | {Lp.float().mean():12.1f} {int(Lp[-1]):5d} "
+                  f"{B * N / tp.median():7.0f} | {Lm.float().mean():12.1f} {int(Lm[-1]):5d} "
+                  f"{B * N / tm.median():7.0f} | {ratio.median():8.2f}x ({ratio.min():.2f}-{ratio.max():.2f}x)"
+                  f"{'':>5} | {predicted_speedup(Lp, Lm, F_here, A_here):14.2f}x "
+                  f"{predicted_speedup(Lp, Lm, F_L, A_L):5.2f}x")
+            if B == 1:
+                curves[(N, K)] = (Lp, Lm)
+                if N == 256 and K == 64:                                    # the cache is the masked forward
+                    d = decode_mergear(model, cond, K, N, codes=codes)
+                    full = mergear_logits(model, codes, cond, K, rep_from_codes(codes))
+                    print(f"{'':>19}  (N = {N}, K = {K}: compacted-cache logits vs. Eq. (12) masked forward, "
+                          f"max |diff| {(full - d.logits).abs().max().item():.1e})")
+            if N == 1024 and B == 16:
+                check = (streamed_weight_bytes(model, 4), 2 * WIDTH["n_layer"] * WIDTH["dim"] * 4, Lp, Lm, ratio,
+                         (plain.cache_bytes, merge.cache_bytes))
+    return curves, check
+
+
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "mergear_entries.png"))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        ap.error(f"--repeats and --threads must be >= 1, got {args.repeats} and {args.threads}")
     torch.set_num_threads(args.threads)
     models = {}
     for N in sorted({N for N, _ in CONFIGS}):                               # one RoPE grid per N, same weights
@@ -179,39 +339,15 @@ def main():
         models[N] = build_gpt("tiny", block_size=N, num_classes=1000, merge_counts=tuple(K for _, K in CONFIGS),
                               **WIDTH).eval()
         models[N].output.weight.normal_(0, 0.02)
-    F_here = dense_flops(WIDTH["dim"], WIDTH["n_layer"], WIDTH["vocab_size"])
-    A_here = 4 * WIDTH["dim"] * WIDTH["n_layer"]
-    F_L, A_L = dense_flops(1024, 24, factorized_bits=(6, 12)), 4 * 1024 * 24
     print(f"GPT width {WIDTH['dim']}, {WIDTH['n_layer']} blocks, {WIDTH['n_head']} heads, vocab "
-          f"{WIDTH['vocab_size']}; {args.threads} thread(s); W = one grid row; codes replayed (teacher forcing)")
-    print(f"{'N':>5} {'K':>4} {'W':>3} {'B':>3} | {'entries/step':>12} {'last':>5} {'tok/s':>8} | "
-          f"{'entries/step':>12} {'last':>5} {'tok/s':>8} | {'speed-up':>8} {'FLOP pred. here':>15} {'GPT-L':>6}")
-    print(f"{'':>19}| {'plain KV cache':^27} | {'MergeAR compacted cache':^27} |")
+          f"{WIDTH['vocab_size']}; {args.threads} thread(s); W = one grid row; codes replayed (teacher forcing); "
+          f"plain and MergeAR interleaved, {args.repeats} rounds")
     gen = torch.Generator().manual_seed(0)
-    curves = {}
-    for N, K in CONFIGS:
-        model = models[N]
-        W = merge_window(model)
-        for B in BATCHES:
-            codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
-            cond = torch.randint(0, 1000, (B,), generator=gen)
-            decode_mergear(model, cond, K, 16, codes=codes[:, :16])        # warm-up
-            plain, tp = timed(lambda: decode_mergear(model, cond, K, N, codes=codes, compact=False), args.repeats)
-            merge, tm = timed(lambda: decode_mergear(model, cond, K, N, codes=codes), args.repeats)
-            assert torch.equal(plain.codes, merge.codes) and (merge.stored <= K + W + 2).all()
-            Lp, Lm = plain.computed, merge.computed
-            print(f"{N:5d} {K:4d} {W:3d} {B:3d} | {Lp.float().mean():12.1f} {int(Lp[-1]):5d} {B * N / tp:8.0f} | "
-                  f"{Lm.float().mean():12.1f} {int(Lm[-1]):5d} {B * N / tm:8.0f} | {tp / tm:7.2f}x "
-                  f"{predicted_speedup(Lp, Lm, F_here, A_here):14.2f}x {predicted_speedup(Lp, Lm, F_L, A_L):5.2f}x")
-            if B == 1:
-                curves[(N, K)] = (Lp, Lm)
-                if N == 256:                                                # the cache is the masked forward
-                    full = mergear_logits(model, codes, cond, K, rep_from_codes(codes))
-                    err = (full - merge.logits).abs().max().item()
-                    print(f"{'':>19}  (N = {N}, K = {K}: compacted-cache logits vs. Eq. (12) masked forward, "
-                          f"max |diff| {err:.1e})")
+    curves, check = decode_rows(models, args.repeats, gen)
     plot(curves, args.png)
     print(f"entries per step plotted to {args.png}")
+    traffic_model(check[:5], gen)
+    cache_memory(check[5])
     train_step_times(args.threads, args.repeats)
 
 
