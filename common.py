@@ -175,6 +175,25 @@ class TrainingLog:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def memory_available(device):
+    """Bytes this process may use: the GPU's total memory, or the machine's available RAM shared by the processes
+    torchrun started on it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        total = kb * 1024
+    except (OSError, StopIteration):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return total / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def format_bytes(n):
+    """A memory size for people: '3.2 GB' (2^30 bytes), below 1 GB '35.0 MB'."""
+    return f"{n / 2**30:.1f} GB" if n >= 2 ** 30 else f"{n / 2**20:.1f} MB"
+
+
 def loader_workers(requested, device):
     """DataLoader workers of an extraction or evaluation pass (--num-workers): the number asked for; by default none
     on the CPU (workers would take the cores the model computes on) and, on a GPU, up to 8 of the cores this

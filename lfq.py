@@ -90,8 +90,15 @@ def entropy_terms(z, inv_temperature=100.0, sync=True):
       per_sample_entropy = mean_t H(p(. | z_t)), codebook_entropy = H(mean_t p(. | z_t)).
     In a distributed run with sync=True the mean over tokens in the codebook term covers every rank
     (differentiably): a collective, so every rank must call it. sync=False keeps it local to this process.
+    float32 throughout, autocast off: under bf16 autocast the two products below would run in bf16 (even on
+    float32 inputs) and round every code probability to 8 bits - the gradient of small latents turns to noise.
     """
-    z = z.reshape(-1, z.shape[-1]).float()                                        # (T, d)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return _entropy_terms(z.reshape(-1, z.shape[-1]).float(), inv_temperature, sync)   # (T, d)
+
+
+def _entropy_terms(z, inv_temperature, sync):
+    """entropy_terms on float32 latents z (T, d), called with autocast off."""
     T, d = z.shape
     a = 4.0 * inv_temperature * z                                                 # bit logits, (T, d)
     log_pos, log_neg = F.logsigmoid(a), F.logsigmoid(-a)                          # log p(+1), log p(-1)

@@ -56,6 +56,8 @@ def bipartite_soft_matching(metric, r, class_token=False):
         merged A tokens is reduced into its best B match with `mode` ("mean", "sum", "amax", ...).
       unmerge(x): (B, N - r, C) -> (B, N, C), every input token takes the value of the token it went into.
       merge.dst: (B, N) int64, the output position of every input token.
+    The scores are float32 cosines, autocast off: in bf16 they land on steps of 2^-8 near 1, where the cosines of
+    similar tokens lie, and ties (broken by token order) would decide which tokens merge.
     """
     B, N, _ = metric.shape
     protected = 1 if class_token else 0
@@ -63,7 +65,7 @@ def bipartite_soft_matching(metric, r, class_token=False):
     if r <= 0:
         return _identity_merge(N, B, metric.device)
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=metric.device.type, enabled=False):
         metric = metric.float()
         metric = metric / metric.norm(dim=-1, keepdim=True)               # unit length: dot = cosine
         a, b = metric[:, ::2], metric[:, 1::2]                              # (B, Na, C), (B, Nb, C)
@@ -174,15 +176,20 @@ def group_mean(x, source, K):
     m_k = sum_j [source_j = k] x_j / size_k, i.e. (source_matrix @ x) / size: the direction opposite to recover
     (Eq. (11)), and what ToMe's size-weighted average (merge_wavg) gives when every original token has size 1.
     So group_mean(recover(z, source), source, K) == z, and recover(group_mean(x)) is each token's group mean.
+    The sums accumulate in float32 (at least): a bf16 scatter_add on CUDA rounds after every addition (600 additions
+    of 1 give 256), so a group of more than 256 tokens would get a wrong mean. The result has x's dtype.
     """
     if source.shape != x.shape[:2] or source.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"group_mean: source {tuple(source.shape)} {source.dtype} does not fit tokens "
                          f"{tuple(x.shape)}: expected an int64 index map (B, N) for x (B, N, C)")
     B, N, C = x.shape
+    acc = torch.promote_types(x.dtype, torch.float32)                          # bf16 / fp16 tokens sum in fp32
     index = source.long()[..., None]                                           # (B, N, 1)
-    sums = x.new_zeros(B, K, C).scatter_add(1, index.expand(-1, -1, C), x)   # (B, K, C)
-    size = x.new_zeros(B, K, 1).scatter_add(1, index, x.new_ones(B, N, 1))   # (B, K, 1) members per group
-    return sums / size.clamp_min(1)                                            # an empty group stays 0
+    sums = torch.zeros(B, K, C, dtype=acc, device=x.device)
+    sums = sums.scatter_add(1, index.expand(-1, -1, C), x.to(acc))            # (B, K, C)
+    ones = torch.ones(B, N, 1, dtype=acc, device=x.device)
+    size = torch.zeros(B, K, 1, dtype=acc, device=x.device).scatter_add(1, index, ones)   # (B, K, 1) members
+    return (sums / size.clamp_min(1)).to(x.dtype)                              # (B, K, C); an empty group stays 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -268,20 +268,6 @@ BF16_ACTIVATION_FACTOR = 0.52
 MERGETOK_ACTIVATION_FACTOR = 1.62
 
 
-def memory_available(device):
-    """Bytes this process may use: the GPU's total memory, or the machine's available RAM shared by the processes
-    torchrun started on it."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        with open("/proc/meminfo") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        total = kb * 1024
-    except (OSError, StopIteration):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return total / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
 def memory_estimate(variant, tok_cfg, local_batch, amp, n_params):
     """Bytes one process needs, by part: "weights" (weights, gradients, Adam moments and EMA in fp32: 20 bytes per
     parameter), "activations" (what the forward keeps for backward, scaled from the measured G figure above) and,
@@ -300,13 +286,13 @@ def check_resources(args, cfg, tok_cfg, world, device, n_params):
     local_batch = cfg.batch_size // world
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     parts = memory_estimate(args.variant, tok_cfg, local_batch, amp, n_params)
-    need, have = sum(parts.values()), memory_available(device)
+    need, have = sum(parts.values()), common.memory_available(device)
     names = {"weights": "weights, gradients, Adam and EMA (fp32)",
              "activations": f"activations (batch {local_batch} of {tok_cfg.image_size} px, {amp})",
              "collision": "MergeTok's code-collision blocks"}
-    terms = " + ".join(f"{v / 2**30:.1f} GB {names[k]}" for k, v in parts.items())
-    common.rank0_print(f"memory estimate per process: {terms} = {need / 2**30:.1f} GB; {device} has "
-                       f"{have / 2**30:.1f} GB")
+    terms = " + ".join(f"{common.format_bytes(v)} {names[k]}" for k, v in parts.items())
+    common.rank0_print(f"memory estimate per process: {terms} = {common.format_bytes(need)}; {device} has "
+                       f"{common.format_bytes(have)}")
     problems = []
     if device.type != "cuda" and args.preset == "paper":
         problems.append("no GPU: the paper preset trains for weeks even on 8 GPUs")

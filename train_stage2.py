@@ -361,6 +361,76 @@ def optimizer_groups(model, weight_decay):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Activation memory of GPT training, measured on the CPU with torch.autograd.graph.saved_tensors_hooks (the distinct
+# storages autograd keeps for backward; GPT-L's width, the differences between 1 and 2 blocks and between batches of
+# 2 and 4 sequences, at 64 and 144 positions alike): a block keeps 60 bytes per unit of width D and position under
+# bf16 autocast (100 in float32) - at 128 sequences of 257 positions GPT-L's 24 blocks keep 47 GB; the heads per
+# predicted position: plain 78 KB at 16384 codes (about 5 bytes per code), factorized 281 KB (its two intra-token
+# blocks on two slots, 4 x 60 D, and about 10 bytes per pre and post logit).
+BLOCK_BYTES_PER_WIDTH = {"bf16": 60, "none": 100}
+HEAD_BYTES_PER_LOGIT = {False: 5, True: 10}                  # plain, factorized
+
+
+def positions(kind, tokens, N, K):
+    """(positions the main stack runs on, positions the heads predict) of one training sequence."""
+    if kind == "randar":
+        L = N if tokens == "recovered" else K
+        return 1 + 2 * L, L                                      # [C, P_0, X_0, ..., P_{L-1}, X_{L-1}]
+    return (N + 1 if kind == "mergear" else N), N                # [C, M, x_0 .. x_{N-2}] or [C, x_0 .. x_{N-2}]
+
+
+def memory_estimate(c, kind, T, predicted, micro_batch, amp, world, checkpointed, n_params):
+    """Bytes one process needs to train, by part: "weights" (fp32 weights, gradients and the two AdamW moments;
+    bf16 copies under autocast; DDP's gradient buckets), "activations" (what one micro-batch keeps for backward:
+    the blocks, BLOCK_BYTES_PER_WIDTH, or with activation checkpointing each block's float32 input and one block
+    recomputed; the heads, HEAD_BYTES_PER_LOGIT) and for MergeAR "mask" (the (B, T, T) boolean mask, and per kept
+    block the 2-byte additive bias a GPU attention kernel makes of it and keeps for backward). c: the GPTConfig."""
+    D, w = c.dim, BLOCK_BYTES_PER_WIDTH[amp]
+    block = T * w * D                                                      # one block, one sequence
+    kept_blocks = 1 if checkpointed else c.n_layer
+    if c.factorized:
+        logits = 2 ** c.pre_bits + c.vocab_size // 2 ** c.pre_bits        # pre and post logits per position
+        head = predicted * (4 * w * D + HEAD_BYTES_PER_LOGIT[True] * logits)
+    else:
+        head = predicted * HEAD_BYTES_PER_LOGIT[False] * c.vocab_size
+    inputs = T * 4 * D * c.n_layer if checkpointed else 0                 # each block's input, float32
+    parts = {"weights": n_params * (16 + (2 if amp == "bf16" else 0) + (4 if world > 1 else 0)),
+             "activations": micro_batch * (kept_blocks * block + inputs + head)}
+    if kind == "mergear":
+        parts["mask"] = micro_batch * T * T * (1 + 2 * kept_blocks)
+    return parts
+
+
+def check_memory(args, run, device):
+    """Print the memory estimate of the run (memory_estimate) on rank 0; stop with one line, naming a --grad-accum
+    that fits, when it exceeds what the device has (--run-anyway starts regardless)."""
+    N, c = run.table["source"][int(run.Ks[0])].shape[1], run.model.cfg
+    T, predicted = positions(args.model, "merged", N, run.K)
+    local = run.cfg.batch_size // run.world
+
+    def need(A, checkpointed):
+        return memory_estimate(c, args.model, T, predicted, local // A, run.amp, run.world, checkpointed,
+                               count_parameters(run.model))
+
+    parts, have = need(run.grad_accum, args.checkpoint_activations), common.memory_available(device)
+    names = {"weights": "weights, gradients and AdamW", "mask": "MergeAR's masks",
+             "activations": f"activations ({local // run.grad_accum} sequences of {T} positions per micro-batch, "
+                            f"{run.amp}{', checkpointed' if args.checkpoint_activations else ''})"}
+    terms = " + ".join(f"{common.format_bytes(v)} {names[k]}" for k, v in parts.items())
+    common.rank0_print(f"memory estimate per process: {terms} = {common.format_bytes(sum(parts.values()))}; {device} "
+                       f"has {common.format_bytes(have)}")
+    if sum(parts.values()) <= have or args.run_anyway:
+        return
+    fits = [A for A in range(run.grad_accum, local + 1) if local % A == 0
+            and sum(need(A, args.checkpoint_activations).values()) <= have]
+    hint = (f"--grad-accum {fits[0]} (micro-batches of {local // fits[0]}, the same global batch)" if fits else
+            "a smaller --batch-size or GPT")
+    if not args.checkpoint_activations and sum(need(run.grad_accum, True).values()) <= have:
+        hint += " or --checkpoint-activations"
+    raise ValueError(f"the run needs about {common.format_bytes(sum(parts.values()))} per process, {device} has "
+                     f"{common.format_bytes(have)}: use {hint} (--run-anyway starts it regardless)")
+
+
 def build_train_config(args):
     cfg = TRAIN_PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in ["gpt", "steps", "epochs", "batch_size", "lr", "label_smoothing",
@@ -439,6 +509,12 @@ def setup(args, rank, world, device):
                          f"(--keep a square K among {run.Ks.tolist()})")
     torch.manual_seed(args.seed)                                            # identical initial weights on every rank
     run.model = model = build_generator(args.model, cfg, table, run.K).to(device)
+    model.checkpoint_activations = args.checkpoint_activations               # blocks recomputed in backward
+    run.grad_accum = args.grad_accum
+    if (cfg.batch_size // world) % run.grad_accum:
+        raise ValueError(f"--grad-accum {run.grad_accum} must divide each process's batch ({cfg.batch_size} / "
+                         f"{world} processes = {cfg.batch_size // world} sequences)")
+    check_memory(args, run, device)                                         # every rank: all stop, or none
     torch.manual_seed(args.seed * world + rank)                             # per-rank dropout (DiT)
     run.loss = Stage2Loss(model, args.model, args.window, args.rep, cfg.label_smoothing)
     if world > 1:
@@ -480,7 +556,10 @@ def start_log(args, run, device):
 
 
 def train_step(rows, step, run, device):
-    """One optimizer step on the rows of this rank. Returns the loss terms."""
+    """One optimizer step on the rows of this rank, in run.grad_accum micro-batches of equal size: the gradients of
+    the micro-batches' mean losses, each divided by their number, add up to the gradient of the whole batch's mean
+    loss (every sequence has the same number of positions), so --grad-accum changes memory, not the step. K and the
+    orders are drawn for the whole batch. Returns the loss terms."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
     labels, order = run.table["labels"][rows], None
     if run.kind == "randar":
@@ -489,12 +568,20 @@ def train_step(rows, step, run, device):
     else:
         codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
     codes, source, labels, K = (t.to(device) for t in (codes, source, labels, K))
-    with run.autocast():
-        loss = run.loss(codes, labels, K, source, order)
-    terms = {"loss": loss.float(), "K": K.float().mean()}
-    common.check_finite({"loss": terms["loss"]}, step)
+    A, b = run.grad_accum, len(rows)
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_sum = 0.0
+    for a in range(A):
+        part = slice(a * b // A, (a + 1) * b // A)                          # this micro-batch's sequences
+        last = a == A - 1                                                   # DDP averages the gradients once, here
+        with contextlib.nullcontext() if last or not isinstance(run.loss, DDP) else run.loss.no_sync():
+            with run.autocast():
+                loss = run.loss(codes[part], labels[part], K[part], source[part],
+                                None if order is None else order[part])
+            common.check_finite({"loss": loss.float()}, step)
+            (loss / A).backward()
+        loss_sum = loss_sum + loss.detach().float() / A
+    terms = {"loss": loss_sum, "K": K.float().mean()}
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.opt.step()
     return terms
@@ -854,8 +941,15 @@ def add_train_args(sub):
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
     p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="A",
+                   help="split each process's batch into A micro-batches whose gradients add up before the step: the "
+                        "same global batch (--batch-size) and optimizer steps, A times less activation memory")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each transformer block in backward instead of keeping its activations (about "
+                        "a third more compute, a fraction of the memory)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--run-anyway", action="store_true", help="start a large GPT even without a GPU")
+    p.add_argument("--run-anyway", action="store_true",
+                   help="start a large GPT even without a GPU, or past the memory estimate")
     p.set_defaults(func=None)
 
 
@@ -930,7 +1024,7 @@ def build_parser():
 def check_args(args):
     """One clear line for every argument that cannot work, before anything is built."""
     positive = {"extract": ["num_images", "batch_size"],
-                "train": ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at"],
+                "train": ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at", "grad_accum"],
                 "sample": ["num_per_class", "batch_size", "num_steps"], "nll": ["max_rows", "batch_size"],
                 "finetune-recovery": ["epochs", "steps", "batch_size", "max_val_rows", "log_every"]}[args.command]
     for name in positive:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from merge import (KeptTokenSampler, bipartite_soft_matching, matrix_to_source, merge_schedule, merge_source_matrix,
-                   merge_wavg, recover, size_bias, source_to_matrix, track_source)
+from merge import (KeptTokenSampler, bipartite_soft_matching, group_mean, matrix_to_source, merge_schedule,
+                   merge_source_matrix, merge_wavg, recover, size_bias, source_to_matrix, track_source)
 
 
 def brute_force_merge(metric, x, r, class_token=False):
@@ -45,6 +45,46 @@ def test_matching_equals_brute_force(N, r, class_token):
     assert size[0, :, 0].tolist() == [float(len(g)) for g in groups]
     if class_token:
         torch.testing.assert_close(got[0, 0], x[0])  # the class token stays first, unmerged
+
+
+def test_matching_scores_are_float32_under_bf16_autocast():
+    """Tokens whose cosines all lie in (0.998, 1) (similar tokens, where merges happen): under bf16 autocast the
+    merges are still those of the brute force. With bf16 scores (steps of 2^-8 near 1) they tied and the first A
+    tokens merged into B token 0."""
+    torch.manual_seed(0)
+    N, r = 32, 6
+    metric = torch.randn(1, 16) + 0.02 * torch.randn(N, 16)                    # (N, C), every cosine near 1
+    x = torch.randn(N, 3)
+    want, _ = brute_force_merge(metric.double(), x, r)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merge, _ = bipartite_soft_matching(metric[None], r)
+    torch.testing.assert_close(merge(x[None], mode="mean")[0], want)
+
+
+class SumDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtype every scatter_add / index_add accumulates in."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("scatter_add", "scatter_add_", "index_add", "index_add_"):
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_group_mean_sums_in_float32():
+    """bf16 tokens (MergeTok's group means under autocast): the sums accumulate in float32. A bf16 scatter_add on
+    CUDA rounds after every addition (600 additions of 0.1 give 32); the CPU's accumulates in float32 anyway, so the
+    test asks for the dtype it sums in. Groups: 600 tokens of 0.1 and 24 tokens of 2 -> means 0.1 and 2."""
+    x = torch.cat([torch.full((600, 4), 0.1), torch.full((24, 4), 2.0)])[None].bfloat16()   # (1, 624, 4)
+    source = torch.cat([torch.zeros(600), torch.ones(24)]).long()[None]                       # (1, 624)
+    with SumDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        means = group_mean(x, source, 2)
+    assert seen.dtypes and set(seen.dtypes) == {torch.float32}
+    assert means.dtype == torch.bfloat16
+    assert means[0, :, 0].tolist() == [torch.tensor(0.1).bfloat16().item(), 2.0]
 
 
 def test_size_sums_to_N_and_source_partitions():

@@ -278,6 +278,44 @@ def test_resume_is_exact(files, model):
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
 
 
+@pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
+def test_gradient_accumulation_and_checkpointing_equal_the_plain_step(files, model):
+    """--grad-accum 2 (two micro-batches of 2, the same K and orders) equals one step on the batch of 4, dropout
+    off (its masks are drawn per micro-batch); --checkpoint-activations equals the plain run with dropout on."""
+    d, _, codes = files
+    off = ["--steps", "2", "--dropout", "0", "--class-dropout", "0"]
+    plain = train(d, f"accum1-{model}", codes, *off, model=model)
+    accum = train(d, f"accum2-{model}", codes, *off, "--grad-accum", "2", model=model)
+    ckpt = train(d, f"ckpt-{model}", codes, "--steps", "2", "--checkpoint-activations", model=model)
+    dropout = train(d, f"dropout-{model}", codes, "--steps", "2", model=model)
+    for a, b in [(plain, accum), (dropout, ckpt)]:
+        for r1, r2 in zip(read_log(a), read_log(b), strict=True):
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6, abs=1e-6)
+        wa, wb = weights(a), weights(b)
+        for name in wa:
+            torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_memory_estimate_is_printed_and_names_a_grad_accum_that_fits(files, tmp_path, monkeypatch, capsys):
+    """The estimate is printed at start; when it exceeds the device's memory the run stops with one line naming
+    the smallest --grad-accum whose micro-batches fit. Tiny MergeAR, 4 sequences of N + 1 = 65 positions: the
+    estimate, written out, is weights 16 bytes per parameter + per sequence 2 blocks x 65 x 100 bytes (float32) x 64
+    (width) + 64 predicted positions x 5 bytes x 2^d codes + the mask 65^2 x (1 + 2 x 2)."""
+    _, _, codes = files
+    args = train_stage2.build_parser().parse_args(["train", "--codes", codes, "--model", "mergear", "--preset",
+                                                   "tiny", "--batch-size", "4", "--out", str(tmp_path / "a")])
+    run = train_stage2.setup(args, 0, 1, torch.device("cpu"))
+    V = run.model.cfg.vocab_size
+    per_sequence = 2 * 65 * 100 * 64 + 64 * 5 * V + 65 ** 2 * 5
+    weights_bytes = 16 * sum(p.numel() for p in run.model.parameters())
+    assert "memory estimate per process" in capsys.readouterr().out
+    monkeypatch.setattr(train_stage2.common, "memory_available", lambda device: weights_bytes + 2.5 * per_sequence)
+    args.run_anyway = False
+    with pytest.raises(ValueError, match="--grad-accum 2 "):                    # 4 sequences: no; 2 fit
+        train_stage2.check_memory(args, run, torch.device("cpu"))
+    run.grad_accum = 2
+    train_stage2.check_memory(args, run, torch.device("cpu"))                   # fits: no error
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_equal_one_process(files):
     """A 2-process gloo run equals a 1-process run with the same global batch (MergeAR: K drawn per image of the
