@@ -220,6 +220,26 @@ def test_generate_logits_equal_teacher_forcing_on_its_samples(plain, factorized,
             assert codes.max() < FV
 
 
+@pytest.mark.parametrize("which", ["plain", "factorized"])
+def test_generate_under_bf16_autocast(plain, factorized, which):
+    """The GPU's decoding path, bf16 autocast: the KV cache takes the activations' dtype (a float32 cache refused
+    the bf16 keys in index_put), and the logits of every step are the teacher-forced ones in float32 up to bf16's
+    rounding."""
+    model = plain if which == "plain" else factorized
+    cond = torch.tensor([1, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.setup_caches(2, 16)
+        cache_dtype = model.layers[0].attention.kv_cache.k.dtype
+        model.clear_caches()
+        codes, logits = generate(model, cond, 16, generator=torch.Generator().manual_seed(0), return_logits=True)
+    assert cache_dtype == torch.bfloat16 and codes.shape == (2, 16)
+    with torch.no_grad():
+        out = model(codes[:, :-1] if which == "plain" else codes, cond)
+    pairs = [(logits, out.logits)] if which == "plain" else [(logits[0], out.logits_pre), (logits[1], out.logits_post)]
+    for got, want in pairs:
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
 def test_cfg_scale_one_equals_the_conditional_logits(plain):
     cond = torch.tensor([2, 5])
     gen = torch.Generator().manual_seed(1)

@@ -301,6 +301,20 @@ def test_first_queries_and_cached_keys_equal_teacher_forcing(plain, factorized, 
                 assert not torch.allclose(k[:, :, p_last + 1:end], k_ref[:, :, p_last + 1:end], atol=1e-3)
 
 
+def test_decoding_under_bf16_autocast(factorized):
+    """The GPU's decoding path, bf16 autocast: the KV cache takes the activations' dtype (a float32 cache refused
+    the bf16 keys in index_put), and replayed tokens give the teacher-forced float32 logits up to bf16's rounding."""
+    cond, tokens = torch.tensor([0, 5]), torch.randint(0, FV, (2, L), generator=torch.Generator().manual_seed(3))
+    order = random_orders(2, L, torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = decode_randar(factorized, cond, L, L, tokens=tokens, order=order, keep_cache=True)
+    assert d.cache[0][0].dtype == torch.bfloat16
+    with torch.no_grad():
+        want = randar_logits(factorized, tokens, cond, order)                  # float32: (pre, post)
+    for got, expected in zip(d.logits, want):
+        torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_replayed_tokens_through_the_cache_equal_teacher_forcing(factorized):
     cond, tokens = torch.tensor([0, 5]), torch.randint(0, FV, (2, L))
     order = random_orders(2, L, torch.Generator().manual_seed(4))
