@@ -95,8 +95,10 @@ def slot_rope_rows(model, L, device=None):
 
 
 def random_orders(B, L, generator=None, device=None):
-    """One uniform random permutation of the L slots per sample, (B, L) int64 (argsort of uniform noise)."""
-    return torch.rand(B, L, generator=generator).argsort(dim=1).to(device)
+    """One uniform random permutation of the L slots per sample, (B, L) int64 (argsort of uniform noise), drawn on
+    `device` (default: torch's default device) with `generator`, which must live there (a CUDA draw takes a CUDA
+    generator)."""
+    return torch.rand(B, L, generator=generator, device=device).argsort(dim=1)
 
 
 def check_order(order, B, L):

@@ -803,7 +803,7 @@ def recovery_accuracy(tok, model, table, K, batch_size, device, seed, max_rows=N
     """Fraction of original positions whose merged token the Source Recovery Model gets right, on the generator's
     teacher-forced tokens of the table's images (seeded) and on the tokenizer's own tokens: (generated, true)."""
     n = len(table["labels"]) if max_rows is None else min(max_rows, len(table["labels"]))
-    g, hits = torch.Generator().manual_seed(seed), [0.0, 0.0]
+    g, hits = torch.Generator(device).manual_seed(seed), [0.0, 0.0]       # draws where the model samples
     for s in range(0, n, batch_size):
         r = torch.arange(s, min(s + batch_size, n))
         tokens, labels = merged_codes(table, r, K).to(device), table["labels"][r].to(device)   # (B, K), (B,)
@@ -842,11 +842,11 @@ def run_finetune_recovery(args):
               f"tokenizer's tokens", flush=True)
     rec = tok.recovery.train()
     opt = torch.optim.AdamW(rec.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-2)   # Table A2
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(device).manual_seed(args.seed)                    # one stream for both draws, on the device
     order, bar, t0 = torch.empty(0, dtype=torch.long), common.progress_bar(steps, desc="finetune-recovery"), time.time()
     for step in range(steps):
         if len(order) < args.batch_size:                                    # a new pass over the rows
-            order = torch.cat([order, torch.randperm(rows, generator=g)])
+            order = torch.cat([order, torch.randperm(rows, generator=g, device=device).cpu()])
         r, order = order[:args.batch_size], order[args.batch_size:]
         tokens, labels = merged_codes(table, r, K).to(device), table["labels"][r].to(device)   # (B, K), (B,)
         made = teacher_forced_samples(model, tokens, labels, generator=g)  # (B, K): the generator's tokens
