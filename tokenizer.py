@@ -577,8 +577,8 @@ class MergeVQTokenizer(nn.Module):
                 raise ValueError(f"DINOv2 weight selection: teacher {key} {tuple(t.shape)} cannot give "
                                  f"{tuple(value.shape)}")
             for dim, S in enumerate(value.shape):
-                idx = torch.round(torch.linspace(0, t.shape[dim] - 1, S)).long()
-                t = t.index_select(dim, idx)
+                idx = torch.round(torch.linspace(0, t.shape[dim] - 1, S)).long()     # on the CPU: one answer
+                t = t.index_select(dim, idx.to(t.device))                             # on the teacher's device
             selected[key] = t.to(value.dtype)
         if not selected:
             raise ValueError("DINOv2 weight selection: no teacher key matches the encoder (blocks.*, cls_token)")
