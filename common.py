@@ -35,12 +35,15 @@ def dist_info():
 def setup_distributed(device=None):
     """Start the process group under torchrun (nothing for a single process). Returns (rank, world_size, device).
 
-    device: None picks cuda:LOCAL_RANK when a GPU exists, else the CPU."""
+    device: None picks cuda:LOCAL_RANK when a GPU exists, else the CPU; "cuda" without an index is cuda:LOCAL_RANK
+    (torch.cuda.set_device and DDP's device_ids need the index)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:                  # `--device cuda`: this process's GPU
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -48,18 +51,54 @@ def setup_distributed(device=None):
     return rank, world, device
 
 
-def teardown_distributed():
-    """Meet every rank, then destroy the process group.
+def teardown_distributed(failed=False):
+    """End the process group: after a run that finished, meet every rank first; after a failure, at once.
 
-    Without the barrier one rank can destroy its group (and exit) while the other still has gloo work in flight;
-    the survivor's gloo threads are then torn down mid-operation and the C++ runtime aborts ("terminate called
-    without an active exception", SIGABRT) after a run that finished.
+    The barrier after a finished run: without it one rank can destroy its group (and exit) while the other still has
+    gloo work in flight; the survivor's gloo threads are then torn down mid-operation and the C++ runtime aborts
+    ("terminate called without an active exception", SIGABRT) after a run that finished.
+    failed=True (this rank raised: out of memory, an unreadable file): no barrier. The other ranks wait in some other
+    collective (the step's all-reduce); nccl would pair the two mismatched collectives and hang until its watchdog
+    fires (10 minutes and more). This rank ends its group and its process exits non-zero; torchrun then stops the
+    others (with gloo their collective fails at once: the peer is gone).
     """
     if dist.is_available() and dist.is_initialized():
+        if failed:
+            dist.destroy_process_group()
+            return
         try:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def run_distributed(work, device):
+    """setup_distributed(device), work(rank, world, device), teardown_distributed: the barrier only when work
+    returned, a failing rank ends its group at once (see teardown_distributed). Returns work's result."""
+    rank, world, device = setup_distributed(device)
+    try:
+        result = work(rank, world, device)
+    except BaseException:
+        teardown_distributed(failed=True)
+        raise
+    teardown_distributed()
+    return result
+
+
+def use_deterministic_algorithms():
+    """--deterministic: the GPU kernels that are deterministic where torch has them (PyTorch's "Reproducibility"
+    notes). On the CPU the kernels this project uses are (a resumed run repeats the uninterrupted one). On CUDA, float
+    atomics (index_add_, scatter_add, the gather in the backward), attention's backward and cuDNN's autotuned
+    convolutions sum in a varying order; discrete merges and LFQ's sign turn such last-bit differences into other
+    codes, so two runs part ways. With this flag cuBLAS uses a fixed workspace (CUBLAS_WORKSPACE_CONFIG, which must be
+    set before the first cuBLAS call: call this first), cuDNN its deterministic algorithms without autotuning, and
+    torch its deterministic kernels; an op that has none still runs and torch warns, naming it (warn_only: a paper
+    run does not die at its first step over one op). Slower; 2 runs on the same GPUs, software and world size
+    then agree. Different GPUs, versions or world sizes still differ in the last bits (sums in another order)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def is_main():

@@ -52,7 +52,7 @@ from PIL import Image
 import data as data_lib
 import losses
 import plots
-from common import all_gather_rows, dist_info, progress_bar, setup_distributed, teardown_distributed
+from common import all_gather_rows, dist_info, progress_bar, run_distributed, teardown_distributed
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
@@ -654,8 +654,14 @@ def run_probe(args):
         classes = max(classes, len(dataset.classes))
         feats[split] = tokenizer_features(model, dataset, K, args.feature, args.extract_batch_size, args.device,
                                           args.max_images)
+    # the collective part is over: every rank meets and ends its process group here, so that no rank waits in a
+    # barrier while rank 0 trains (nccl's watchdog would kill a wait that long)
+    world = dist_info()[1]
+    teardown_distributed()
     if rank != 0:
         return 0
+    if world > 1:
+        print(f"linear probe: features gathered from {world} processes; rank 0 trains the probe alone", flush=True)
     top1 = linear_probe(*feats["train"], *feats["val"], classes, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, device=args.device)
     n_train, n_val, dim = len(feats["train"][1]), len(feats["val"][1]), feats["val"][0].shape[1]
@@ -721,7 +727,9 @@ def run_shapes(args):
     if args.num_images < 2:
         raise ValueError(f"--num-images must be at least 2, got {args.num_images}")
     inputs = _shapes_inputs(args.samples) if args.samples else None               # a bad file stops at once
-    if dist_info()[0] != 0:
+    rank = dist_info()[0]
+    teardown_distributed()                 # rank 0 alone from here: no rank waits in a barrier while it trains
+    if rank != 0:
         return 0
     path = args.classifier or os.path.join("runs", f"shapes_classifier_seed{args.seed}.pt")
     model, info, trained = load_shapes_classifier(path, args.seed, args.device)
@@ -879,15 +887,14 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        _, _, args.device = setup_distributed(args.device)     # None: cuda:LOCAL_RANK if available, else the CPU
-        return args.func(args)
+        def work(rank, world, device):                       # device None: cuda:LOCAL_RANK if available, else the CPU
+            args.device = device
+            return args.func(args)
+        return run_distributed(work, args.device)              # a failing rank ends its group at once, no barrier
     except (ValueError, OSError) as e:                       # bad input: one line on stderr, no traceback
-        rank, world = dist_info()
-        where = f" (rank {rank})" if world > 1 else ""
+        where = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"evaluate.py {args.command}{where}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 1
-    finally:
-        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ def parse_args(argv=None):
                    help="MergeTok: (i) pulls mu toward its group's mean (default) or toward DINOv2 patch features "
                         "pooled over the group (needs --dinov2-weights)")
     p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels (cuBLAS workspace, cuDNN, torch.use_deterministic_algorithms; "
+                        "torch warns for an op without one); slower. CPU runs are deterministic already")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     p.add_argument("--run-anyway", action="store_true",
@@ -621,11 +624,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        rank, world, device = common.setup_distributed(args.device)
-        try:
-            train(args, rank, world, device)
-        finally:
-            common.teardown_distributed()
+        if args.deterministic:
+            common.use_deterministic_algorithms()                     # before the first cuBLAS call
+        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input or a diverged run: no traceback
         print(f"train_stage1.py: error: {e}", file=sys.stderr, flush=True)
         return 2

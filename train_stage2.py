@@ -947,6 +947,9 @@ def add_train_args(sub):
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each transformer block in backward instead of keeping its activations (about "
                         "a third more compute, a fraction of the memory)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels (cuBLAS workspace, cuDNN, torch.use_deterministic_algorithms; "
+                        "torch warns for an op without one); slower. CPU runs are deterministic already")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--run-anyway", action="store_true",
                    help="start a large GPT even without a GPU, or past the memory estimate")
@@ -1082,11 +1085,9 @@ def main(argv=None):
         check_args(args)
         if args.func is not None:                                           # extract, sample, nll, finetune-recovery
             return args.func(args)
-        rank, world, device = common.setup_distributed(args.device)
-        try:
-            train(args, rank, world, device)
-        finally:
-            common.teardown_distributed()
+        if args.deterministic:
+            common.use_deterministic_algorithms()                           # before the first cuBLAS call
+        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:        # bad input or a diverged run
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
