@@ -6,6 +6,8 @@ nccl on GPUs, gloo on the CPU. Rank 0 alone prints and writes; every collective 
 
     from common import setup_distributed, teardown_distributed, rank0_print   # used by train_stage1.py, evaluate.py
 """
+import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -320,15 +322,97 @@ def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
-def prepare_out_dir(out_dir, config):
+def prepare_out_dir(out_dir, config, replace=()):
     """Rank 0 at the start of a run: the output folder, its config.json, and no `last.pt.tmp<pid>` left by a killed
-    save (reported)."""
+    save (reported). replace: the files of an earlier run in the folder to delete first (--overwrite; the names
+    check_run_folder returned), reported."""
     os.makedirs(out_dir, exist_ok=True)
+    if replace:
+        for name in replace:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        print(f"--overwrite: deleted the earlier run's {', '.join(replace)} in {out_dir}", flush=True)
     removed = remove_stale_temporaries(os.path.join(out_dir, "last.pt"))
     if removed:
         print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: a run never writes over another run, an output never replaces an input
+# ----------------------------------------------------------------------------------------------------------------
+
+RUN_FILES = ("last.pt", "config.json", "log.jsonl")        # what makes a folder hold a run
+
+
+def _same_path(a, b):
+    """Whether two paths name the same file or folder (symbolic links resolved; hard links where both exist)."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(path, flag, folder=False):
+    """One line when `path` cannot be written where it is: a folder where a file is meant (or the reverse), or an
+    existing file among its parents (makedirs would fail after all the work)."""
+    path = os.path.abspath(os.fspath(path))
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is an existing file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: name the file to write")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent, above = os.path.dirname(parent), parent
+        if parent == above:
+            break
+    if parent and os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path} lies under {parent}, which is a file, not a folder")
+
+
+def check_run_folder(out, resume=None, overwrite=False, extra_patterns=()):
+    """A training run's --out: a folder that holds a run (last.pt, config.json or log.jsonl) is refused with one
+    line, unless the run continues there (--resume of a checkpoint in that folder) or --overwrite says to start
+    over. Returns the names of the earlier run's files --overwrite will delete (RUN_FILES and files matching
+    extra_patterns, e.g. samples_*.png); nothing is deleted here (prepare_out_dir does it, after every input has
+    been checked)."""
+    check_output_path(out, "--out", folder=True)
+    held = sorted(name for name in os.listdir(out) if name in RUN_FILES or
+                  any(fnmatch.fnmatch(name, p) for p in extra_patterns)) if os.path.isdir(out) else []
+    if not any(name in RUN_FILES for name in held):
+        return []
+    ckpt = os.path.join(out, "last.pt")
+    if overwrite:
+        if resume and any(_same_path(resume, os.path.join(out, name)) for name in held):
+            raise ValueError(f"--overwrite would delete --resume {resume}, the checkpoint to continue from: without "
+                             f"--overwrite the run continues in {out}")
+        return held
+    if resume and _same_path(os.path.dirname(os.path.abspath(resume)), out):
+        return []                                                          # the run continues in its own folder
+    files = ", ".join(name for name in held if name in RUN_FILES)
+    if resume:
+        raise ValueError(f"--out {out} holds another run ({files}) than --resume {resume}: continue in the "
+                         f"checkpoint's folder (--out {os.path.dirname(resume) or '.'}), choose a new --out, or pass "
+                         f"--overwrite to replace that run")
+    how = f"continue it with --resume {ckpt}, " if os.path.isfile(ckpt) else ""
+    raise ValueError(f"--out {out} already holds a run ({files}): {how}choose a new --out, or pass --overwrite to "
+                     f"start over (it deletes that run's files)")
+
+
+def refuse_output_over_inputs(outputs, inputs):
+    """outputs, inputs: {name: path} or (name, path) pairs (None paths skipped). One line when an output resolves to
+    one of the inputs: writing it would destroy the input (e.g. `extract --out X --tokenizer X`)."""
+    outputs = list(outputs.items() if isinstance(outputs, dict) else outputs)
+    inputs = list(inputs.items() if isinstance(inputs, dict) else inputs)
+    for out_name, out in outputs:
+        for in_name, src in inputs:
+            if out is not None and src is not None and os.path.exists(src) and _same_path(out, src):
+                raise ValueError(f"{out_name} {out} is the same file as {in_name} {src}: writing it would destroy "
+                                 f"that input; choose another output path")
 
 
 def last_step(step, total, stop_at=None):
@@ -425,6 +509,51 @@ def load_strict(module, state_dict, what):
         raise ValueError(f"{what} does not match the model (is it the right file?): missing keys {show(missing)}; "
                          f"unexpected keys {show(unexpected)}; wrong shapes {show(wrong_shape)}")
     module.load_state_dict(state_dict, strict=True)
+
+
+def load_entries(state, ckpt, path):
+    """Resume: each entry of `state` (modules, optimizers) from the checkpoint's entry of that name. Modules through
+    load_strict; an optimizer state that does not fit (a lacking key, another number of parameters) is one line."""
+    for name, obj in state.items():
+        if isinstance(obj, torch.nn.Module):
+            load_strict(obj, ckpt[name], f"checkpoint {path}, entry {name!r},")
+            continue
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            raise ValueError(f"checkpoint {path}: its entry {name!r} does not fit this run's optimizer "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def content_hash(tensors):
+    """A short hash (32 hex digits, BLAKE2b) of tensors' dtypes, shapes and bytes, in the given order: whether two
+    files hold the same weights or the same codes."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_device(name, flag="--device"):
+    """One line for a --device torch cannot parse or this machine lacks (CUDA without a GPU); None passes."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {name!r} is not a device: e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {name}: this machine has no CUDA GPU (torch {torch.__version__}); use --device "
+                             f"cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"{flag} {name}: no {device.type} device on this machine; use --device cpu")
 
 
 def config_mismatch(saved, current):

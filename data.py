@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -445,8 +445,17 @@ def resize_crop(x, size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_image_grid(images, path, nrow=8, pad=2):
-    """Images (B, 3, H, W) in [-1, 1] -> a PNG grid with `nrow` images per row and `pad` white pixels between."""
+def caption_font(size):
+    """PIL's default font at `size` pixels (a scalable font from Pillow 10.1 on; the fixed bitmap font before)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:                                                       # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def save_image_grid(images, path, nrow=8, pad=2, row_labels=None):
+    """Images (B, 3, H, W) in [-1, 1] -> a PNG grid with `nrow` images per row and `pad` white pixels between.
+    row_labels: one caption per grid row, written in black in a white margin left of the row."""
     if images.dim() == 3:
         images = images[None]                                               # (1, 3, H, W)
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
@@ -460,8 +469,21 @@ def save_image_grid(images, path, nrow=8, pad=2):
         r, c = divmod(i, ncol)
         y, x = pad + r * (H + pad), pad + c * (W + pad)
         grid[y:y + H, x:x + W] = arr[i]
+    picture = Image.fromarray(grid)
+    if row_labels is not None:
+        if len(row_labels) != rows:
+            raise ValueError(f"save_image_grid: {len(row_labels)} row labels for {rows} rows")
+        font = caption_font(max(8, min(14, H // 3)))
+        width = max(ImageDraw.Draw(picture).textlength(str(t), font=font) for t in row_labels)
+        captioned = Image.new("RGB", (picture.width + int(width) + 2 * pad, picture.height), "white")
+        captioned.paste(picture, (int(width) + 2 * pad, 0))
+        draw = ImageDraw.Draw(captioned)
+        for r, text in enumerate(row_labels):                               # vertically centred on its row
+            top, bottom = draw.textbbox((0, 0), str(text), font=font)[1::2]
+            draw.text((pad, pad + r * (H + pad) + (H - bottom - top) // 2), str(text), fill="black", font=font)
+        picture = captioned
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    picture.save(path)
 
 
 def group_palette(num_groups):

@@ -149,14 +149,19 @@ class MergeTokenizer(MergeVQTokenizer):
         mu, logvar = self.posterior(a).float().chunk(2, dim=-1)       # (B, N, C) each
         return u, mu, logvar.clamp(-30.0, 20.0), cls, source
 
-    def encode(self, x, K=None):
+    def encode(self, x, K=None, generator=None):
         """Images (B, 3, H, W) in [-1, 1] -> MergeTokEncoding: the discrete branch's merged indices and source
-        (G's Encoding fields, what stage 2 reads), then the per-token latents and the merged continuous latent."""
+        (G's Encoding fields, what stage 2 reads), then the per-token latents and the merged continuous latent.
+        In training mode the posterior is sampled with `generator` (on mu's device; None: the global RNG)."""
         self._check_image(x)
         K = self.check_K(self.cfg.K if K is None else K)
         u, mu, logvar, cls, source = self.token_latents(x, K)
         q = self.quantizer(group_mean(u.float(), source, K))          # LFQ of the merged latents (B, K, d), fp32
-        sample = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if self.training else mu   # (B, N, C)
+        if self.training:                                              # (B, N, C)
+            sample = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=mu.device,
+                                                             dtype=mu.dtype)
+        else:
+            sample = mu
         latent = group_mean(sample, source, K)                         # (B, K, C)
         return MergeTokEncoding(q.indices, source, q.z_q, K, cls, q, u, mu, logvar, latent)
 
@@ -169,10 +174,11 @@ class MergeTokenizer(MergeVQTokenizer):
         z = self.vae_in(latent.to(self.vae_in.weight.dtype))          # (B, K, d)
         return self.decode_codes(z, source)
 
-    def forward(self, x, K=None):
+    def forward(self, x, K=None, generator=None):
         """The stage-1 forward: both branches decoded with the true source in one decoder call, the recovery loss
-        (Eq. 9) on the discrete codes, and (sem_target dinov2) the projection of mu that (i) aligns."""
-        enc = self.encode(x, K)
+        (Eq. 9) on the discrete codes, and (sem_target dinov2) the projection of mu that (i) aligns. generator: the
+        posterior noise's (train_stage1 keeps one per rank in its checkpoint)."""
+        enc = self.encode(x, K, generator)
         B, g = x.shape[0], self.cfg.grid
         z = torch.cat([enc.z_q.to(self.vae_in.weight.dtype), self.vae_in(enc.latent.to(self.vae_in.weight.dtype))])
         z_full = recover(z, torch.cat([enc.source, enc.source]))       # Eq. (11): (2B, N, d)

@@ -126,6 +126,7 @@ MERGETOK_FLAGS = {"w_kl": "--kl-weight", "w_sem": "--sem-weight", "w_intra": "--
 # Fields a resumed run may change; every other one must equal the checkpoint's (a different batch size or lr would
 # silently make the "continued" run a different run).
 RESUMABLE_CHANGES = ("log_every", "ckpt_every", "sample_every", "workers")
+SAMPLE_PICTURES = ("samples_*.png",)                 # the pictures a run writes beside its checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line, checked before anything is built
@@ -145,6 +146,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (Table A1: 256)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (Table A1: 1e-4)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out folder that holds one: that run's last.pt, config.json, "
+                        "log.jsonl and samples_*.png are deleted first (without it such a folder is refused)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
     p.add_argument("--seed", type=int, default=0)
@@ -210,8 +214,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr is not None and not args.lr > 0:                                # also catches nan
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.lr is not None and not 0 < args.lr < float("inf"):                 # also catches nan
+        raise ValueError(f"--lr must be positive and finite, got {args.lr}")
     for flag, value in [("--gan-weight", args.w_gan), ("--perceptual-weight", args.w_perceptual),
                         ("--kl-weight", args.w_kl), ("--sem-weight", args.w_sem), ("--intra-weight", args.w_intra),
                         ("--exc-weight", args.w_exc)]:
@@ -229,12 +233,21 @@ def check_args(args):
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.disc_start is not None and args.disc_start < 0:
         raise ValueError(f"--disc-start must be 0 or more, got {args.disc_start}")
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is an existing file, not a folder")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: no such file")
     if args.data and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder")
+    common.check_device(args.device)
+    out = out_dir(args)
+    args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite, SAMPLE_PICTURES)
+    common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
+                                     {"--lpips-vgg-weights": args.lpips_vgg_weights,
+                                      "--lpips-lin-weights": args.lpips_lin_weights,
+                                      "--dinov2-weights": args.dinov2_weights})
+
+
+def out_dir(args):
+    return args.out or os.path.join("runs", f"stage1-{args.variant}-{args.preset}")
 
 
 def build_train_config(args):
@@ -326,8 +339,9 @@ class Stage1Forward(torch.nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
 
-    def forward(self, x, K, align_view=None):
-        out = self.tokenizer(x, K=K)
+    def forward(self, x, K, align_view=None, generator=None):
+        noise = {"generator": generator} if generator is not None else {}   # MergeTok's posterior noise
+        out = self.tokenizer(x, K=K, **noise)
         pred = self.tokenizer.align(align_view, K=K) if align_view is not None else None
         return out, pred
 
@@ -353,9 +367,10 @@ def load_pretrained(args, model, ema, device):
     return lpips, teacher
 
 
-def resume(path, state, cfg, tok_cfg, variant, rank):
-    """Load every entry of `state` (model, ema, disc, lecam, opt_g, opt_d) and this rank's RNG states from a
-    checkpoint written by this script with the same settings. Returns the step to continue from."""
+def resume(path, run, variant):
+    """Load every entry of run.state (model, ema, disc, lecam, opt_g, opt_d), this rank's RNG states and noise
+    generator from a checkpoint written by this script with the same settings. Returns the step to continue from."""
+    state, cfg, tok_cfg, rank = run.state, run.cfg, run.tok_cfg, run.rank
     ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "tokenizer_config",
                                                                  *state])
     if ckpt["tokenizer_config"].get("variant") != variant:
@@ -369,35 +384,59 @@ def resume(path, state, cfg, tok_cfg, variant, rank):
     if diff:
         raise ValueError(f"resuming {path} with other training settings: {'; '.join(diff)} (saved -> now); a "
                          f"resumed run must use the checkpoint's settings")
-    for name, obj in state.items():
-        obj.load_state_dict(ckpt[name])
+    common.load_entries(state, ckpt, path)
     rngs = ckpt["rng"]
     common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    noise = ckpt.get("noise_rng")                                       # older checkpoints: the fresh seed
+    if noise:
+        run.noise.set_state(noise[rank] if rank < len(noise) else noise[0])
+    saved_world = ckpt.get("world_size", run.world)
+    common.rank0_print(f"resumed from {path} at step {ckpt['step']}" + (
+        "" if saved_world == run.world else
+        f" (saved by {saved_world} process(es), continued by {run.world}: the data order, K and the crops continue "
+        f"exactly; the per-rank random streams{' (MergeTok noise)' if variant == 'mergetok' else ''} and the "
+        f"reduction order are not those of an uninterrupted run)"))
     return ckpt["step"]
 
 
-def snapshot(state, step, cfg, tok_cfg, args, world):
-    """Everything a resumed run needs; every rank takes part (the RNG states are gathered)."""
-    return {**{name: obj.state_dict() for name, obj in state.items()}, "step": step,
-            "tokenizer_config": dataclasses.asdict(tok_cfg), "train_config": dataclasses.asdict(cfg),
+def snapshot(run, step, args):
+    """Everything a resumed run needs; every rank takes part (the RNG and noise generator states are gathered)."""
+    return {**{name: obj.state_dict() for name, obj in run.state.items()}, "step": step,
+            "tokenizer_config": dataclasses.asdict(run.tok_cfg), "train_config": dataclasses.asdict(run.cfg),
             "variant": args.variant, "preset": args.preset, "rng": common.all_gather_objects(common.rng_state()),
-            "world_size": world}
+            "noise_rng": common.all_gather_objects(run.noise.get_state()), "world_size": run.world}
+
+
+def sample_Ks(run):
+    """The kept counts of the sample picture: the K the run trains at (the target and the largest candidate, or
+    --keep) and N, each one the run's tokenizer can reach (at a small --image-size the target may exceed N)."""
+    trained = [run.fixed_K] if run.fixed_K else [run.tok_cfg.K, run.K_sampler.candidates[-1]]
+    Ks = []
+    for K in sorted(set(trained + [run.tok_cfg.num_tokens])):
+        try:
+            Ks.append(run.model.check_K(K))
+        except ValueError:
+            pass
+    return Ks
 
 
 @torch.no_grad()
 def write_samples(model, x, path, Ks):
-    """Rows: originals, reconstructions at each K (MergeTok: discrete, then continuous), then the merge groups at the
-    first K drawn over the image."""
+    """Rows, each captioned: originals, reconstructions at each K (MergeTok: discrete, then continuous), then the
+    merge groups at the first K drawn over the image. Assembled on the CPU (data.overlay's tensors live there)."""
     model.eval()
     outs = [model(x, K=K) for K in Ks]
-    rows = [x] + [out.recon.clamp(-1, 1) for out in outs]
+    rows = [x.float().cpu()] + [out.recon.float().clamp(-1, 1).cpu() for out in outs]
+    labels = ["original"] + [f"K = {K}" for K in Ks]
     if getattr(outs[0], "recon_vae", None) is not None:                      # MergeTok: its continuous branch
-        rows += [out.recon_vae.clamp(-1, 1) for out in outs]
-    source = model.encode(x, K=Ks[0]).source                                  # (B, N) merged token of each token
+        rows += [out.recon_vae.float().clamp(-1, 1).cpu() for out in outs]
+        labels = ["original"] + [f"K = {K} discrete" for K in Ks] + [f"K = {K} continuous" for K in Ks]
+    source = model.encode(x, K=Ks[0]).source.cpu()                            # (B, N) merged token of each token
     g = model.cfg.grid
     rows.append(torch.stack([data_lib.overlay(img, data_lib.colorize_groups(s, (g, g), x.shape[-1]))
-                             for img, s in zip(x, source)]))
-    data_lib.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=x.shape[0])
+                             for img, s in zip(rows[0], source)]))
+    labels.append(f"groups, K = {Ks[0]}")
+    data_lib.save_image_grid(torch.cat(rows), path, nrow=x.shape[0], row_labels=labels)
 
 
 def batch_usage(indices, d):
@@ -444,7 +483,7 @@ def train_step(x, K, step, run):
     # ---- the tokenizer: the discriminator is frozen, so the generator's loss never reaches it ----------------
     disc.requires_grad_(False)
     with run.autocast():
-        out, pred = run.forward(x, K, align_view)
+        out, pred = run.forward(x, K, align_view, run.noise if run.tok_cfg.variant == "mergetok" else None)
         total, terms = losses.generator_loss(
             x, out, cfg, lpips=run.lpips, disc=disc if gan_on else None,
             align_pair=None if pred is None else (pred.float(), align_target),
@@ -487,7 +526,7 @@ def setup(args, rank, world, device):
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     run.tok_cfg = tok_cfg = build_tokenizer_config(args)
-    run.out_dir = args.out or os.path.join("runs", f"stage1-{args.variant}-{args.preset}")
+    run.out_dir = out_dir(args)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     run.amp = amp
     run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16"
@@ -505,6 +544,17 @@ def setup(args, rank, world, device):
     run.K_sampler = KeptTokenSampler(tok_cfg.K, tok_cfg.K_low, tok_cfg.K_high,
                                      kind="fixed" if args.K else tok_cfg.K_sampling, seed=args.seed)
     run.fixed_K = model.check_K(args.K) if args.K is not None else None
+    if run.fixed_K is None:                                           # every K the sampler may draw, before step 1
+        for K in run.K_sampler.candidates:
+            try:
+                model.check_K(K)
+            except ValueError as e:
+                raise ValueError(f"{e}; the kept-token sampler draws K from {run.K_sampler.candidates} (N="
+                                 f"{tok_cfg.num_tokens} at {tok_cfg.image_size} px): pass --keep K or --keep-offsets "
+                                 f"that fit") from None
+    # MergeTok's posterior noise: its own generator (per rank), saved in the checkpoint, so that nothing else that
+    # draws random numbers (a new DataLoader iterator at a resume) shifts it
+    run.noise = torch.Generator(device).manual_seed(args.seed * world + rank)
     run.lpips, run.teacher = load_pretrained(args, model, run.ema, device)
 
     ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
@@ -533,15 +583,15 @@ def setup(args, rank, world, device):
                  "opt_d": run.opt_d}
     run.step = 0
     if args.resume:
-        run.step = resume(args.resume, run.state, cfg, tok_cfg, args.variant, rank)
-        common.rank0_print(f"resumed from {args.resume} at step {run.step}")
+        run.step = resume(args.resume, run, args.variant)
     return run
 
 
 def start_log(args, run, device):
     """Rank 0: the output folder, config.json, a one-line summary; stale temporaries of a killed save removed."""
     common.prepare_out_dir(run.out_dir, {"args": vars(args), "train": dataclasses.asdict(run.cfg),
-                                         "tokenizer": dataclasses.asdict(run.tok_cfg), "world_size": run.world})
+                                         "tokenizer": dataclasses.asdict(run.tok_cfg), "world_size": run.world},
+                           replace=getattr(args, "overwrite_files", ()))
     tok_cfg = run.tok_cfg
     print(f"stage 1 | variant {args.variant} preset {args.preset} | {count_parameters(run.model) / 1e6:.2f}M "
           f"parameters | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | {run.total} steps "
@@ -571,9 +621,11 @@ def train(args, rank, world, device):
         run.sampler.set_epoch(epoch)
         run.dataset.set_epoch(epoch)
         run.sampler.start = in_epoch * (cfg.batch_size // world)
+        # its own generator: a new loader iterator draws its workers' base seed from it, not from the global RNG
         loader = DataLoader(run.dataset, batch_size=cfg.batch_size // world, sampler=run.sampler,
                             num_workers=run.workers, drop_last=True, pin_memory=device.type == "cuda",
-                            worker_init_fn=_ignore_signals_in_worker)
+                            worker_init_fn=_ignore_signals_in_worker,
+                            generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         for x, _ in loader:
             x = x.to(device, non_blocking=True)
             K = run.fixed_K or run.K_sampler.sample(step)                     # Appendix A.3
@@ -594,13 +646,13 @@ def train(args, rank, world, device):
             if step % cfg.log_every == 0 or last:
                 log.write({"step": step, "lr": lr, "K": K},
                           {"images_per_s": round(images_seen / (time.time() - t_start), 2)})
-            if rank == 0 and (step % cfg.sample_every == 0 or last):
-                Ks = sorted({run.tok_cfg.K, run.K_sampler.candidates[-1], run.tok_cfg.num_tokens})
-                write_samples(run.ema, run.sample_batch, os.path.join(run.out_dir, f"samples_{step:07d}.png"), Ks)
-            if step % cfg.ckpt_every == 0 or last:
-                payload = snapshot(run.state, step, cfg, run.tok_cfg, args, world)
+            if step % cfg.ckpt_every == 0 or last:                          # the checkpoint first, then pictures
+                payload = snapshot(run, step, args)
                 if rank == 0:
                     common.save_checkpoint(ckpt_path, payload)
+            if rank == 0 and (step % cfg.sample_every == 0 or last):
+                write_samples(run.ema, run.sample_batch, os.path.join(run.out_dir, f"samples_{step:07d}.png"),
+                              sample_Ks(run))
             if last:
                 break
         del loader                                                            # ends its workers before the next

@@ -328,3 +328,109 @@ def test_cli_defaults_are_table_a1_and_release_flags_override():
     g_release = train_stage1.build_tokenizer_config(train_stage1.parse_args(
         ["--variant", "g", "--keep-sampling", "gaussian", "--keep-offsets", "-1", "7"]))
     assert (g_release.K_low, g_release.K_high, g_release.K_sampling) == (-1, 7, "gaussian")  # 225..529
+
+
+# ---- nothing lost: run folders, the last step's checkpoint, exact resume of every variant ----------------------
+
+SMALL = ["--image-size", "32", "--keep", "16", "--batch-size", "4", "--disc-start", "1"]   # N = 64 (g) or 16 tokens
+
+
+def file_bytes(out):
+    return {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+
+
+def test_a_folder_that_holds_a_run_is_refused_unless_continued_or_overwritten(tmp_path, capsys):
+    out = run(tmp_path, "a", *SMALL, "--steps", "2", "--stop-at", "1", "--sample-every", "1")
+    before = file_bytes(out)
+    for extra in [[], ["--lr", "inf"], ["--steps", "5"]]:                   # rerun, a bad lr, another length
+        err = one_line_error(capsys, *SMALL, "--steps", "2", "--out", out, *extra)
+        assert file_bytes(out) == before, extra                              # nothing rewritten, nothing appended
+    assert "already holds a run" in err and f"--resume {out}/last.pt" in err and "--overwrite" in err, err
+    other = run(tmp_path, "b", *SMALL, "--steps", "1")                        # continuing b's run into a's folder
+    err = one_line_error(capsys, *SMALL, "--steps", "2", "--out", out, "--resume", os.path.join(other, "last.pt"))
+    assert "holds another run" in err and file_bytes(out) == before, err
+    err = one_line_error(capsys, *SMALL, "--steps", "2", "--out", out, "--resume", os.path.join(out, "last.pt"),
+                         "--overwrite")
+    assert "would delete --resume" in err and file_bytes(out) == before, err
+    # continuing the run in its own folder appends; --overwrite starts over: the old log rows and pictures go
+    run(tmp_path, "a", *SMALL, "--steps", "2", "--sample-every", "100000", "--resume", os.path.join(out, "last.pt"))
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    run(tmp_path, "a", *SMALL, "--steps", "1", "--sample-every", "100000", "--overwrite")
+    assert [r["step"] for r in read_log(out)] == [1]
+    assert sorted(os.listdir(out)) == ["config.json", "last.pt", "log.jsonl", "samples_0000001.png"]   # the new
+
+
+def test_the_last_step_writes_its_checkpoint_before_its_picture_at_counts_the_tokenizer_reaches(tmp_path,
+                                                                                                 monkeypatch):
+    """At 32 px a G tokenizer has N = 64 tokens: the picture shows K = 16 (--keep) and 64, not the target's larger
+    candidates (K = 144 > N stopped the run before its checkpoint). Its rows are captioned in a left margin."""
+    out = run(tmp_path, "pic", *SMALL, "--steps", "1", "--sample-every", "1")
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 1
+    picture = Image.open(os.path.join(out, "samples_0000001.png"))
+    rows = 1 + 2 + 1                                                          # original, K = 16 and 64, groups
+    assert picture.height == rows * 34 + 2 and picture.width > 8 * 34 + 2 + 20  # 32 px tiles, 2 px gaps, captions
+    margin = np.asarray(picture.convert("L"))[:, :picture.width - (8 * 34 + 2)]
+    assert (margin < 128).sum() > 50                                          # black caption text
+
+    def broken(*args):
+        raise RuntimeError("the picture failed")
+    monkeypatch.setattr(train_stage1, "write_samples", broken)
+    with pytest.raises(RuntimeError, match="the picture failed"):
+        train_stage1.main(["--variant", "g", "--preset", "tiny", *SMALL, "--steps", "1", "--sample-every", "1",
+                           "--out", str(tmp_path / "broken")])
+    assert torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["step"] == 1
+
+
+def assert_states_equal(a, b, where=""):
+    """Nested checkpoint entries (state dicts, optimizer states) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("variant", ["g", "gr", "r", "mergetok"])
+def test_resume_is_exact_for_every_variant(tmp_path, variant):
+    """2 steps straight = 1 step, then --resume for 1, bit for bit: weights, EMA, discriminator, both optimizers.
+    MergeTok's posterior noise draws from its own generator, saved in the checkpoint (it used to share the global
+    RNG with the new DataLoader iterator a resume builds, and drifted by up to 1.8e-3)."""
+    args = [*SMALL, "--steps", "2"]                                          # the GAN starts at the resumed step
+    straight = run(tmp_path, "straight", *args, variant=variant)
+    half = run(tmp_path, "half", *args, "--stop-at", "1", variant=variant)
+    run(tmp_path, "half", *args, "--resume", os.path.join(half, "last.pt"), variant=variant)
+    a, b = (torch.load(os.path.join(o, "last.pt"), weights_only=True) for o in (straight, half))
+    for key in ["model", "ema", "disc", "lecam", "opt_g", "opt_d"]:
+        assert_states_equal(a[key], b[key], key)
+
+
+def test_resume_checks_every_entry_and_says_when_the_number_of_processes_changed(tmp_path, capsys):
+    """A checkpoint lacking a weight or an optimizer entry is one line naming the file and the entry (it used to be
+    load_state_dict's traceback); a checkpoint of 2 processes resumed by 1 says so in the printed log."""
+    out = run(tmp_path, "ok", *SMALL, "--steps", "2", "--stop-at", "1")
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    for key, drop in [("model", next(iter(ckpt["model"]))), ("opt_g", "state"), ("lecam", "*")]:
+        broken = {**ckpt, key: {k: v for k, v in ckpt[key].items() if k != drop and drop != "*"}}
+        common.save_checkpoint(tmp_path / "broken.pt", broken)
+        err = one_line_error(capsys, *SMALL, "--steps", "2", "--resume", str(tmp_path / "broken.pt"),
+                             "--out", str(tmp_path / f"r-{key}"))
+        assert "broken.pt" in err and repr(key) in err, err
+    common.save_checkpoint(tmp_path / "two.pt", {**ckpt, "world_size": 2})   # as if written by 2 processes
+    run(tmp_path, "w2", *SMALL, "--steps", "2", "--resume", str(tmp_path / "two.pt"))
+    assert "saved by 2 process(es), continued by 1" in capsys.readouterr().out
+
+
+def test_unusable_output_paths_and_devices_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "which is a file" in one_line_error(capsys, *SMALL, "--out", str(tmp_path / "file" / "run"))
+    assert "is not a device" in one_line_error(capsys, *SMALL, "--device", "foo", "--out", str(tmp_path / "o"))
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in one_line_error(capsys, *SMALL, "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o")
