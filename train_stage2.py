@@ -254,7 +254,8 @@ def run_extract(args):
            "num_classes": len(dataset.classes), "classes_present": int(labels.unique().numel()), "num_images": n,
            "tokenizer": os.path.abspath(args.tokenizer), "subset_seed": args.seed,
            "tokenizer_config": dataclasses.asdict(cfg), "tokenizer_step": ckpt.get("step"),
-           "data": args.data or "embedded shapes", "split": args.split}
+           "tokenizer_hash": tokenizer_hash(tok), "data": args.data or "embedded shapes", "split": args.split}
+    out["codes_hash"] = codes_hash(out)                                     # what a stage-2 resume compares
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, out)
     report_extract(args, out, t0)
@@ -269,6 +270,49 @@ def read_codes(path):
     if set(table["indices"]) != set(Ks) or set(table["source"]) != set(Ks):
         raise ValueError(f"codes file {path}: its indices / source entries do not match its counts K {Ks}")
     return table
+
+
+def tokenizer_hash(tok):
+    """The identity of a tokenizer's codes: a hash of its weights without the Source Recovery Model's
+    (finetune-recovery changes those alone, and the codes still fit)."""
+    return common.content_hash([v for k, v in sorted(tok.state_dict().items()) if not k.startswith("recovery.")])
+
+
+def codes_hash(table):
+    """A hash of a codes table's content: its counts K, labels, and indices and source at every K."""
+    Ks = table["Ks"].tolist()
+    return common.content_hash([table["Ks"], table["labels"], *(table["indices"][K] for K in Ks),
+                                *(table["source"][K] for K in Ks)])
+
+
+def codes_identity(table, path):
+    """What a stage-2 checkpoint records of the codes it trains on, and a resume compares (not the path: a moved
+    file is the same codes)."""
+    return {"path": os.path.abspath(path), "tokenizer": table["tokenizer"],
+            "tokenizer_hash": table.get("tokenizer_hash"), "split": table.get("split", "train"),
+            "rows": len(table["labels"]), "hash": table.get("codes_hash") or codes_hash(table)}
+
+
+def check_tokenizer_identity(tok, tok_path, expected_hash, expected_path, what):
+    """One line when the tokenizer at tok_path is not the one whose codes `what` holds (its hash differs; files of
+    earlier versions carry no hash and pass)."""
+    if expected_hash is not None and tokenizer_hash(tok) != expected_hash:
+        same = os.path.abspath(tok_path) == os.path.abspath(expected_path)
+        raise ValueError(f"tokenizer {tok_path} is not the one {what} came from: "
+                         + ("its weights have changed since (a resumed or overwritten stage-1 run?)" if same else
+                            f"that was {expected_path}, and the weights differ")
+                         + "; decode with the tokenizer the codes were extracted with (or a finetune-recovery "
+                           "output of it)")
+
+
+def check_codes_fit(table, name, path, tok, tok_path):
+    """One line when a codes file was not written by this tokenizer: another N or d, or (hashes recorded) other
+    weights."""
+    N, d = table["source"][int(table["Ks"][0])].shape[1], table["tokenizer_config"]["z_channels"]
+    if (N, d) != (tok.cfg.num_tokens, tok.cfg.z_channels):
+        raise ValueError(f"{name} {path} holds codes of N={N} tokens of {d} bits, the tokenizer {tok_path} writes "
+                         f"N={tok.cfg.num_tokens} of {tok.cfg.z_channels}: codes of another tokenizer")
+    check_tokenizer_identity(tok, tok_path, table.get("tokenizer_hash"), table["tokenizer"], f"{name} {path}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,8 +489,10 @@ def build_train_config(args):
     return dataclasses.replace(cfg, **overrides)
 
 
-def resume(path, state, cfg, args, rank):
-    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings; returns the step."""
+def resume(path, run, args):
+    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings and codes; returns
+    the step."""
+    state, cfg, rank = run.state, run.cfg, run.rank
     ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "model_kind", *state])
     if ckpt["model_kind"] != args.model:
         raise ValueError(f"{path} is a {ckpt['model_kind']} checkpoint, not {args.model}: use --model "
@@ -460,10 +506,23 @@ def resume(path, state, cfg, args, rank):
     if diff:
         raise ValueError(f"resuming {path} with other training settings: {'; '.join(diff)} (saved -> now); a "
                          f"resumed run must use the checkpoint's settings")
-    for name, obj in state.items():
-        obj.load_state_dict(ckpt[name])
+    saved_codes = ckpt.get("codes_identity")                                # older checkpoints: not recorded
+    if saved_codes:
+        fields = ["tokenizer_hash", "split", "rows", "hash"] + ([] if saved_codes.get("tokenizer_hash") else
+                                                                ["tokenizer"])
+        diff = common.config_mismatch({k: saved_codes.get(k) for k in fields},
+                                      {k: run.codes_identity.get(k) for k in fields})
+        if diff:
+            raise ValueError(f"resuming {path} with other codes than it trained on: {'; '.join(diff)} (saved -> "
+                             f"--codes {args.codes}); pass the codes it trained on ({saved_codes['path']})")
+    common.load_entries(state, ckpt, path)
     rngs = ckpt["rng"]
     common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    saved_world = ckpt.get("world_size", run.world)
+    common.rank0_print(f"resumed from {path} at step {ckpt['step']}" + (
+        "" if saved_world == run.world else
+        f" (saved by {saved_world} process(es), continued by {run.world}: the rows, K and orders continue exactly; "
+        f"the per-rank dropout streams and the reduction order are not those of an uninterrupted run)"))
     return ckpt["step"]
 
 
@@ -472,7 +531,8 @@ def snapshot(run, step, args):
     return {**{name: obj.state_dict() for name, obj in run.state.items()}, "step": step,
             "model_kind": args.model, "gpt_config": dataclasses.asdict(run.model.cfg),
             "train_config": dataclasses.asdict(run.cfg), "rep": args.rep, "window": args.window, "keep": args.keep,
-            "seed": args.seed, "codes": os.path.abspath(args.codes), "tokenizer": run.table["tokenizer"],
+            "seed": args.seed, "codes": os.path.abspath(args.codes), "codes_identity": run.codes_identity,
+            "tokenizer": run.table["tokenizer"], "tokenizer_hash": run.table.get("tokenizer_hash"),
             "tokenizer_config": run.table["tokenizer_config"], "rng": common.all_gather_objects(common.rng_state()),
             "world_size": run.world}
 
@@ -487,12 +547,13 @@ def setup(args, rank, world, device):
         raise ValueError(f"no GPU: GPT-{cfg.gpt} trains for days even on 8 GPUs. On a CPU: python train_stage2.py "
                          f"train --codes {args.codes} --model {args.model} --preset tiny (--run-anyway starts it "
                          f"regardless)")
-    run.out_dir = args.out or os.path.join("runs", f"stage2-{args.model}-{args.preset}")
+    run.out_dir = train_out_dir(args)
     run.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if run.amp == "bf16"
                     else contextlib.nullcontext)
 
     run.table = table = read_codes(args.codes)
+    run.codes_identity = codes_identity(table, args.codes)
     run.Ks, run.K_probs = table["Ks"], table["K_probs"].double()
     if args.keep is not None:                                               # one fixed K for every image
         if args.keep not in run.Ks.tolist():
@@ -531,15 +592,15 @@ def setup(args, rank, world, device):
     run.state = {"model": model, "opt": run.opt}
     run.step = 0
     if args.resume:
-        run.step = resume(args.resume, run.state, cfg, args, rank)
-        common.rank0_print(f"resumed from {args.resume} at step {run.step}")
+        run.step = resume(args.resume, run, args)
     return run
 
 
 def start_log(args, run, device):
     """Rank 0: the output folder, config.json, a one-line summary; stale temporaries of a killed save removed."""
     common.prepare_out_dir(run.out_dir, {"args": vars(args), "train": dataclasses.asdict(run.cfg),
-                                         "gpt": dataclasses.asdict(run.model.cfg), "world_size": run.world})
+                                         "gpt": dataclasses.asdict(run.model.cfg), "world_size": run.world},
+                           replace=getattr(args, "overwrite_files", ()))
     c = run.model.cfg
     Ks = [K for K, p in zip(run.Ks.tolist(), run.K_probs.tolist()) if p > 0]
     print(f"stage 2 | {args.model} GPT-{run.cfg.gpt} | {count_parameters(run.model) / 1e6:.2f}M parameters | "
@@ -683,14 +744,39 @@ def sample_images(kind, model, tok, y, K, args, window, generator):
     return tok.decode(codes, identity).float().clamp(-1, 1)                                 # (B, 3, S, S)
 
 
+def sample_out(args, ckpt):
+    """The output path of `sample` without its extension: --out, or samples_<step>_cfg<scale> next to --ckpt."""
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                   f"samples_{int(ckpt.get('step', 0)):07d}_cfg{args.cfg:g}")
+    return out[:-4] if out.endswith((".npz", ".png")) else out
+
+
+def check_sample_out(args, out, tok_path=None):
+    """One line, before any sampling, when the .png or .npz cannot be written or would replace an input."""
+    outputs = [("--out", out + ext) for ext in (".png", ".npz")]
+    for name, path in outputs:
+        common.check_output_path(path, name)
+    common.refuse_output_over_inputs(outputs, {"--ckpt": args.ckpt, "--tokenizer": tok_path or args.tokenizer})
+
+
 @torch.no_grad()
 def run_sample(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = load_generator(args.ckpt, device)
     kind, c = ckpt["model_kind"], model.cfg
     tok_path = args.tokenizer or ckpt["tokenizer"]
+    check_sample_out(args, sample_out(args, ckpt), tok_path)
+    class_dropout = ckpt.get("train_config", {}).get("class_dropout")
+    if args.cfg != 1 and class_dropout == 0:
+        raise ValueError(f"--cfg {args.cfg:g}: the generator trained with --class-dropout 0, so its null class (the "
+                         f"unconditional half of guidance) never trained; sample with --cfg 1")
+    if args.cfg < 1:
+        print(f"sample: note: --cfg {args.cfg:g} < 1 weakens the class toward the unconditional model"
+              + (" (0: unconditional samples, the labels unused)" if args.cfg == 0 else ""), file=sys.stderr)
     tok = load_tokenizer(tok_path, ema=True, device=device)
     check_generator_fits(tok, model, kind, tok_path)
+    check_tokenizer_identity(tok, tok_path, ckpt.get("tokenizer_hash"), ckpt["tokenizer"],
+                             f"the generator {args.ckpt}'s codes")
     K = args.keep if args.keep is not None else tok.cfg.K
     if kind == "mergear" and K not in c.merge_counts:
         raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
@@ -748,7 +834,10 @@ def run_nll(args):
     if table.get("split") != "val":
         print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
               f"(extract with --split val)", file=sys.stderr)
-    K = args.keep if args.keep is not None else table["tokenizer_config"]["K"]
+    if kind == "randar" and args.keep is not None and args.keep != c.block_size:
+        raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
+    # default: the K the generator trained at (--keep of `train`, else its tokenizer's target K)
+    K = args.keep if args.keep is not None else (ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
     K = c.block_size if kind == "randar" else K                             # RandAR models one K, its block_size
     if K not in table["Ks"].tolist():
         raise ValueError(f"K={K}: the codes file holds K {table['Ks'].tolist()} only")
@@ -823,15 +912,23 @@ def run_finetune_recovery(args):
         raise ValueError(f"{args.ckpt} is a {ckpt['model_kind']} checkpoint: the Source Recovery Model is fine-tuned "
                          f"with a RandAR generator (the raster models need no predicted source)")
     tok_path = args.tokenizer or ckpt["tokenizer"]
+    common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer" if args.tokenizer else
+                                                           "the generator's tokenizer": tok_path})
     tok, tok_ckpt = load_tokenizer(tok_path, ema=True, device=device, return_checkpoint=True)
     check_generator_fits(tok, model, "randar", tok_path)
+    check_tokenizer_identity(tok, tok_path, ckpt.get("tokenizer_hash"), ckpt["tokenizer"],
+                             f"the generator {args.ckpt}'s codes")
     K = model.cfg.block_size
     table = read_codes(args.codes)
     val = read_codes(args.val_codes) if args.val_codes else None
-    for name, t in (("--codes", table), ("--val-codes", val)):
-        if t is not None and K not in t["Ks"].tolist():
-            raise ValueError(f"{name}: the codes file holds K {t['Ks'].tolist()}, not the generator's K={K}")
+    for name, path, t in (("--codes", args.codes, table), ("--val-codes", args.val_codes, val)):
+        if t is not None:
+            check_codes_fit(t, name, path, tok, tok_path)
+            if K not in t["Ks"].tolist():
+                raise ValueError(f"{name}: the codes file holds K {t['Ks'].tolist()}, not the generator's K={K}")
     rows = len(table["labels"])
+    if args.batch_size > rows:
+        raise ValueError(f"--batch-size {args.batch_size} is more than the {rows} rows of --codes {args.codes}")
     steps = args.steps or max(1, args.epochs * rows // args.batch_size)
     print(f"finetune-recovery | generator {args.ckpt} (randar, K={K}) | tokenizer {tok_path} | {rows} rows of "
           f"{args.codes} | {steps} steps of batch {args.batch_size} ({args.mix_true:.0%} the tokenizer's own tokens) "
@@ -936,6 +1033,9 @@ def add_train_args(sub):
                         "the true source (the paper's training reading)")
     p.add_argument("--window", type=int, default=None, help="mergear: the window W (default: one grid row)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
+                        "log.jsonl are deleted first (without it such a folder is refused)")
     p.add_argument("--stop-at", type=int, default=None, help="stop at this step with a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
@@ -1034,7 +1134,10 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    common.check_device(args.device)
     if args.command == "extract":
+        common.check_output_path(args.out, "--out")
+        common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer": args.tokenizer})
         if args.keep and any(K < 1 for K in args.keep):
             raise ValueError(f"--keep counts must be positive, got {args.keep}")
         if args.workers is not None and args.workers < 0:
@@ -1044,8 +1147,8 @@ def check_args(args):
         if not os.path.isfile(args.tokenizer):
             raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")
     if args.command == "train":
-        if args.lr is not None and not args.lr > 0:                         # also catches nan
-            raise ValueError(f"--lr must be positive, got {args.lr}")
+        if args.lr is not None and not 0 < args.lr < float("inf"):         # also catches nan
+            raise ValueError(f"--lr must be positive and finite, got {args.lr}")
         for flag, v in [("--label-smoothing", args.label_smoothing), ("--dropout", args.dropout),
                         ("--class-dropout", args.class_dropout)]:
             if v is not None and not 0 <= v < 1:
@@ -1056,15 +1159,19 @@ def check_args(args):
             raise FileNotFoundError(f"--codes {args.codes}: no such file (write it with `train_stage2.py extract`)")
         if args.resume and not os.path.isfile(args.resume):
             raise FileNotFoundError(f"--resume {args.resume}: no such file")
-        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out} is an existing file, not a folder")
+        out = train_out_dir(args)
+        args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite)
+        common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
+                                         {"--codes": args.codes})
     if args.command == "finetune-recovery":
-        if not args.lr > 0:
-            raise ValueError(f"--lr must be positive, got {args.lr}")
+        if not 0 < args.lr < float("inf"):
+            raise ValueError(f"--lr must be positive and finite, got {args.lr}")
         if not 0 <= args.mix_true < 1:
             raise ValueError(f"--mix-true must lie in [0, 1), got {args.mix_true}")
-        if os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out} is a folder: name the checkpoint file to write")
+        common.check_output_path(args.out, "--out")
+        common.refuse_output_over_inputs({"--out": args.out}, {"--ckpt": args.ckpt, "--codes": args.codes,
+                                                               "--val-codes": args.val_codes,
+                                                               "--tokenizer": args.tokenizer})
     if args.command in ("nll", "finetune-recovery"):
         for flag, path in [("--ckpt", args.ckpt), ("--codes", args.codes)] + \
                 ([("--val-codes", args.val_codes)] if getattr(args, "val_codes", None) else []):
@@ -1073,9 +1180,18 @@ def check_args(args):
     if args.command == "sample":
         if not os.path.isfile(args.ckpt):
             raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
+        if not 0 <= args.cfg < float("inf"):                                # also catches nan
+            raise ValueError(f"--cfg must be a finite scale >= 0 (1: no guidance, 0: the unconditional model), got "
+                             f"{args.cfg}")
+        if args.out:
+            check_sample_out(args, sample_out(args, {}))
         if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
             raise ValueError(f"sampling needs --temperature > 0, 0 < --top-p <= 1, --top-k >= 0; got "
                              f"{args.temperature}, {args.top_p}, {args.top_k}")
+
+
+def train_out_dir(args):
+    return args.out or os.path.join("runs", f"stage2-{args.model}-{args.preset}")
 
 
 def main(argv=None):
