@@ -201,6 +201,9 @@ def parse_args(argv=None):
                         "torch warns for an op without one); slower. CPU runs are deterministic already")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    p.add_argument("--lfq-bits", type=int, default=None, metavar="D", dest="lfq_bits",
+                   help="override the preset's LFQ bits d (z_channels; 2^d codes). The README's CPU figures before "
+                        "the tiny preset's d = 10 were measured with --lfq-bits 18")
     p.add_argument("--run-anyway", action="store_true",
                    help="start even where the resource check says the run cannot fit or finish (no GPU, too "
                         "little memory)")
@@ -209,11 +212,15 @@ def parse_args(argv=None):
 
 def check_args(args):
     """One clear line for every argument that cannot work, before anything is built."""
-    positive = ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "stop_at", "image_size"]
+    positive = ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "stop_at", "image_size",
+                "lfq_bits"]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lfq_bits is not None and args.lfq_bits > 24:
+        raise ValueError(f"--lfq-bits must be at most 24 (codebook usage keeps a table of 2^d flags), got "
+                         f"{args.lfq_bits}")
     if args.lr is not None and not 0 < args.lr < float("inf"):                 # also catches nan
         raise ValueError(f"--lr must be positive and finite, got {args.lr}")
     for flag, value in [("--gan-weight", args.w_gan), ("--perceptual-weight", args.w_perceptual),
@@ -263,7 +270,8 @@ def build_train_config(args):
 
 
 def build_tokenizer_config(args):
-    overrides = {k: v for k, v in [("image_size", args.image_size), ("merge_schedule", args.merge_schedule),
+    overrides = {k: v for k, v in [("image_size", args.image_size), ("z_channels", args.lfq_bits),
+                                   ("merge_schedule", args.merge_schedule),
                                    ("K_sampling", args.K_sampling), ("sem_target", args.sem_target)] if v is not None}
     if args.K_offsets is not None:
         overrides["K_low"], overrides["K_high"] = args.K_offsets

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import common
+import tokenizer
 import train_stage1
 from data import ShapesDataset
 
@@ -249,6 +250,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "--batch-size must be at least 1" in one_line_error(capsys, "--batch-size", "0", *out)
     assert "--log-every must be at least 1" in one_line_error(capsys, "--log-every", "0", *out)
     assert "--ckpt-every must be at least 1" in one_line_error(capsys, "--ckpt-every", "0", *out)
+    assert "--lfq-bits must be at least 1" in one_line_error(capsys, "--lfq-bits", "0", *out)
+    assert "--lfq-bits must be at most 24" in one_line_error(capsys, "--lfq-bits", "25", *out)
     assert "is an existing file" in one_line_error(capsys, "--out", str(tmp_path / "file"))
     assert "no such folder" in one_line_error(capsys, "--data", str(tmp_path / "nowhere"), *out)
     assert not os.path.exists(tmp_path / "o")                          # nothing was started
@@ -328,6 +331,11 @@ def test_cli_defaults_are_table_a1_and_release_flags_override():
     g_release = train_stage1.build_tokenizer_config(train_stage1.parse_args(
         ["--variant", "g", "--keep-sampling", "gaussian", "--keep-offsets", "-1", "7"]))
     assert (g_release.K_low, g_release.K_high, g_release.K_sampling) == (-1, 7, "gaussian")  # 225..529
+    for variant in ["g", "mergetok"]:                   # --lfq-bits 18: the CPU figures measured before d = 10
+        tiny = ["--variant", variant, "--preset", "tiny"]
+        bits = [train_stage1.build_tokenizer_config(train_stage1.parse_args(tiny + flag)).z_channels
+                for flag in [[], ["--lfq-bits", "18"], ["--lfq-bits", "7"]]]
+        assert bits == [tokenizer.PRESETS["tiny"]["g"].z_channels, 18, 7]
 
 
 # ---- nothing lost: run folders, the last step's checkpoint, exact resume of every variant ----------------------
