@@ -91,3 +91,24 @@ def test_samples_follow_the_label_and_not_the_null_class(one_thread, kind, facto
     assert follows >= 0.6, f"{kind} ({'factorized' if factorized else 'plain'}): {follows:.2f} of the samples " \
                            f"follow their label"
     assert follows_null <= 0.3, f"{kind}: {follows_null:.2f} of the null-class samples hit the requested class"
+
+
+def test_intra_token_blocks_read_zero_then_identity_rope_rows_in_every_model():
+    """MergeAR's prefix [C, M] makes the first two rows of its RoPE table zero; the intra-token blocks must not read
+    those (slot 1's q and k would vanish) but the rows LlamaGen's one-class-token table has: zero, then the identity."""
+    torch.manual_seed(0)
+    plain = build_gpt("tiny", vocab_size=2 ** 18, factorized=True, num_classes=CLASSES, block_size=16)
+    mergear = build_gpt("tiny", vocab_size=2 ** 18, factorized=True, num_classes=CLASSES, block_size=16,
+                        merge_counts=(16,))
+    state = {k: v for k, v in plain.state_dict().items()}
+    mergear.load_state_dict({**state, "merge_embedding.weight": mergear.merge_embedding.weight}, strict=True)
+    half = 64 // 4 // 2
+    want = torch.zeros(2, half, 2)
+    want[1, :, 0] = 1.0                                                    # cos 1, sin 0: no rotation
+    for model in (plain, mergear):
+        assert torch.equal(model.intra_rope(torch.device("cpu")), want)
+    h, pre = torch.randn(3, 5, 64), torch.randint(0, 64, (3, 5))
+    plain.eval(), mergear.eval()
+    with torch.no_grad():
+        for a, b in zip(plain.intra_logits(h, pre), mergear.intra_logits(h, pre)):   # pre and post logits
+            torch.testing.assert_close(a, b)                              # (zero rows there: they differ)

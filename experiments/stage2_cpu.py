@@ -1,0 +1,175 @@
+"""Stage 2 on the CPU, end to end: the three generators of Table 3 on the quick start's tokenizer, scored.
+
+One command runs the README's stage-2 commands in order and prints the README's table from their output:
+
+    python experiments/stage2_cpu.py --tokenizer runs/stage1-g-tiny/last.pt      # about 30-45 min on 2 CPU cores
+
+  1. extract   codes of 4000 training images and their mirror images at the tokenizer's kept counts K (MergeAR
+               draws K per image, Appendix A.3), and of 500 held-out images for the NLL
+  2. train     four generators, two at a time (one thread each), `train_stage2.py train --preset tiny`:
+               LlamaGen and MergeAR (raster order over the N recovered codes), RandAR on the K merged tokens (Sec.
+               4.2, decoded through the Source Recovery Model) and RandAR on the N recovered codes (Table 3's
+               baseline row: random order over the grid cells, decoded in place)
+  3. nll       held-out NLL of each (`train_stage2.py nll`)
+  4. sample    50 samples per class of each (`train_stage2.py sample`), 500 per row of the table
+  5. score     `evaluate.py shapes`: the fraction of samples a classifier of the embedded shapes assigns to their
+               class (chance 10%) and the Frechet distance of its features to held-out real images; and the
+               ceilings: the tokenizer's reconstructions of held-out images with the true and the predicted source
+
+Everything lands in --out (default runs/stage2-cpu, refused if it holds a run): the codes, one folder per generator,
+every command's log, `table.md`, `table.json`, and `grid_<model>.png` (8 samples per class, one row per class).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as data_lib                                                      # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATORS = {                      # name: (train arguments, what the table calls it)
+    "llamagen": (["--model", "llamagen"], "LlamaGen, raster order over the N recovered codes"),
+    "mergear": (["--model", "mergear"], "MergeAR, raster order, compacted KV cache"),
+    "randar-recovered": (["--model", "randar", "--tokens", "recovered"],
+                         "RandAR over the N recovered codes (grid cells), decoded in place"),
+    "randar": (["--model", "randar"], "RandAR over the K merged tokens, Source Recovery Model"),
+}
+
+
+def python(script, *args):
+    return [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+
+
+def run_all(jobs, logs_dir, threads=1):
+    """Run the commands {name: argv} at the same time (one thread each); stop at the first failure, naming its log."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = {}
+    for name, argv in jobs.items():
+        log = open(os.path.join(logs_dir, f"{name}.log"), "w")
+        print(f"  $ {' '.join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv[1:])}", flush=True)
+        procs[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log)
+    for name, (proc, log) in procs.items():
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            for other, _ in procs.values():
+                other.kill()
+            sys.exit(f"stage2_cpu: {name} failed (exit {rc}); see {os.path.join(logs_dir, name + '.log')}")
+
+
+def read_log(logs_dir, name):
+    with open(os.path.join(logs_dir, f"{name}.log")) as f:
+        return f.read()
+
+
+def phase(title, t0):
+    print(f"[{time.time() - t0:7.0f} s] {title}", flush=True)
+
+
+def small_grid(npz, out, per_class=8):
+    """The first `per_class` samples of every class of an ADM .npz, one row per class."""
+    with np.load(npz) as f:
+        images, labels = f["arr_0"], f["labels"]
+    rows = [images[labels == c][:per_class] for c in np.unique(labels)]
+    x = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1   # (n, 3, S, S) in [-1, 1]
+    data_lib.save_image_grid(x, out, nrow=per_class)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="runs/stage1-g-tiny/last.pt", help="the quick start's stage-1 checkpoint")
+    p.add_argument("--out", default="runs/stage2-cpu", help="everything the demo writes (a new folder)")
+    p.add_argument("--num-images", type=int, default=4000, help="training images to tokenize (and their mirrors)")
+    p.add_argument("--num-per-class", type=int, default=50, help="samples per class of each generator")
+    p.add_argument("--parallel", type=int, default=2, help="generators trained at the same time (one thread each)")
+    p.add_argument("--train-args", default="", help="extra `train_stage2.py train` arguments, e.g. '--steps 100'")
+    p.add_argument("--only", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.tokenizer):
+        sys.exit(f"stage2_cpu: --tokenizer {args.tokenizer}: no such file (train it first: the README's quick start)")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        sys.exit(f"stage2_cpu: --out {args.out} already holds files; pass a new --out")
+    out, logs = os.path.abspath(args.out), os.path.join(os.path.abspath(args.out), "logs")
+    os.makedirs(logs, exist_ok=True)
+    codes_train, codes_val = os.path.join(out, "codes-train.pt"), os.path.join(out, "codes-val.pt")
+    t0 = time.time()
+
+    phase("1. extract: codes of the training and the held-out images", t0)
+    run_all({"extract-train": python("train_stage2.py", "extract", "--tokenizer", args.tokenizer, "--num-images",
+                                     args.num_images, "--flip", "--out", codes_train),
+             "extract-val": python("train_stage2.py", "extract", "--tokenizer", args.tokenizer, "--split", "val",
+                                   "--num-images", 500, "--out", codes_val)}, logs)
+
+    phase(f"2. train: {', '.join(args.only)}, {args.parallel} at a time", t0)
+    names = list(args.only)
+    for i in range(0, len(names), args.parallel):
+        run_all({f"train-{n}": python("train_stage2.py", "train", "--codes", codes_train, *GENERATORS[n][0],
+                                      "--preset", "tiny", "--out", os.path.join(out, n), *args.train_args.split())
+                 for n in names[i:i + args.parallel]}, logs)
+
+    phase("3. nll, 4. sample: each generator", t0)
+    jobs = {}
+    for n in names:
+        ckpt = os.path.join(out, n, "last.pt")
+        jobs[f"nll-{n}"] = python("train_stage2.py", "nll", "--ckpt", ckpt, "--codes", codes_val)
+        jobs[f"sample-{n}"] = python("train_stage2.py", "sample", "--ckpt", ckpt, "--num-per-class",
+                                     args.num_per_class, "--out", os.path.join(out, n, "samples"))
+    items = list(jobs.items())
+    for i in range(0, len(items), args.parallel):
+        run_all(dict(items[i:i + args.parallel]), logs)
+
+    phase("5. score: evaluate.py shapes on the samples and on the reconstructions", t0)
+    scores = {}
+    run_all({"shapes-reconstructions": python("evaluate.py", "shapes", "--reconstructions", args.tokenizer,
+                                              "--source", "both", "--num-images", 500, "--json",
+                                              os.path.join(out, "shapes-reconstructions.json"))}, logs)
+    jobs = {f"shapes-{n}": python("evaluate.py", "shapes", os.path.join(out, n, "samples.npz"), "--json",
+                                  os.path.join(out, n, "shapes.json")) for n in names}
+    items = list(jobs.items())
+    for i in range(0, len(items), args.parallel):
+        run_all(dict(items[i:i + args.parallel]), logs)
+
+    # ---- the table -----------------------------------------------------------------------------------------------
+    with open(os.path.join(out, "shapes-reconstructions.json")) as f:
+        rec = json.load(f)["rows"]
+    rows = []
+    for key, r in rec.items():
+        if key.startswith("held-out real"):
+            rows.append(("real held-out images", "-", r))
+        elif "true source" in key:
+            rows.append(("reconstructions, true source: the raster models' ceiling", "-", r))
+        elif "predicted source" in key:
+            rows.append(("reconstructions, predicted source: the ceiling of RandAR on merged tokens", "-", r))
+    for n in names:
+        m = re.search(r"\| ([0-9.]+) nats per code", read_log(logs, f"nll-{n}"))
+        unit = "per merged token" if n == "randar" else "per code"
+        nll = f"{float(m.group(1)):.3f} nats {unit}" if m else "?"
+        with open(os.path.join(out, n, "shapes.json")) as f:
+            r = next(v for k, v in json.load(f)["rows"].items() if k.startswith("samples"))
+        rows.append((GENERATORS[n][1], nll, r))
+        small_grid(os.path.join(out, n, "samples.npz"), os.path.join(out, f"grid_{n}.png"))
+    lines = ["| rows of Table 3, CPU scale | held-out NLL | class accuracy | Frechet distance |",
+             "| --- | --- | --- | --- |"]
+    for name, nll, r in rows:
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        lines.append(f"| {name} | {nll} | {acc} | {r['fd']:.2f} |")
+    table = "\n".join(lines)
+    wall = time.time() - t0
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + f"\n\n{wall / 60:.1f} min on {os.cpu_count()} CPU cores\n")
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({"rows": [{"name": n, "nll": nll, **r} for n, nll, r in rows], "wall_s": wall}, f, indent=1)
+    print(table)
+    print(f"\nstage2_cpu: {wall / 60:.1f} min; samples: {out}/grid_*.png (one row per class); logs: {logs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
