@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -537,6 +538,64 @@ def overlay(image, colors, alpha=0.5):
     out[:, (colors == -1.0).all(0)] = -1.0
     return out
 
+
+
+class ImageNpzWriter:
+    """An ADM-format sample file (`arr_0` uint8 (N, H, W, 3), `labels` (N,)) written batch by batch: the .npz a
+    single np.savez would write - a zip archive of .npy files, stored - with arr_0's header first and its rows
+    appended as they come, so a run of 50,000 samples holds one batch in memory, not all of them. The file appears
+    at `path` only when `close` completes (a temporary file and a rename, like common.save_checkpoint).
+
+        with ImageNpzWriter(path, num_images, (H, W, 3)) as out:
+            for batch in ...: out.write(tensor_to_uint8(batch))   # (b, H, W, 3) uint8
+            out.labels = labels
+    """
+
+    def __init__(self, path, num_images, image_shape):
+        self.path, self.shape, self.written, self.labels = path, (int(num_images), *image_shape), 0, None
+        self.tmp = f"{path}.tmp{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.arr = self.zip.open("arr_0.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(self.arr, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                        "fortran_order": False, "shape": self.shape})
+
+    def write(self, images):
+        """Append uint8 images (b, H, W, 3)."""
+        images = np.ascontiguousarray(images)
+        if (images.dtype != np.uint8 or images.shape[1:] != self.shape[1:]
+                or self.written + len(images) > self.shape[0]):
+            raise ValueError(f"ImageNpzWriter: {images.dtype} {images.shape} after {self.written} images does not "
+                             f"fit uint8 {self.shape}")
+        self.arr.write(images.tobytes())
+        self.written += len(images)
+
+    def close(self):
+        """Finish the file (every image written, and `labels` set) and move it into place."""
+        try:
+            self.arr.close()
+            if self.written != self.shape[0] or self.labels is None or len(self.labels) != self.shape[0]:
+                raise ValueError(f"ImageNpzWriter: {self.written} of {self.shape[0]} images written, labels "
+                                 f"{'missing' if self.labels is None else len(self.labels)}")
+            with self.zip.open("labels.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(self.labels))
+            self.zip.close()
+            os.replace(self.tmp, self.path)
+        finally:
+            self.zip.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            self.close()
+        else:                                                               # an error: leave no half-written file
+            self.arr.close()
+            self.zip.close()
+            os.remove(self.tmp)
 
 if __name__ == "__main__":
     ds = ShapesDataset("train", size=64)

@@ -52,7 +52,8 @@ from PIL import Image
 import data as data_lib
 import losses
 import plots
-from common import all_gather_rows, dist_info, progress_bar, run_distributed, teardown_distributed
+from common import (all_gather_rows, dist_info, loader_workers, progress_bar, run_distributed,
+                    teardown_distributed)
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
@@ -356,7 +357,7 @@ def _sum_over_ranks(t):
 
 @torch.no_grad()
 def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), device=None, inception=None,
-                            lpips=None, max_images=None, batch_size=50):
+                            lpips=None, max_images=None, batch_size=50, num_workers=0):
     """Reconstruction metrics of a tokenizer: one row dict per (K in Ks, source in sources), on every rank.
 
     dataset_or_loader: a Dataset of (image (3, S, S) in [-1, 1], label) or of images, its first max_images items
@@ -382,7 +383,7 @@ def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), dev
         batches, limit, step = ((b, None) for b in dataset_or_loader), max_images, 1
         total = max_images or len(dataset_or_loader.dataset)
     else:                                                                    # every local image stands for world
-        loader, total, _ = _shard_loader(dataset_or_loader, max_images, batch_size, pad=True)
+        loader, total, _ = _shard_loader(dataset_or_loader, max_images, batch_size, num_workers, pad=True)
         real = len(range(rank, total, world))
         batches, limit, step = ((item, pos < real) for pos, item in loader), None, world
     continuous = hasattr(model, "decode_latent")                            # MergeTok's second branch
@@ -498,6 +499,9 @@ def add_recon_args(p):
     p.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth path or 'download'")
     p.add_argument("--lpips-lin-weights", default=None, help="LPIPS v0.1 vgg.pth path or 'download'")
     p.add_argument("--out", default=None, help="JSON results (default: recon_<ckpt name>.json next to the ckpt)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data-loader workers decoding images (default: 0 on the CPU, up to 8 with a GPU; with workers "
+                        "an unreadable file is reported by its warning only)")
     _add_inception_args(p, image_folders=False)
 
 
@@ -519,7 +523,8 @@ def run_recon(args):
         notes.append("LPIPS skipped: no --lpips-vgg-weights / --lpips-lin-weights (a random VGG is no metric)")
     dataset = data_lib.build_dataset(args.data, split=args.split, size=model.cfg.image_size)
     rows = evaluate_reconstruction(model, dataset, Ks, RECON_SOURCES if args.source == "both" else args.source,
-                                   args.device, inception, lpips, args.max_images, args.batch_size)
+                                   args.device, inception, lpips, args.max_images, args.batch_size,
+                                   loader_workers(args.num_workers, args.device))
     if rank == 0:
         print("\n".join([f"note: {note}" for note in notes] + [format_recon_table(rows)]))
         out, skipped = args.out or _default_out(args.ckpt, "recon"), dataset.num_skipped   # unreadable: next file used
@@ -593,7 +598,8 @@ PROBE_FEATURES = ("cls", "mean")
 
 
 @torch.no_grad()
-def tokenizer_features(model, dataset, K=None, feature="cls", batch_size=50, device=None, max_images=None):
+def tokenizer_features(model, dataset, K=None, feature="cls", batch_size=50, device=None, max_images=None,
+                       num_workers=0):
     """Frozen features of a labelled dataset's first max_images items -> (float32 (n, F), int64 labels (n,)).
 
     K: the encoder's kept count; default N, no merging (Appendix A.4 probes the tokenizers with all tokens).
@@ -609,7 +615,7 @@ def tokenizer_features(model, dataset, K=None, feature="cls", batch_size=50, dev
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rank, world = dist_info()
     model.eval()
-    loader, n, R = _shard_loader(dataset, max_images, batch_size, pad=True)    # padding rows fall off at [:n]
+    loader, n, R = _shard_loader(dataset, max_images, batch_size, num_workers, pad=True)   # padding: [:n] drops
     dim = model.cfg.embed_dim if feature == "cls" else model.cfg.z_channels
     feats, labels = torch.zeros(R, dim), torch.zeros(R, dtype=torch.long)
     bar = progress_bar(len(loader), desc="probe features")
@@ -640,6 +646,9 @@ def add_probe_args(p):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-images", type=int, default=None, help="at most this many images of each split")
     p.add_argument("--extract-batch-size", type=int, default=50, help="batch of the frozen feature extraction")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data-loader workers decoding images (default: 0 on the CPU, up to 8 with a GPU; with workers "
+                        "an unreadable file is reported by its warning only)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--out", default=None, help="JSON results (default: probe_<ckpt name>.json next to the ckpt)")
 
@@ -653,7 +662,7 @@ def run_probe(args):
         dataset = data_lib.build_dataset(args.data, split=split, size=model.cfg.image_size)
         classes = max(classes, len(dataset.classes))
         feats[split] = tokenizer_features(model, dataset, K, args.feature, args.extract_batch_size, args.device,
-                                          args.max_images)
+                                          args.max_images, loader_workers(args.num_workers, args.device))
     # the collective part is over: every rank meets and ends its process group here, so that no rank waits in a
     # barrier while rank 0 trains (nccl's watchdog would kill a wait that long)
     world = dist_info()[1]

@@ -795,21 +795,37 @@ def run_sample(args):
           + (f" | K={K}" if kind != "llamagen" else "")
           + (f" in {args.num_steps} steps, source predicted" if kind == "randar" else "")
           + f" | tokenizer {tok_path}", flush=True)
-    images, bar, t0 = [], common.progress_bar(len(labels), desc="sample"), time.time()
-    for s in range(0, len(labels), args.batch_size):
-        y = labels[s:s + args.batch_size].to(device)
-        images.append(sample_images(kind, model, tok, y, K, args, ckpt.get("window"), g).cpu())
-        bar.update(len(y))
+    out, S = sample_out(args, ckpt), tok.cfg.image_size
+    shown = grid_classes(c.num_classes)                                     # the grid: a few classes, a few each
+    per_row = min(args.num_per_class, GRID_PER_CLASS)
+    grid, bar, t0 = [], common.progress_bar(len(labels), desc="sample"), time.time()
+    with data_lib.ImageNpzWriter(out + ".npz", len(labels), (S, S, 3)) as npz:   # ADM: N x H x W x 3, streamed
+        for s in range(0, len(labels), args.batch_size):
+            y = labels[s:s + args.batch_size].to(device)
+            images = data_lib.tensor_to_uint8(sample_images(kind, model, tok, y, K, args, ckpt.get("window"),
+                                                            g))           # (b, S, S, 3) uint8
+            npz.write(images)
+            index = torch.arange(s, s + len(y))                             # image i: class i // num_per_class
+            keep = torch.isin(index // args.num_per_class, shown) & (index % args.num_per_class < per_row)
+            grid.append(images[keep.numpy()])
+            bar.update(len(y))
+        npz.labels = labels.numpy()
     bar.close()
-    images = torch.cat(images)                                              # (n, 3, S, S) in [-1, 1]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                   f"samples_{int(ckpt.get('step', 0)):07d}_cfg{args.cfg:g}")
-    out = out[:-4] if out.endswith((".npz", ".png")) else out
-    data_lib.save_image_grid(images, out + ".png", nrow=args.num_per_class)
-    np.savez(out + ".npz", arr_0=data_lib.tensor_to_uint8(images), labels=labels.numpy())   # ADM: N x H x W x 3
-    print(f"wrote {out}.png and {out}.npz ({len(images)} images, {time.time() - t0:.1f} s, "
-          f"{(time.time() - t0) / len(images):.3f} s per image)", flush=True)
+    grid = torch.from_numpy(np.concatenate(grid)).permute(0, 3, 1, 2).float() / 127.5 - 1   # exact back to uint8
+    data_lib.save_image_grid(grid, out + ".png", nrow=per_row)
+    print(f"wrote {out}.npz ({len(labels)} images, {time.time() - t0:.1f} s, "
+          f"{(time.time() - t0) / len(labels):.3f} s per image) and {out}.png (classes "
+          f"{'all' if len(shown) == c.num_classes else shown.tolist()}, {per_row} per row)", flush=True)
     return 0
+
+
+GRID_CLASSES, GRID_PER_CLASS = 16, 16       # the PNG of `sample`: at most 16 classes (rows) of 16 images
+
+
+def grid_classes(num_classes):
+    """The classes the sample grid shows: all, or GRID_CLASSES evenly spread over them (ImageNet's 1000 classes x
+    50 samples would make a PNG of 1000 x 50 images)."""
+    return torch.linspace(0, num_classes - 1, min(num_classes, GRID_CLASSES)).round().long().unique()
 
 
 @torch.no_grad()

@@ -353,3 +353,31 @@ def test_save_image_grid_round_trip(tmp_path):
     assert (arr[:2] == 255).all()                                           # white padding
     with pytest.raises(ValueError):
         save_image_grid(torch.zeros(2, 1, 4, 4), str(path))
+
+
+def test_image_npz_writer_streams_what_np_savez_would_write(tmp_path):
+    """Rows written in three pieces read back by np.load as one uint8 array with its labels, byte for byte what
+    np.savez writes; a wrong piece is refused, and an error inside the block leaves no file behind."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2, 3])
+    path = str(tmp_path / "s.npz")
+    with data.ImageNpzWriter(path, 7, (5, 4, 3)) as out:
+        for piece in (images[:2], images[2:3], images[3:]):
+            out.write(piece)
+        out.labels = labels
+    f = np.load(path)
+    assert sorted(f.files) == ["arr_0", "labels"]
+    assert f["arr_0"].dtype == np.uint8 and np.array_equal(f["arr_0"], images)
+    assert np.array_equal(f["labels"], labels)
+    np.savez(tmp_path / "reference.npz", arr_0=images, labels=labels)
+    ref = np.load(tmp_path / "reference.npz")
+    assert all(np.array_equal(ref[k], f[k]) and ref[k].dtype == f[k].dtype for k in ("arr_0", "labels"))
+    with pytest.raises(ValueError, match="does not fit"):
+        with data.ImageNpzWriter(str(tmp_path / "bad.npz"), 2, (5, 4, 3)) as out:
+            out.write(images[:3])                                                # one image too many
+    with pytest.raises(ValueError, match="1 of 2 images"):
+        with data.ImageNpzWriter(str(tmp_path / "short.npz"), 2, (5, 4, 3)) as out:
+            out.write(images[:1])
+            out.labels = labels[:2]
+    assert sorted(os.listdir(tmp_path)) == ["reference.npz", "s.npz"]

@@ -692,6 +692,24 @@ def test_cli_probe_uses_all_tokens_by_default(tiny_ckpt, tmp_path, capsys):
     assert json.loads(out_path.read_text())["K"] == 64
 
 
+
+def test_recon_and_probe_take_loader_workers(tiny_ckpt, tmp_path, monkeypatch):
+    """--num-workers reaches the data loaders of recon and probe (default 0 on the CPU), and two workers give the
+    rows of none."""
+    used, shard_loader = [], E._shard_loader
+    monkeypatch.setattr(E, "_shard_loader", lambda *a, **k: used.append(a[3] if len(a) > 3 else k.get("num_workers"))
+                        or shard_loader(*a, **k))
+    rows = {}
+    for workers in ([], ["--num-workers", "2"]):
+        out = tmp_path / f"recon{len(workers)}.json"
+        assert E.main(["recon", "--ckpt", tiny_ckpt, "--max-images", "6", "--keep", "16", "--device", "cpu",
+                       "--out", str(out), *workers]) == 0
+        rows[len(workers)] = json.loads(out.read_text())["rows"]
+    assert used == [0, 2] and rows[0] == rows[2]
+    assert E.main(["probe", "--ckpt", tiny_ckpt, "--max-images", "4", "--epochs", "1", "--batch-size", "4",
+                   "--device", "cpu", "--out", str(tmp_path / "probe.json"), "--num-workers", "1"]) == 0
+    assert used[2:] == [1, 1]                                                    # train and val features
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr that names the file and the problem, exit code 1, never a traceback
 # ----------------------------------------------------------------------------------------------------------------

@@ -393,6 +393,26 @@ def test_sample_writes_a_png_and_an_adm_npz(files, model):
     assert np.abs(alone[3] - alone[8]).max() > 10                            # the class changes the sample
 
 
+
+def test_sample_streams_the_npz_and_caps_the_grid(files, monkeypatch):
+    """The .npz is written batch by batch (batch 3 of 20 images) and holds them all; the PNG shows at most
+    GRID_CLASSES classes evenly spread (here 3 of 10: classes 0, 4 and 9) with GRID_PER_CLASS images each (here 1,
+    the first of its class), the .npz's own pixels."""
+    d, _, codes = files
+    out = train(d, "grid-llamagen", codes, "--steps", "1", model="llamagen")
+    monkeypatch.setattr(train_stage2, "GRID_CLASSES", 3)
+    monkeypatch.setattr(train_stage2, "GRID_PER_CLASS", 1)
+    prefix = str(d / "grid")
+    assert train_stage2.main(["sample", "--ckpt", os.path.join(out, "last.pt"), "--num-per-class", "2",
+                              "--batch-size", "3", "--out", prefix]) == 0
+    f = np.load(prefix + ".npz")
+    assert f["arr_0"].shape == (20, 32, 32, 3) and f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    grid = np.array(Image.open(prefix + ".png"))
+    assert grid.shape == (3 * 34 + 2, 34 + 2, 3)                                # 3 rows of 1 image
+    for row, c in enumerate([0, 4, 9]):
+        assert np.array_equal(grid[2 + row * 34:2 + row * 34 + 32, 2:34], f["arr_0"][2 * c]), c
+    assert train_stage2.grid_classes(1000).tolist() == [round(i * 999 / 2) for i in range(3)]   # 0, 500 (499.5), 999
+
 def test_bad_input_is_one_line(files, tmp_path, capsys):
     d, tok, codes = files
     junk = tmp_path / "junk.pt"
