@@ -82,6 +82,36 @@ def small_grid(npz, out, per_class=8):
     data_lib.save_image_grid(x, out, nrow=per_class)
 
 
+def write_table(out, logs, names, wall):
+    """The README's table from the logs and the shapes scores in `out`: table.md, table.json, grid_<model>.png."""
+    with open(os.path.join(out, "shapes-reconstructions.json")) as f:
+        rec = json.load(f)["rows"]
+    ceilings = [("held-out real", "real held-out images"),
+                ("true source", "reconstructions, true source: the raster models' ceiling"),
+                ("predicted source", "reconstructions, predicted source: the ceiling of RandAR on merged tokens")]
+    rows = [(name, "-", r) for part, name in ceilings for key, r in rec.items() if part in key]
+    for n in names:
+        m = re.search(r"\| ([0-9.]+) nats per code", read_log(logs, f"nll-{n}"))
+        unit = "per merged token" if n == "randar" else "per code"
+        nll = f"{float(m.group(1)):.3f} nats {unit}" if m else "?"
+        with open(os.path.join(out, n, "shapes.json")) as f:
+            r = next(v for k, v in json.load(f)["rows"].items() if k.startswith("samples"))
+        rows.append((GENERATORS[n][1], nll, r))
+        small_grid(os.path.join(out, n, "samples.npz"), os.path.join(out, f"grid_{n}.png"))
+    lines = ["| rows of Table 3, CPU scale | held-out NLL | class accuracy | Frechet distance |",
+             "| --- | --- | --- | --- |"]
+    for name, nll, r in rows:
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        lines.append(f"| {name} | {nll} | {acc} | {r['fd']:.2f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + f"\n\n{wall / 60:.1f} min on {os.cpu_count()} CPU cores\n")
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({"rows": [{"name": n, "nll": nll, **r} for n, nll, r in rows], "wall_s": wall}, f, indent=1)
+    print(table)
+    print(f"\nstage2_cpu: {wall / 60:.1f} min; samples: {out}/grid_*.png (one row per class); logs: {logs}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="runs/stage1-g-tiny/last.pt", help="the quick start's stage-1 checkpoint")
@@ -136,38 +166,7 @@ def main(argv=None):
     for i in range(0, len(items), args.parallel):
         run_all(dict(items[i:i + args.parallel]), logs)
 
-    # ---- the table -----------------------------------------------------------------------------------------------
-    with open(os.path.join(out, "shapes-reconstructions.json")) as f:
-        rec = json.load(f)["rows"]
-    rows = []
-    for key, r in rec.items():
-        if key.startswith("held-out real"):
-            rows.append(("real held-out images", "-", r))
-        elif "true source" in key:
-            rows.append(("reconstructions, true source: the raster models' ceiling", "-", r))
-        elif "predicted source" in key:
-            rows.append(("reconstructions, predicted source: the ceiling of RandAR on merged tokens", "-", r))
-    for n in names:
-        m = re.search(r"\| ([0-9.]+) nats per code", read_log(logs, f"nll-{n}"))
-        unit = "per merged token" if n == "randar" else "per code"
-        nll = f"{float(m.group(1)):.3f} nats {unit}" if m else "?"
-        with open(os.path.join(out, n, "shapes.json")) as f:
-            r = next(v for k, v in json.load(f)["rows"].items() if k.startswith("samples"))
-        rows.append((GENERATORS[n][1], nll, r))
-        small_grid(os.path.join(out, n, "samples.npz"), os.path.join(out, f"grid_{n}.png"))
-    lines = ["| rows of Table 3, CPU scale | held-out NLL | class accuracy | Frechet distance |",
-             "| --- | --- | --- | --- |"]
-    for name, nll, r in rows:
-        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
-        lines.append(f"| {name} | {nll} | {acc} | {r['fd']:.2f} |")
-    table = "\n".join(lines)
-    wall = time.time() - t0
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + f"\n\n{wall / 60:.1f} min on {os.cpu_count()} CPU cores\n")
-    with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"rows": [{"name": n, "nll": nll, **r} for n, nll, r in rows], "wall_s": wall}, f, indent=1)
-    print(table)
-    print(f"\nstage2_cpu: {wall / 60:.1f} min; samples: {out}/grid_*.png (one row per class); logs: {logs}")
+    write_table(out, logs, names, time.time() - t0)
     return 0
 
 
