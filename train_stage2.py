@@ -111,9 +111,12 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "paper": TrainConfig(),
-    # tiny: a couple of minutes on a 2-core CPU (GPT "tiny": width 64, 2 blocks), the paper's other settings.
-    "tiny": dataclasses.replace(TrainConfig(), gpt="tiny", batch_size=16, epochs=0, steps=300, lr=1e-3,
-                                log_every=20, ckpt_every=100),
+    # tiny: the CPU demo (experiments/stage2_cpu.py), about 10 min a generator on one core. GPT "small" (width 128,
+    # 4 blocks): GPT "tiny" (width 64, 2 blocks, 400 steps of batch 16) sampled colour blobs with no shape. No label
+    # smoothing: with sampling over the whole vocabulary its uniform floor draws invalid codes (a toy of the review
+    # behind this preset: valid codes 0.99 -> 0.78 at 0.1). A short warm-up for the larger lr.
+    "tiny": dataclasses.replace(TrainConfig(), gpt="small", batch_size=32, epochs=0, steps=1000, lr=2e-3,
+                                warmup_steps=100, label_smoothing=0.0, log_every=50, ckpt_every=250),
 }
 
 # Fields a resumed run may change; every other one must equal the checkpoint's.
@@ -379,16 +382,17 @@ class Stage2Loss(nn.Module):
         return mergear_loss(m, codes, labels, K, rep, self.window, self.ls)
 
 
-def build_generator(kind, cfg, table, K=None):
+def build_generator(kind, cfg, table, K=None, tokens="merged"):
     """The GPT for the codes: the tokenizer's vocabulary (factorized when d = 18); block_size N for the raster
-    models (one Merge Instruction row per extracted K for MergeAR), K for RandAR (its slots on a sqrt(K) grid)."""
+    models (one Merge Instruction row per extracted K for MergeAR), K for RandAR on the merged tokens (its slots on
+    a sqrt(K) grid), N for RandAR on the recovered codes (tokens="recovered": its slots are the N grid cells)."""
     tok_cfg = table["tokenizer_config"]
     d, N = tok_cfg["z_channels"], table["source"][int(table["Ks"][0])].shape[1]
     common_args = dict(vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
                        token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout,
                        class_dropout_prob=cfg.class_dropout)
     if kind == "randar":
-        return build_randar(cfg.gpt, block_size=K, **common_args)
+        return build_randar(cfg.gpt, block_size=N if tokens == "recovered" else K, **common_args)
     return build_gpt(cfg.gpt, block_size=N, merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else (),
                      **common_args)
 
@@ -449,7 +453,7 @@ def check_memory(args, run, device):
     """Print the memory estimate of the run (memory_estimate) on rank 0; stop with one line, naming a --grad-accum
     that fits, when it exceeds what the device has (--run-anyway starts regardless)."""
     N, c = run.table["source"][int(run.Ks[0])].shape[1], run.model.cfg
-    T, predicted = positions(args.model, "merged", N, run.K)
+    T, predicted = positions(args.model, args.tokens, N, run.K)
     local = run.cfg.batch_size // run.world
 
     def need(A, checkpointed):
@@ -478,7 +482,8 @@ def check_memory(args, run, device):
 def build_train_config(args):
     cfg = TRAIN_PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in ["gpt", "steps", "epochs", "batch_size", "lr", "label_smoothing",
-                                               "lr_schedule", "dropout", "class_dropout", "log_every", "ckpt_every"]
+                                               "lr_schedule", "warmup_steps", "dropout", "class_dropout",
+                                               "log_every", "ckpt_every"]
                  if getattr(args, k) is not None}
     if args.betas is not None:
         overrides["betas"] = tuple(args.betas)
@@ -500,9 +505,10 @@ def resume(path, run, args):
     saved = {k: v for k, v in ckpt["train_config"].items() if k not in RESUMABLE_CHANGES}
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
     diff = common.config_mismatch({**saved, "rep": ckpt.get("rep"), "window": ckpt.get("window"),
-                                   "keep": ckpt.get("keep"), "seed": ckpt.get("seed")},
+                                   "keep": ckpt.get("keep"), "seed": ckpt.get("seed"),
+                                   "tokens": ckpt.get("tokens", "merged")},
                                   {**now, "rep": args.rep, "window": args.window, "keep": args.keep,
-                                   "seed": args.seed})
+                                   "seed": args.seed, "tokens": args.tokens})
     if diff:
         raise ValueError(f"resuming {path} with other training settings: {'; '.join(diff)} (saved -> now); a "
                          f"resumed run must use the checkpoint's settings")
@@ -529,7 +535,7 @@ def resume(path, run, args):
 def snapshot(run, step, args):
     """Everything a resumed run and `sample` need; every rank takes part (the RNG states are gathered)."""
     return {**{name: obj.state_dict() for name, obj in run.state.items()}, "step": step,
-            "model_kind": args.model, "gpt_config": dataclasses.asdict(run.model.cfg),
+            "model_kind": args.model, "tokens": args.tokens, "gpt_config": dataclasses.asdict(run.model.cfg),
             "train_config": dataclasses.asdict(run.cfg), "rep": args.rep, "window": args.window, "keep": args.keep,
             "seed": args.seed, "codes": os.path.abspath(args.codes), "codes_identity": run.codes_identity,
             "tokenizer": run.table["tokenizer"], "tokenizer_hash": run.table.get("tokenizer_hash"),
@@ -539,11 +545,11 @@ def snapshot(run, step, args):
 
 def setup(args, rank, world, device):
     """Config, codes, model, optimizer, data order and (on --resume) the saved state, as one namespace `run`."""
-    run = argparse.Namespace(rank=rank, world=world, seed=args.seed, kind=args.model)
+    run = argparse.Namespace(rank=rank, world=world, seed=args.seed, kind=args.model, tokens=args.tokens)
     run.cfg = cfg = build_train_config(args)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    if device.type != "cuda" and cfg.gpt not in ("tiny",) and not args.run_anyway:
+    if device.type != "cuda" and cfg.gpt not in ("tiny", "small") and not args.run_anyway:
         raise ValueError(f"no GPU: GPT-{cfg.gpt} trains for days even on 8 GPUs. On a CPU: python train_stage2.py "
                          f"train --codes {args.codes} --model {args.model} --preset tiny (--run-anyway starts it "
                          f"regardless)")
@@ -565,11 +571,11 @@ def setup(args, rank, world, device):
             raise ValueError(f"the codes file lacks the tokenizer's target K={table['tokenizer_config']['K']}: "
                              f"pass --keep K among {run.Ks.tolist()}")
     run.K = int(run.Ks[run.K_probs.argmax()])                              # llamagen, randar: the one K trained on
-    if args.model == "randar" and math.isqrt(run.K) ** 2 != run.K:
+    if args.model == "randar" and args.tokens == "merged" and math.isqrt(run.K) ** 2 != run.K:
         raise ValueError(f"RandAR lays the K merged tokens on a square grid: K={run.K} is no perfect square "
                          f"(--keep a square K among {run.Ks.tolist()})")
     torch.manual_seed(args.seed)                                            # identical initial weights on every rank
-    run.model = model = build_generator(args.model, cfg, table, run.K).to(device)
+    run.model = model = build_generator(args.model, cfg, table, run.K, args.tokens).to(device)
     model.checkpoint_activations = args.checkpoint_activations               # blocks recomputed in backward
     run.grad_accum = args.grad_accum
     if (cfg.batch_size // world) % run.grad_accum:
@@ -605,7 +611,8 @@ def start_log(args, run, device):
     Ks = [K for K, p in zip(run.Ks.tolist(), run.K_probs.tolist()) if p > 0]
     print(f"stage 2 | {args.model} GPT-{run.cfg.gpt} | {count_parameters(run.model) / 1e6:.2f}M parameters | "
           f"{'factorized 2^18' if c.factorized else f'vocab {c.vocab_size}'} | "
-          + (f"K={run.K} merged tokens in random orders | " if args.model == "randar" else
+          + (f"K={run.K} merged tokens in random orders | " if args.model == "randar" and args.tokens == "merged"
+             else f"N={c.block_size} recovered codes (K={run.K}) in random orders | " if args.model == "randar" else
              f"N={c.block_size} codes | K {Ks} | ")
           + f"{len(run.rows)} rows | {run.world} process(es) on {device} | global batch {run.cfg.batch_size} | "
           f"{run.total} steps | amp {run.amp} | out {run.out_dir}", flush=True)
@@ -623,7 +630,10 @@ def train_step(rows, step, run, device):
     orders are drawn for the whole batch. Returns the loss terms."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
     labels, order = run.table["labels"][rows], None
-    if run.kind == "randar":
+    if run.kind == "randar" and run.tokens == "recovered":                 # Table 3's baseline: the N grid cells
+        codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
+        order = draw_orders(codes.shape[1], step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)
+    elif run.kind == "randar":
         codes, source = merged_codes(run.table, rows, run.K), torch.empty(0)   # (b, K) in slot order
         order = draw_orders(run.K, step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)   # (b, K)
     else:
@@ -723,20 +733,23 @@ def check_generator_fits(tok, model, kind, tok_path):
                          f"{c.vocab_size} codes): pass the stage-1 checkpoint the codes were extracted with")
 
 
-def sample_images(kind, model, tok, y, K, args, window, generator):
+def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merged"):
     """One batch of class labels y (B,) -> decoded images (B, 3, S, S) in [-1, 1].
 
     llamagen / mergear generate the N recovered codes in raster order and decode them position by position (the
     identity source). randar generates the K merged tokens in --num-steps parallel steps; the Source Recovery Model
-    predicts their source, Eq. (11) recovers N tokens, and the decoder runs (Sec. 4.2)."""
+    predicts their source, Eq. (11) recovers N tokens, and the decoder runs (Sec. 4.2). randar on the recovered
+    codes (tokens="recovered") generates the N codes of the grid cells in random order and decodes them in place."""
     N = tok.cfg.num_tokens
     sampling = dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, generator=generator)
-    if kind == "randar":
+    if kind == "randar" and tokens == "merged":
         indices = generate_randar(model, y, K, args.num_steps, **sampling)                 # (B, K) slot order
         images, _ = decode_with_recovery(tok, indices)
         return images.float().clamp(-1, 1)
-    if kind == "mergear":
+    if kind == "randar":
+        codes = generate_randar(model, y, N, args.num_steps, **sampling)                   # (B, N) cell order
+    elif kind == "mergear":
         codes = generate_mergear(model, y, K, N, window, **sampling)                        # (B, N)
     else:
         codes = generate(model, y, N, **sampling)                                           # (B, N)
@@ -780,20 +793,23 @@ def run_sample(args):
     K = args.keep if args.keep is not None else tok.cfg.K
     if kind == "mergear" and K not in c.merge_counts:
         raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
+    tokens = ckpt.get("tokens", "merged")
     if kind == "randar":
-        if args.keep is not None and args.keep != c.block_size:
+        if tokens == "merged" and args.keep is not None and args.keep != c.block_size:
             raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
-        K = c.block_size
-        args.num_steps = args.num_steps or RANDAR_STEPS.get(K, max(1, round(K * 88 / 256)))
-        if not 1 <= args.num_steps <= K:
-            raise ValueError(f"--num-steps must lie in [1, K={K}], got {args.num_steps}")
+        L = K = c.block_size                                                # K merged tokens, or the N recovered codes
+        args.num_steps = args.num_steps or RANDAR_STEPS.get(L, max(1, round(L * 88 / 256)))
+        if not 1 <= args.num_steps <= L:
+            raise ValueError(f"--num-steps must lie in [1, {'K' if tokens == 'merged' else 'N'}={L}], got "
+                             f"{args.num_steps}")
     args.cfg_schedule = args.cfg_schedule or ("linear" if kind == "randar" else "constant")
     labels = torch.arange(c.num_classes).repeat_interleave(args.num_per_class)       # rows of the grid = classes
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"sample | {kind} step {ckpt.get('step')} | {len(labels)} images ({args.num_per_class} per class) | cfg "
           f"{args.cfg} ({args.cfg_schedule}) temperature {args.temperature} top-k {args.top_k} top-p {args.top_p}"
-          + (f" | K={K}" if kind != "llamagen" else "")
-          + (f" in {args.num_steps} steps, source predicted" if kind == "randar" else "")
+          + (f" | N={K}" if kind == "randar" and tokens == "recovered" else f" | K={K}" if kind != "llamagen" else "")
+          + (f" in {args.num_steps} steps, source predicted" if kind == "randar" and tokens == "merged" else
+             f" recovered codes in {args.num_steps} steps (no source to predict)" if kind == "randar" else "")
           + f" | tokenizer {tok_path}", flush=True)
     out, S = sample_out(args, ckpt), tok.cfg.image_size
     shown = grid_classes(c.num_classes)                                     # the grid: a few classes, a few each
@@ -802,8 +818,8 @@ def run_sample(args):
     with data_lib.ImageNpzWriter(out + ".npz", len(labels), (S, S, 3)) as npz:   # ADM: N x H x W x 3, streamed
         for s in range(0, len(labels), args.batch_size):
             y = labels[s:s + args.batch_size].to(device)
-            images = data_lib.tensor_to_uint8(sample_images(kind, model, tok, y, K, args, ckpt.get("window"),
-                                                            g))           # (b, S, S, 3) uint8
+            images = data_lib.tensor_to_uint8(sample_images(kind, model, tok, y, K, args, ckpt.get("window"), g,
+                                                            tokens))      # (b, S, S, 3) uint8
             npz.write(images)
             index = torch.arange(s, s + len(y))                             # image i: class i // num_per_class
             keep = torch.isin(index // args.num_per_class, shown) & (index % args.num_per_class < per_row)
@@ -850,11 +866,12 @@ def run_nll(args):
     if table.get("split") != "val":
         print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
               f"(extract with --split val)", file=sys.stderr)
-    if kind == "randar" and args.keep is not None and args.keep != c.block_size:
+    merged = kind == "randar" and ckpt.get("tokens", "merged") == "merged"   # RandAR on the K merged tokens
+    if merged and args.keep is not None and args.keep != c.block_size:
         raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
     # default: the K the generator trained at (--keep of `train`, else its tokenizer's target K)
     K = args.keep if args.keep is not None else (ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
-    K = c.block_size if kind == "randar" else K                             # RandAR models one K, its block_size
+    K = c.block_size if merged else K                                       # RandAR models one K, its block_size
     if K not in table["Ks"].tolist():
         raise ValueError(f"K={K}: the codes file holds K {table['Ks'].tolist()} only")
     if kind == "mergear" and K not in c.merge_counts:
@@ -867,11 +884,12 @@ def run_nll(args):
     for s in range(0, len(rows), args.batch_size):
         r = rows[s:s + args.batch_size]
         Kb, order = torch.full((len(r),), K, dtype=torch.long), None
-        if kind == "randar":
+        if merged:
             codes, source = merged_codes(table, r, K), torch.empty(0)       # (B, K) in slot order
             order = random_orders(len(r), K, g).to(device)                  # (B, K)
         else:
             codes, source = gather_codes(table, r, Kb)                      # (B, N) x 2
+            order = random_orders(len(r), N, g).to(device) if kind == "randar" else None   # (B, N): the cells
         loss = loss_fn(codes.to(device), table["labels"][r].to(device), Kb.to(device), source.to(device), order)
         total += loss.item() * len(r)
         bar.update(len(r))
@@ -880,8 +898,8 @@ def run_nll(args):
     print(f"nll | {kind} step {ckpt.get('step')} | {len(rows)} sequences of {table.get('split', 'train')} codes at "
           f"K={K}" + (f" (mask from {rep}, W={merge_window(model, ckpt.get('window'))})" if kind == "mergear" else "")
           + f" | {nll:.4f} nats per code = {nll / math.log(2):.3f} bits (uniform: {math.log2(c.vocab_size):.0f}) | "
-          f"{nll * (K if kind == 'randar' else N) / math.log(2):.0f} bits per image "
-          f"({K if kind == 'randar' else N} codes)", flush=True)
+          f"{nll * (K if merged else N) / math.log(2):.0f} bits per image "
+          f"({K if merged else N} codes)", flush=True)
     return 0
 
 
@@ -927,6 +945,9 @@ def run_finetune_recovery(args):
     if ckpt["model_kind"] != "randar":
         raise ValueError(f"{args.ckpt} is a {ckpt['model_kind']} checkpoint: the Source Recovery Model is fine-tuned "
                          f"with a RandAR generator (the raster models need no predicted source)")
+    if ckpt.get("tokens", "merged") != "merged":
+        raise ValueError(f"{args.ckpt} is RandAR on the recovered codes (--tokens recovered): it needs no predicted "
+                         f"source; fine-tune the Source Recovery Model with a RandAR of the merged tokens")
     tok_path = args.tokenizer or ckpt["tokenizer"]
     common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer" if args.tokenizer else
                                                            "the generator's tokenizer": tok_path})
@@ -1038,6 +1059,8 @@ def add_train_args(sub):
     p.add_argument("--lr", type=float, default=None, help="Table A2: 1e-4")
     p.add_argument("--betas", type=float, nargs=2, default=None, help="paper: 0.9 0.99; LlamaGen's code: 0.9 0.95")
     p.add_argument("--label-smoothing", type=float, default=None, help="paper: 0.1; LlamaGen's code: 0")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear lr warm-up over this many steps (paper: none stated; RandAR's code: 50000)")
     p.add_argument("--lr-schedule", choices=["step", "constant", "cosine"], default=None,
                    help="step (x0.1 at 90%%, default) or LlamaGen's constant")
     p.add_argument("--dropout", type=float, default=None, help="token / residual / FFN dropout (0.1)")
@@ -1048,6 +1071,9 @@ def add_train_args(sub):
                    help="mergear: the Eq. (12) mask from code equality (default: the mask decoding mirrors) or from "
                         "the true source (the paper's training reading)")
     p.add_argument("--window", type=int, default=None, help="mergear: the window W (default: one grid row)")
+    p.add_argument("--tokens", choices=["merged", "recovered"], default="merged",
+                   help="randar: the K merged tokens (Sec. 4.2, decoded through the Source Recovery Model), or "
+                        "Table 3's baseline, the N recovered codes on the grid cells (decoded in place)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
@@ -1171,6 +1197,11 @@ def check_args(args):
                 raise ValueError(f"{flag} must lie in [0, 1), got {v}")
         if args.window is not None and args.window < 0:
             raise ValueError(f"--window must be 0 or more, got {args.window}")
+        if args.warmup_steps is not None and args.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+        if args.tokens != "merged" and args.model != "randar":
+            raise ValueError(f"--tokens {args.tokens} is for --model randar (the raster models always read the N "
+                             f"recovered codes)")
         if not os.path.isfile(args.codes):
             raise FileNotFoundError(f"--codes {args.codes}: no such file (write it with `train_stage2.py extract`)")
         if args.resume and not os.path.isfile(args.resume):
@@ -1207,7 +1238,8 @@ def check_args(args):
 
 
 def train_out_dir(args):
-    return args.out or os.path.join("runs", f"stage2-{args.model}-{args.preset}")
+    recovered = "-recovered" if args.model == "randar" and args.tokens == "recovered" else ""
+    return args.out or os.path.join("runs", f"stage2-{args.model}{recovered}-{args.preset}")
 
 
 def main(argv=None):
