@@ -52,8 +52,8 @@ from PIL import Image
 import data as data_lib
 import losses
 import plots
-from common import (all_gather_rows, dist_info, loader_workers, progress_bar, run_distributed,
-                    teardown_distributed)
+from common import (all_gather_rows, check_output_path, dist_info, loader_workers, progress_bar,
+                    refuse_output_over_inputs, run_distributed, teardown_distributed)
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
@@ -481,6 +481,14 @@ def _write_json(path, result):
         json.dump(result, f, indent=2)
 
 
+def _check_outputs(outputs, inputs):
+    """Before any work: each output path {flag: path} can be written and none is one of the inputs {flag: path}."""
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_path(path, flag)
+    refuse_output_over_inputs(outputs, inputs)
+
+
 def _default_out(ckpt, prefix):                          # <prefix>_<checkpoint name>.json next to the checkpoint
     name = os.path.splitext(os.path.basename(ckpt))[0]
     return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"{prefix}_{name}.json")
@@ -507,6 +515,7 @@ def add_recon_args(p):
 
 def run_recon(args):
     rank = dist_info()[0]
+    _check_outputs({"--out": args.out or _default_out(args.ckpt, "recon")}, {"--ckpt": args.ckpt})
     model, ckpt = load_tokenizer(args.ckpt, ema=not args.raw, device=args.device, return_checkpoint=True)
     Ks = [model.check_K(K) for K in (args.K or [model.cfg.K])]                 # fail before the slow parts
     notes, inception, lpips = [], None, None
@@ -655,6 +664,7 @@ def add_probe_args(p):
 
 def run_probe(args):
     rank = dist_info()[0]
+    _check_outputs({"--out": args.out or _default_out(args.ckpt, "probe")}, {"--ckpt": args.ckpt})
     model, ckpt = load_tokenizer(args.ckpt, ema=True, device=args.device, return_checkpoint=True)
     K = model.check_K(args.K if args.K is not None else model.cfg.num_tokens)     # Appendix A.4: all N tokens
     feats, classes = {}, 0
@@ -703,17 +713,36 @@ def _folder_labels(files):
     return labels
 
 
+def _class_labels(labels, path):
+    """Labels of samples -> int64 class numbers, or one line: not whole numbers (a float label would be truncated)
+    or outside 0..9 (the embedded shapes' classes; a wrong class would be scored as a miss)."""
+    if labels is None:
+        return None
+    labels, n = np.asarray(labels), len(data_lib.CLASSES)
+    if labels.dtype.kind == "f":
+        bad = labels[~np.isfinite(labels) | (labels != np.round(labels))]
+        if bad.size:
+            raise ValueError(f"samples {path}: labels must be class numbers 0..{n - 1}, found {bad.size} that are not "
+                             f"whole numbers (e.g. {bad.flat[0]})")
+    elif labels.dtype.kind not in "iub":
+        raise ValueError(f"samples {path}: labels of dtype {labels.dtype} are not class numbers 0..{n - 1}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n):
+        raise ValueError(f"samples {path}: labels must lie in 0..{n - 1} (the {n} classes of the embedded shapes), "
+                         f"found {labels.min():g}..{labels.max():g}")
+    return labels.astype(np.int64)
+
+
 def _shapes_inputs(path):
     """An ADM .npz (`arr_0`, optional `labels`) or a folder (labels from class folders) -> (images, labels)."""
     if os.path.isdir(path):
         files = ImageFiles(path)
-        return files, _folder_labels(files.files)
+        return files, _class_labels(_folder_labels(files.files), path)
     images = _open_images(path, None, "samples")
     with open_npz(path, "samples") as f:
         labels = f["labels"] if "labels" in f.files else None
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"samples {path}: labels {labels.shape} do not fit {len(images)} images")
-    return images, labels
+    return images, _class_labels(labels, path)
 
 
 def add_shapes_args(p):
@@ -735,12 +764,16 @@ def add_shapes_args(p):
 def run_shapes(args):
     if args.num_images < 2:
         raise ValueError(f"--num-images must be at least 2, got {args.num_images}")
+    path = args.classifier or os.path.join("runs", f"shapes_classifier_seed{args.seed}.pt")
+    sources = {"samples": args.samples, "--reconstructions": args.reconstructions}
+    _check_outputs({"--json": args.json}, {**sources, "--classifier": path})
+    if not os.path.exists(path):                                    # trained now and cached there
+        _check_outputs({"--classifier": path}, sources)
     inputs = _shapes_inputs(args.samples) if args.samples else None               # a bad file stops at once
     rank = dist_info()[0]
     teardown_distributed()                 # rank 0 alone from here: no rank waits in a barrier while it trains
     if rank != 0:
         return 0
-    path = args.classifier or os.path.join("runs", f"shapes_classifier_seed{args.seed}.pt")
     model, info, trained = load_shapes_classifier(path, args.seed, args.device)
     print(f"shapes classifier {path} ({'trained now' if trained else 'cached'}; seed {info['seed']}, "
           f"{info['num_train']} training images, {info['epochs']} epochs): held-out accuracy "
@@ -799,6 +832,7 @@ def _add_inception_args(p, image_folders=True):
 
 def run_fid(args):
     rank = dist_info()[0]
+    _check_outputs({"--json": args.json}, {"samples": args.samples, "reference": args.reference})
     # both inputs are opened before the network is built and the slow part starts: a bad file stops the run at once
     samples = _open_images(args.samples, args.image_size, "samples")
     if len(samples) < args.is_splits:
@@ -836,6 +870,7 @@ def run_fid(args):
 
 def run_stats(args):
     rank = dist_info()[0]
+    _check_outputs({"out": args.out if args.out.endswith(".npz") else args.out + ".npz"}, {"images": args.images})
     images = _open_images(args.images, args.image_size, "images")
     model = build_inception(args.inception_weights, args.allow_random_inception, device=args.device)
     pool3, _ = extract_features(model, images, args.batch_size, args.device, num_workers=args.num_workers)

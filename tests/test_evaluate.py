@@ -902,3 +902,37 @@ def test_extract_features_two_processes(tmp_path):
     np.testing.assert_allclose(res["pool3"][:, 0], expected, rtol=1e-6)
     assert res["pool3"].shape == (6, 2048) and res["logits"].shape == (6, 1008)
     assert res["used"].tolist() == [True, True, False, False, True, True, False, False]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing lost, nothing scored wrong: outputs never replace inputs, labels the shapes score cannot read
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_an_output_that_is_an_input_is_one_line_and_the_input_stays(tiny_ckpt, tmp_path, capsys):
+    images = np.random.default_rng(3).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=images, labels=np.arange(12) % 10)
+    before = [open(p, "rb").read() for p in (tiny_ckpt, samples)]
+    for argv, flag in [(["recon", "--ckpt", tiny_ckpt, "--out", tiny_ckpt], "--ckpt"),
+                       (["probe", "--ckpt", tiny_ckpt, "--out", tiny_ckpt], "--ckpt"),
+                       (["shapes", str(samples), "--json", str(samples)], "samples"),
+                       (["fid", str(samples), str(samples), "--json", str(samples), "--allow-random-inception"],
+                        "samples"),
+                       (["stats", str(samples), str(tmp_path / "s"), "--allow-random-inception"], "images")]:
+        assert E.main([*argv, "--device", "cpu"]) == 1, argv
+        line = error_line(capsys)
+        assert f"is the same file as {flag}" in line, (argv, line)
+    assert [open(p, "rb").read() for p in (tiny_ckpt, samples)] == before
+
+
+@pytest.mark.parametrize("labels, problem", [(np.array([0, 3, 12, 1]), "0..9"), (np.array([-1, 0, 1, 2]), "0..9"),
+                                             (np.array([0.0, 2.5, 1.0, 3.0]), "whole numbers")])
+def test_cli_shapes_refuses_labels_outside_its_classes(tmp_path, capsys, labels, problem):
+    """A label of 12 used to score as a miss (0% accuracy, exit 0), 2.5 was truncated to 2."""
+    path = tmp_path / "s.npz"
+    np.savez(path, arr_0=np.zeros((4, 16, 16, 3), np.uint8), labels=labels)
+    assert E.main(["shapes", str(path), "--device", "cpu", "--classifier", str(tmp_path / "never.pt")]) == 1
+    line = error_line(capsys)
+    assert str(path) in line and problem in line, line
+    assert not os.path.exists(tmp_path / "never.pt")                          # refused before any training
