@@ -21,7 +21,8 @@ Every step logs `batch_usage`: the distinct LFQ codes of the global batch over m
     torchrun --nproc_per_node=8 train_stage1.py --variant g --data /path/to/imagenet/train \\
         --lpips-vgg-weights download --lpips-lin-weights download --dinov2-weights download
 
-SIGTERM (a scheduler's preemption) or Ctrl-C: the current step ends, a checkpoint is written, the run exits 0;
+SIGTERM (a scheduler's preemption) or Ctrl-C: the current step ends, a checkpoint is written, the run exits 0
+(under torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback);
 `--resume <out>/last.pt` continues exactly.
 """
 import argparse

@@ -54,7 +54,8 @@ warm-up steps: --lr 4e-4 --lr-schedule cosine).
     python evaluate.py fid runs/stage2-mergear-paper/samples_*.npz VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights download
 
-train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, writes a checkpoint and exits 0;
+train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, writes a checkpoint and exits 0
+(under torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback);
 `--resume <out>/last.pt` continues exactly (also after --stop-at).
 """
 import argparse

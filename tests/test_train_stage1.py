@@ -442,3 +442,24 @@ def test_unusable_output_paths_and_devices_are_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in one_line_error(capsys, *SMALL, "--device", "cuda", "--out", str(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_sigterm_to_torchrun_saves_and_torchrun_reports_the_signal(tmp_path):
+    """What a scheduler sees (the README says it): the workers end their step, save and exit 0, and torchrun itself,
+    once signalled, exits 1 with a SignalException; the checkpoint holds every logged step."""
+    out = str(tmp_path / "term")
+    proc = subprocess.Popen(["torchrun", "--nproc_per_node=2", "--master_port=29547", SCRIPT, "--variant", "g",
+                             "--preset", "tiny", *SMALL, "--steps", "500", "--log-every", "1", "--sample-every",
+                             "100000", "--out", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert "stopped by SIGTERM" in stdout, stdout[-2000:]
+    assert proc.returncode == 1 and "SignalException" in stderr, (proc.returncode, stderr[-2000:])
+    step = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["step"]
+    assert step == read_log(out)[-1]["step"] >= 2

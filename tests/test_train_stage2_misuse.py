@@ -127,7 +127,7 @@ def test_a_resume_with_other_codes_is_refused_naming_the_field(f, tmp_path, caps
               "2", "--resume", os.path.join(out, "last.pt"), "--out", out]
     table = torch.load(f["codes_a"], weights_only=True)
     table["labels"][0] += 1                                                  # the same shape, other content
-    del table["codes_hash"]                                                  # as a file of an earlier version
+    table.pop("codes_hash", None)                                            # as a file of an earlier version
     save_checkpoint(tmp_path / "edited.pt", table)
     for codes, field in [(f["codes_b"], "tokenizer_hash"), (f["val_a"], "split"), (f["val_a"], "rows"),
                          (str(tmp_path / "edited.pt"), "hash")]:
