@@ -253,28 +253,33 @@ class MergeCacheLayout:
     a duplicate; every other ring slot keeps its state from the step that wrote it. Every token is written before
     its row's attention, and the attention reads the cache in place (no copy).
 
-    Per step the layout does a fixed number of small in-place tensor operations and one host sync (the batch's
-    largest slot count, the length L of the read), shared by all layers; nothing is rebuilt or looped over the batch:
-      codes (B, capacity)   the code in each slot (-1: none): the duplicate test compares the fed code with it
+    A step costs ten small in-place tensor operations and one host sync (the batch's largest slot count, the
+    length L of the read), shared by all layers; nothing is rebuilt or looped over the batch:
+      unseen (B, vocab)     True for the codes not generated yet: the duplicate test is one gather
+                            (a bool per code: 256 KiB per row for 2^18 codes)
       mask (B, capacity)    additive attention mask, 0 = live, -inf = empty, expired or padding; the attention
                             reads its first L columns (the first-member region is padded to the batch maximum)
-      next_first (B,)       each sample's next first-member slot
-    Capacity: 2 + R + K slots (K first members for a sequence of K groups), grown when sampling produces more
-    distinct codes than K. The mask takes the activations' dtype (bf16 under autocast), allocated at the first
-    write (`allocate`).
+      next_first (B, 1)     each sample's next first-member slot
+    L changes only when a first member widens the read (about K of the N steps), so the caches re-slice their
+    buffers only then. Capacity: 2 + R + K slots (K first members for a sequence of K groups), grown when sampling
+    produces more distinct codes than K. The mask takes the activations' dtype (bf16 under autocast), allocated
+    at the first write (`allocate`).
     """
 
-    def __init__(self, batch, heads, window, K_max, num_tokens, device):
+    def __init__(self, batch, heads, window, K_max, num_tokens, vocab, device):
         self.batch, self.heads, self.window, self.ring, self.device = batch, heads, window, window + 1, device
         self.first0 = 2 + self.ring                                         # the first first-member slot
         self.max_capacity = self.first0 + num_tokens                        # every token a first member
         self.capacity = min(self.first0 + K_max, self.max_capacity)
-        self.codes = torch.full((batch, self.capacity), -1, dtype=torch.long, device=device)   # (B, capacity)
-        self.next_first = torch.full((batch,), self.first0, dtype=torch.long, device=device)   # (B,)
+        self.unseen = torch.ones(batch, vocab, dtype=torch.bool, device=device)                 # (B, vocab)
+        self.next_first = torch.full((batch, 1), self.first0, dtype=torch.long, device=device)  # (B, 1)
+        self.ring_index = torch.arange(2, self.first0, device=device)[:, None]   # (R, 1): slot of each ring place
         self.mask = None
         self.length = 2                                                     # slots read: the prefix so far
         self.prefill = True
         self.set_rows()
+        self.slots = torch.empty(batch, heads, dtype=torch.long, device=device)   # (B, H) this step's rows
+        self.flat_slot = self.slots.view(-1)                                # (B * H,) the caches' index
 
     def set_rows(self):
         """row_base (B, H): the first row of each (sample, head) in a cache's flat (B * H * capacity, D_h) view."""
@@ -287,39 +292,38 @@ class MergeCacheLayout:
         self.mask[:, :2] = 0.0                                              # C and M: read by every row
 
     def grow(self, need):
-        """More first-member slots (at least `need` slots in all): double the region, pad codes and mask."""
+        """More first-member slots (at least `need` slots in all): double the region, pad the mask."""
         room = max(need - self.first0, 2 * (self.capacity - self.first0), 1)
         extra = min(self.first0 + room, self.max_capacity) - self.capacity
-        self.codes = F.pad(self.codes, (0, extra), value=-1)                # (B, capacity + extra)
-        self.mask = F.pad(self.mask, (0, extra), value=-math.inf)
+        self.mask = F.pad(self.mask, (0, extra), value=-math.inf)          # (B, capacity + extra)
         self.capacity += extra
         self.set_rows()
 
     def plan(self, t, x):
-        """Image position t with code x (B,) is fed next: pick its slot (`flat_slot`, the (B * heads,) rows the
-        caches' index_copy_ writes), update codes and mask, set the read length and `attn_mask` (B, 1, L)."""
+        """Image position t with codes x (B, 1) is fed next: pick its slot (`flat_slot`, the (B * heads,) rows the
+        caches' index_copy_ writes), update the mask, and when the read widens, `length` and `attn_mask` (B, 1, L)."""
         self.prefill = False
-        x = x[:, None]                                                      # (B, 1)
-        is_first = (self.codes[:, : self.length] != x).all(1)              # (B,) rep_from_codes: a new code?
-        ring_slot = 2 + t % self.ring
-        slot = torch.where(is_first, self.next_first, ring_slot)           # (B,) appended, or into the ring
+        is_first = self.unseen.gather(1, x)                                 # (B, 1) rep_from_codes: a new code?
+        self.unseen.scatter_(1, x, False)
+        ring = t % self.ring
+        slot = torch.where(is_first, self.next_first, 2 + ring)            # (B, 1) appended, or into the ring
         self.next_first += is_first
-        self.length = int(self.next_first.max())                           # the one host sync of a step
-        if self.length > self.capacity:
-            self.grow(self.length)
-        self.mask[:, ring_slot] = -math.inf                                 # position t - W - 1 expires
-        slot = slot[:, None]                                                # (B, 1)
+        length = int(self.next_first.max())                                 # the one host sync of a step
+        if length > self.capacity:
+            self.grow(length)
+        self.mask.index_fill_(1, self.ring_index[ring], -math.inf)         # position t - W - 1 expires
         self.mask.scatter_(1, slot, 0.0)                                    # t is live (Eq. (12): t - t <= W)
-        self.codes.scatter_(1, slot, x)
-        self.flat_slot = (self.row_base + slot).reshape(-1)                # (B * H,) rows of the flat view
-        self.attn_mask = self.mask[:, None, : self.length]                  # (B, 1, L)
+        torch.add(self.row_base, slot, out=self.slots)                      # (B, H) rows of the flat view
+        if length != self.length:                                           # a first member widened the read
+            self.length = length
+            self.attn_mask = self.mask[:, None, :length]                    # (B, 1, L), a view: sees later writes
 
 
 class PlainCacheLayout:
     """The baseline the bench measures MergeAR against: every position kept (the plain causal model), through the
     same cache code (CompactKVCache, in-place writes, the same additive mask) so that the two differ only in the
     slots read. Image position t sits in slot 2 + t, row t reads slots 0 .. t + 2, all live (the mask is zeros),
-    and the length is known on the host: no sync."""
+    and the length is known on the host: no sync, two tensor operations a step."""
 
     def __init__(self, batch, heads, num_tokens, device):
         self.batch, self.heads, self.device = batch, heads, device
@@ -327,6 +331,8 @@ class PlainCacheLayout:
         self.mask, self.length, self.prefill = None, 2, True
         rows = torch.arange(batch * heads, device=device).reshape(batch, heads)
         self.row_base = rows * self.capacity                                # (B, H)
+        self.slots = torch.empty(batch, heads, dtype=torch.long, device=device)   # (B, H) this step's rows
+        self.flat_slot = self.slots.view(-1)                                # (B * H,)
 
     def allocate(self, dtype):
         self.mask = torch.zeros(self.batch, self.capacity, dtype=dtype, device=self.device)   # every slot live
@@ -335,7 +341,7 @@ class PlainCacheLayout:
         """Image position t is fed next (x unused): slot 2 + t, the read grows by one."""
         self.prefill = False
         self.length = t + 3                                                 # C, M, x_0 .. x_t
-        self.flat_slot = (self.row_base + (2 + t)).reshape(-1)             # (B * H,)
+        torch.add(self.row_base, 2 + t, out=self.slots)
         self.attn_mask = self.mask[:, None, : self.length]                  # (B, 1, L)
 
 
@@ -344,16 +350,24 @@ class CompactKVCache:
     dtype (allocated at the prefill's write: bf16 under autocast); with a PlainCacheLayout, the bench's plain
     baseline. Attention reads the first `layout.length` slots, never N: keys carry their RoPE rotation from the
     moment they were written, and attention is a function of the set of (key, value) pairs, so a slot's place is
-    free. A step writes one row per (sample, head) with index_copy_ on a flat view."""
+    free. A step writes one row per (sample, head) with index_copy_ on a flat view, and re-slices the buffers
+    only when the layout's length changed."""
 
     def __init__(self, layout):
         self.layout = layout
         self.k = self.v = None
+        self.length = None
 
     def allocate(self, heads, head_dim, dtype):
+        """Zero buffers (B, heads, capacity, D_h), or the current ones padded with zeros to a grown capacity."""
         lay = self.layout
-        self.k = torch.zeros(lay.batch, heads, lay.capacity, head_dim, dtype=dtype, device=lay.device)
-        self.v = torch.zeros_like(self.k)
+        if self.k is None:
+            self.k = torch.zeros(lay.batch, heads, lay.capacity, head_dim, dtype=dtype, device=lay.device)
+            self.v = torch.zeros_like(self.k)
+        else:
+            extra = lay.capacity - self.k.shape[2]
+            self.k, self.v = F.pad(self.k, (0, 0, 0, extra)), F.pad(self.v, (0, 0, 0, extra))
+        self.k_rows, self.v_rows = self.k.view(-1, head_dim), self.v.view(-1, head_dim)   # (B*H*capacity, D_h)
 
     def context(self, input_pos, k, v):
         lay = self.layout
@@ -365,13 +379,14 @@ class CompactKVCache:
         if lay.prefill:
             self.k[:, :, :S], self.v[:, :, :S] = k, v
             return k, v, torch.ones(S, S, dtype=torch.bool, device=k.device).tril()[None]
-        if self.k.shape[2] != lay.capacity:                                 # the layout grew: pad with zeros
-            extra = lay.capacity - self.k.shape[2]
-            self.k, self.v = F.pad(self.k, (0, 0, 0, extra)), F.pad(self.v, (0, 0, 0, extra))
-        self.k.view(-1, D_h).index_copy_(0, lay.flat_slot, k.reshape(B * H, D_h))   # (B*H*capacity, D_h)
-        self.v.view(-1, D_h).index_copy_(0, lay.flat_slot, v.reshape(B * H, D_h))
-        L = lay.length
-        return self.k[:, :, :L], self.v[:, :, :L], lay.attn_mask           # (B, H, L, D_h) x 2, (B, 1, L)
+        if self.length != lay.length:                                       # the read widened (or the layout grew)
+            if self.k.shape[2] != lay.capacity:
+                self.allocate(H, D_h, k.dtype)
+            self.length = lay.length
+            self.keys, self.values = self.k[:, :, : self.length], self.v[:, :, : self.length]   # (B, H, L, D_h)
+        self.k_rows.index_copy_(0, lay.flat_slot, k.reshape(B * H, D_h))
+        self.v_rows.index_copy_(0, lay.flat_slot, v.reshape(B * H, D_h))
+        return self.keys, self.values, lay.attn_mask                        # (B, H, L, D_h) x 2, (B, 1, L)
 
     def nbytes(self):
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
@@ -428,8 +443,8 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     labels = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if use_cfg else cond   # (B', )
     K = torch.as_tensor(K, device=dev).long().reshape(-1).expand(B).repeat(halves)               # (B',)
     Bp = labels.shape[0]
-    layout = (MergeCacheLayout(Bp, model.cfg.n_head, W, int(K.max()), num_tokens, dev) if compact
-              else PlainCacheLayout(Bp, model.cfg.n_head, num_tokens, dev))   # positions 0 .. N (x_{N-1} not fed)
+    layout = (MergeCacheLayout(Bp, model.cfg.n_head, W, int(K.max()), num_tokens, model.cfg.vocab_size, dev)
+              if compact else PlainCacheLayout(Bp, model.cfg.n_head, num_tokens, dev))   # positions 0 .. N
     for layer in model.layers:
         layer.attention.kv_cache = CompactKVCache(layout)
     positions = torch.arange(num_tokens + 1, device=dev)                    # [C, M] at 0, 1; x_t at t + 2
@@ -438,10 +453,10 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
         h = model.run_layers(merge_prefix(model, labels, K), positions[:2])   # prefill [C, M]
         for t in range(num_tokens):
             if t > 0:                                                       # feed x_{t-1} at position t + 1
-                x = out[-1] if halves == 1 else out[-1].repeat(halves)      # (B',)
+                x = (out[-1] if halves == 1 else out[-1].repeat(halves))[:, None]   # (B', 1)
                 layout.plan(t - 1, x)
                 computed.append(layout.length)
-                h = model.run_layers(model.embed_codes(x[:, None]), positions[t + 1: t + 2])
+                h = model.run_layers(model.embed_codes(x), positions[t + 1: t + 2])
             h = h[:, -1:]                                                   # (B', 1, D)
             scale = cfg_scale_at(t, num_tokens, cfg_scale, cfg_schedule)
             if not model.cfg.factorized:

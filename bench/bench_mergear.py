@@ -262,19 +262,19 @@ def cache_memory(measured, N=1024, K=256, batch=64):
     H, D_h, W = cfg.n_head, cfg.dim // cfg.n_head, math.isqrt(N)
     sizes = {}
     for name, layout in (("plain", PlainCacheLayout(batch, H, N, "meta")),
-                         ("MergeAR", MergeCacheLayout(batch, H, W, K, N, "meta"))):
+                         ("MergeAR", MergeCacheLayout(batch, H, W, K, N, cfg.vocab_size, "meta"))):
         layout.allocate(torch.bfloat16)
         caches = [CompactKVCache(layout) for _ in range(cfg.n_layer)]
         for c in caches:
             c.allocate(H, D_h, torch.bfloat16)
-        extra = sum(t.nbytes for t in (layout.mask, getattr(layout, "codes", layout.mask[:0]), layout.row_base))
+        extra = sum(t.nbytes for t in (layout.mask, getattr(layout, "unseen", layout.mask[:0])))
         sizes[name] = (layout.capacity, sum(c.nbytes() for c in caches), extra)
     (cp, bp, ep), (cm, bm, em) = sizes["plain"], sizes["MergeAR"]
     print(f"\nKV-cache peak memory, GPT-L ({cfg.n_layer} layers, {H} heads x {D_h}), N = {N}, K = {K}, W = {W}, "
           f"batch {batch}, bf16, allocated on the meta device:")
     print(f"  plain   {cp:5d} slots per row: {bp / 2 ** 30:6.2f} GiB of K/V (+ {ep / 2 ** 20:.2f} MiB mask)")
-    print(f"  MergeAR {cm:5d} slots per row: {bm / 2 ** 30:6.2f} GiB of K/V (+ {em / 2 ** 20:.2f} MiB mask, slot "
-          f"codes), {bp / bm:.2f}x less (grows only if sampling yields more than K distinct codes)")
+    print(f"  MergeAR {cm:5d} slots per row: {bm / 2 ** 30:6.2f} GiB of K/V (+ {em / 2 ** 20:.2f} MiB mask and "
+          f"table of seen codes), {bp / bm:.2f}x less (grows only if sampling yields more than K distinct codes)")
     print(f"  measured on this bench's model (N = {N}, K = {K}, batch 16, float32): plain {measured[0] / 2 ** 20:.1f} "
           f"MiB, MergeAR {measured[1] / 2 ** 20:.1f} MiB, {measured[0] / measured[1]:.2f}x less")
 
