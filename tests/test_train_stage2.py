@@ -299,7 +299,8 @@ def test_gradient_accumulation_and_checkpointing_equal_the_plain_step(files, tmp
     for extra, pairs in [(["--dropout", "0", "--class-dropout", "0"], [((1, False), (2, False))]),
                          ([], [((1, False), (1, True))])]:
         args = train_stage2.build_parser().parse_args(["train", "--codes", codes, "--model", model, "--preset", "tiny",
-                                                       "--batch-size", "4", "--out", str(tmp_path / "x"), *extra])
+                                                       "--gpt", "tiny", "--batch-size", "4", "--out",
+                                                       str(tmp_path / "x"), *extra])
         run = train_stage2.setup(args, 0, 1, torch.device("cpu"))
         run.model.train()
         start = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -309,21 +310,25 @@ def test_gradient_accumulation_and_checkpointing_equal_the_plain_step(files, tmp
             for name in g1:
                 torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-6, msg=name)
     d = tmp_path / "run"
-    train(d.parent, d.name, codes, "--steps", "2", "--grad-accum", "2", "--checkpoint-activations", model=model)
+    train(d.parent, d.name, codes, "--steps", "2", "--gpt", "tiny", "--grad-accum", "2", "--checkpoint-activations",
+          model=model)
     assert len(read_log(str(d))) == 2
 
 
 def test_memory_estimate_is_printed_and_names_a_grad_accum_that_fits(files, tmp_path, monkeypatch, capsys):
     """The estimate is printed at start; when it exceeds the device's memory the run stops with one line naming
-    the smallest --grad-accum whose micro-batches fit. Tiny MergeAR, 4 sequences of N + 1 = 65 positions: the
-    estimate, written out, is weights 16 bytes per parameter + per sequence 2 blocks x 65 x 100 bytes (float32) x 64
-    (width) + 64 predicted positions x 5 bytes x 2^d codes + the mask 65^2 x (1 + 2 x 2)."""
+    the smallest --grad-accum whose micro-batches fit. GPT tiny MergeAR, 4 sequences of N + 1 = 65 positions: the
+    estimate, written out, is weights 16 bytes per parameter + per sequence n_layer blocks x 65 x 100 bytes
+    (float32) x width + 64 predicted positions x the head (plain: 5 bytes x 2^d codes; factorized: two intra-token
+    blocks on two slots, 4 x 100 x width, + 10 bytes x (2^6 + 2^(d - 6)) logits) + the mask 65^2 x (1 + 2 n_layer)."""
     _, _, codes = files
     args = train_stage2.build_parser().parse_args(["train", "--codes", codes, "--model", "mergear", "--preset",
-                                                   "tiny", "--batch-size", "4", "--out", str(tmp_path / "a")])
+                                                   "tiny", "--gpt", "tiny", "--batch-size", "4",
+                                                   "--out", str(tmp_path / "a")])
     run = train_stage2.setup(args, 0, 1, torch.device("cpu"))
-    V = run.model.cfg.vocab_size
-    per_sequence = 2 * 65 * 100 * 64 + 64 * 5 * V + 65 ** 2 * 5
+    c = run.model.cfg
+    head = 4 * 100 * c.dim + 10 * (2 ** 6 + c.vocab_size // 2 ** 6) if c.factorized else 5 * c.vocab_size
+    per_sequence = c.n_layer * 65 * 100 * c.dim + 64 * head + 65 ** 2 * (1 + 2 * c.n_layer)
     weights_bytes = 16 * sum(p.numel() for p in run.model.parameters())
     assert "memory estimate per process" in capsys.readouterr().out
     monkeypatch.setattr(train_stage2.common, "memory_available", lambda device: weights_bytes + 2.5 * per_sequence)
@@ -399,7 +404,7 @@ def test_sample_streams_the_npz_and_caps_the_grid(files, monkeypatch):
     GRID_CLASSES classes evenly spread (here 3 of 10: classes 0, 4 and 9) with GRID_PER_CLASS images each (here 1,
     the first of its class), the .npz's own pixels."""
     d, _, codes = files
-    out = train(d, "grid-llamagen", codes, "--steps", "1", model="llamagen")
+    out = train(d, "grid-llamagen", codes, "--steps", "1", "--gpt", "tiny", model="llamagen")
     monkeypatch.setattr(train_stage2, "GRID_CLASSES", 3)
     monkeypatch.setattr(train_stage2, "GRID_PER_CLASS", 1)
     prefix = str(d / "grid")
