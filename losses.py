@@ -597,7 +597,7 @@ def group_constraints(u, source, tau, chunk_elements=COLLISION_CHUNK_ELEMENTS):
                         else _block_pair_sums(*args))
         intra_sum, inter_sum = (torch.stack(t).sum() for t in zip(*sums))
     sizes = torch.zeros(B, N, dtype=torch.long, device=u.device).scatter_add_(1, source, torch.ones_like(source))
-    same_pairs = sizes.pow(2).sum()                                                 # ordered pairs in one group, i = j too
+    same_pairs = sizes.pow(2).sum()                                     # ordered pairs in one group, i = j too
     intra_pairs, inter_pairs = same_pairs - B * N, B * N * N - same_pairs
     return intra_sum / intra_pairs.clamp_min(1), inter_sum / inter_pairs.clamp_min(1)
 
