@@ -233,6 +233,24 @@ def test_compact_cache_grows_when_codes_outnumber_K(merge_model):
     assert d.stored.tolist() == [2 + 15, 2 + 3 + W]                                 # 15 fed firsts; 3 codes + window
 
 
+def test_a_compacted_decoding_step_reads_back_one_value(merge_model, monkeypatch):
+    """A MergeAR step waits for the device once: the batch's largest slot count (the read's length), read after the
+    duplicate test; nothing in the layers. Setup reads K's maximum (the first capacity). The plain layout's length
+    is known on the host: it reads only what both share (the check of K in merge_instruction_index)."""
+    codes, K, W = decoding_batches()[3]
+    reads = []
+    for name in ("__int__", "item", "tolist", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (reads.append(_name),
+                                                                                          _real(self, *a))[1])
+    decode_mergear(merge_model, torch.arange(3), K, 16, W, codes=codes, compact=False, return_logits=False)
+    shared = list(reads)
+    reads.clear()
+    decode_mergear(merge_model, torch.arange(3), K, 16, W, codes=codes, return_logits=False)
+    assert len(reads) == len(shared) + 1 + 15               # K's maximum + one per fed token x_0 .. x_14
+    assert len(shared) <= 1
+
+
 @pytest.mark.parametrize("compact", [True, False])
 def test_decoding_under_bf16_autocast(merge_model, compact):
     """Under autocast the activations are bf16: the cache takes their dtype (half the bytes), not the model's
