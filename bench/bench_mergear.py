@@ -252,7 +252,8 @@ def traffic_model(check, gen, N=1024, K=256):
     med = measured.median().item()
     print(f"  check on this CPU (this bench's model, float32: {w / 1e6:.1f} MB of weights, {kv / 1e3:.1f} kB per key; "
           f"N = {N}, K = {K}, batch 16): the model predicts {pred:.2f}x, measured {med:.2f}x (median), "
-          f"the model {100 * (pred / med - 1):+.0f}% off")
+          f"the model {100 * (pred / med - 1):+.0f}% off: this CPU's step is not bound by memory bandwidth (the "
+          f"matmuls' arithmetic and a thousand small framework operations per step take most of it)")
 
 
 def cache_memory(measured, N=1024, K=256, batch=64):
