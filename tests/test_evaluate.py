@@ -555,7 +555,7 @@ ROW_KEYS = {"K", "source", "bits", "num_images", "psnr", "ssim", "lpips", "rfid"
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A stage-1 checkpoint of the tiny G tokenizer (64x64, N=256, target K=64), untrained: random weights."""
-    cfg = get_config("g", "tiny")
+    cfg = get_config("g", "tiny", z_channels=18)                            # the paper's d: 18 bits a token
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_tokenizer("g", config=cfg)

@@ -173,7 +173,7 @@ def test_gaussian_kl_closed_form():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_tokenizer("mergetok", "tiny").eval()
+    return build_tokenizer("mergetok", "tiny", z_channels=18).eval()      # C = d = 18
 
 
 def images(n=2, seed=0):
@@ -262,7 +262,7 @@ def test_mergetok_flags_are_checked(capsys):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A MergeTok checkpoint in train_stage1.py's format (random weights)."""
-    cfg = get_config("mergetok", "tiny")
+    cfg = get_config("mergetok", "tiny", z_channels=18)
     torch.manual_seed(0)
     sd = build_tokenizer("mergetok", config=cfg).state_dict()
     path = str(tmp_path_factory.mktemp("mergetok") / "tok.pt")

@@ -31,7 +31,7 @@ def test_encode_decode_shapes_and_source_partition(tiny_models, variant):
             enc = model.encode(x, K=K)
             y = model.decode(enc.indices, enc.source)
         assert enc.indices.shape == (2, K) and enc.K == K
-        assert enc.source.shape == (2, N) and enc.source.dtype == torch.int64 and enc.z_q.shape == (2, K, 18)
+        assert enc.source.shape == (2, N) and enc.source.dtype == torch.int64 and enc.z_q.shape == (2, K, model.cfg.z_channels)
         assert y.shape == x.shape
         # The source partitions the N tokens into K non-empty groups: every merged token holds >= 1 token.
         for b in range(2):
@@ -59,7 +59,7 @@ def test_decoding_with_true_source_is_deterministic_and_uses_recovery(tiny_model
         # decode_codes recovers exactly the N tokens of Eq. (11): the same as decoding the recovered grid directly
         full = recover(enc.z_q, enc.source)                                    # (B, N, d)
         g = model.cfg.grid
-        c = model.decoder(full.transpose(1, 2).reshape(2, 18, g, g))
+        c = model.decoder(full.transpose(1, 2).reshape(2, model.cfg.z_channels, g, g))
         recon = model(x, K=64).recon
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=1e-6)

@@ -31,7 +31,8 @@ IMAGES = 12
 def files(tmp_path_factory):
     """A stage-1 checkpoint in train_stage1.py's format (random weights) and its codes (12 images, flipped too)."""
     d = tmp_path_factory.mktemp("stage2")
-    cfg = get_config("g", "tiny", image_size=32, K=16, K_low=0, K_high=2)   # grid 8: N = 64, K 16 / 25 / 36
+    cfg = get_config("g", "tiny", image_size=32, K=16, K_low=0, K_high=2,   # grid 8: N = 64, K 16 / 25 / 36,
+                     z_channels=18)                                       # the factorized 2^18-code generators
     torch.manual_seed(0)
     sd = build_tokenizer("g", config=cfg).state_dict()
     tok = str(d / "stage1.pt")
