@@ -616,10 +616,10 @@ def start_log(args, run, device):
 def train(args, rank, world, device):
     run = setup(args, rank, world, device)
     cfg, step = run.cfg, run.step
+    stop_at = common.last_step(step, run.total, args.stop_at)                # before anything is written
     if rank == 0:
         start_log(args, run, device)
     ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
-    stop_at = common.last_step(step, run.total, args.stop_at)
     stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage1-{args.variant}")
     t_start, images_seen, stopped_by = time.time(), 0, None

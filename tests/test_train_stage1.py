@@ -363,6 +363,9 @@ def test_a_folder_that_holds_a_run_is_refused_unless_continued_or_overwritten(tm
     # continuing the run in its own folder appends; --overwrite starts over: the old log rows and pictures go
     run(tmp_path, "a", *SMALL, "--steps", "2", "--sample-every", "100000", "--resume", os.path.join(out, "last.pt"))
     assert [r["step"] for r in read_log(out)] == [1, 2]
+    finished = file_bytes(out)                                               # nothing left to train: nothing written
+    err = one_line_error(capsys, *SMALL, "--steps", "2", "--out", out, "--resume", os.path.join(out, "last.pt"))
+    assert "nothing to train" in err and file_bytes(out) == finished, err
     run(tmp_path, "a", *SMALL, "--steps", "1", "--sample-every", "100000", "--overwrite")
     assert [r["step"] for r in read_log(out)] == [1]
     assert sorted(os.listdir(out)) == ["config.json", "last.pt", "log.jsonl", "samples_0000001.png"]   # the new

@@ -80,6 +80,7 @@ def test_train_refuses_a_folder_that_holds_a_run(f, tmp_path, capsys):
     err = error(capsys, *again, "--out", out)
     assert "already holds a run" in err and f"--resume {out}/last.pt" in err and "--overwrite" in err, err
     assert "positive and finite" in error(capsys, *again, "--lr", "inf", "--out", out)
+    assert "nothing to train" in error(capsys, *again, "--out", out, "--resume", files[0])
     assert contents(*files) == before                                        # config.json included
     stage1 = tmp_path / "stage1"                                             # a stage-1 run: its last.pt is the
     stage1.mkdir()                                                           # tokenizer the codes refer to
