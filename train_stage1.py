@@ -203,8 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     p.add_argument("--lfq-bits", type=int, default=None, metavar="D", dest="lfq_bits",
-                   help="override the preset's LFQ bits d (z_channels; 2^d codes). The README's CPU figures before "
-                        "the tiny preset's d = 10 were measured with --lfq-bits 18")
+                   help="override the preset's LFQ bits d (z_channels; 2^d codes). The CPU figures of docs/ marked "
+                        "18-bit (before the tiny preset's d = 10) were measured with --lfq-bits 18")
     p.add_argument("--run-anyway", action="store_true",
                    help="start even where the resource check says the run cannot fit or finish (no GPU, too "
                         "little memory)")
