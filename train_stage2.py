@@ -1079,7 +1079,7 @@ def add_train_args(sub):
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
-                        "log.jsonl are deleted first (without it such a folder is refused)")
+                        "log.jsonl are deleted first, other files stay (without it such a folder is refused)")
     p.add_argument("--stop-at", type=int, default=None, help="stop at this step with a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
