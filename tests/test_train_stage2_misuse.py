@@ -32,8 +32,8 @@ def extract(d, name, tok, *extra, keep=("16",)):
 
 def train(d, name, codes, *extra, model="randar"):
     out = str(d / name)
-    assert train_stage2.main(["train", "--codes", codes, "--model", model, "--preset", "tiny", "--batch-size", "4",
-                              "--log-every", "1", "--out", out, *extra]) == 0
+    assert train_stage2.main(["train", "--codes", codes, "--model", model, "--preset", "tiny", "--gpt", "tiny",
+                              "--batch-size", "4", "--log-every", "1", "--out", out, *extra]) == 0
     return out
 
 
