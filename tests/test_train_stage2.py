@@ -249,7 +249,8 @@ def test_label_smoothing_is_the_closed_form(kind, factorized):
 @pytest.mark.parametrize("model", ["llamagen", "mergear", "randar"])
 def test_loss_falls_on_fixed_codes(files, model):
     d, _, codes = files
-    out = train(d, f"falls-{model}", codes, "--steps", "12", "--lr", "1e-2", "--dropout", "0", model=model)
+    out = train(d, f"falls-{model}", codes, "--steps", "12", "--lr", "1e-2", "--warmup-steps", "0", "--dropout", "0",
+                model=model)
     log = read_log(out)
     first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
     assert last < first - 1.0, (first, last)
