@@ -75,8 +75,8 @@ def test_train_refuses_a_folder_that_holds_a_run(f, tmp_path, capsys):
     out = train(tmp_path, "run", f["codes_a"], "--steps", "1", model="llamagen")
     files = [os.path.join(out, name) for name in ("last.pt", "config.json", "log.jsonl")]
     before = contents(*files)
-    again = ["train", "--codes", f["codes_a"], "--model", "llamagen", "--preset", "tiny", "--batch-size", "4",
-             "--steps", "1"]
+    again = ["train", "--codes", f["codes_a"], "--model", "llamagen", "--preset", "tiny", "--gpt", "tiny",
+             "--batch-size", "4", "--steps", "1"]
     err = error(capsys, *again, "--out", out)
     assert "already holds a run" in err and f"--resume {out}/last.pt" in err and "--overwrite" in err, err
     assert "positive and finite" in error(capsys, *again, "--lr", "inf", "--out", out)
@@ -124,8 +124,8 @@ def test_extract_checks_its_output_path_before_the_work(f, tmp_path, capsys):
 
 def test_a_resume_with_other_codes_is_refused_naming_the_field(f, tmp_path, capsys):
     out = train(tmp_path, "r", f["codes_a"], "--steps", "2", "--stop-at", "1", model="mergear")
-    resume = ["train", "--model", "mergear", "--preset", "tiny", "--batch-size", "4", "--log-every", "1", "--steps",
-              "2", "--resume", os.path.join(out, "last.pt"), "--out", out]
+    resume = ["train", "--model", "mergear", "--preset", "tiny", "--gpt", "tiny", "--batch-size", "4", "--log-every",
+              "1", "--steps", "2", "--resume", os.path.join(out, "last.pt"), "--out", out]
     table = torch.load(f["codes_a"], weights_only=True)
     table["labels"][0] += 1                                                  # the same shape, other content
     table.pop("codes_hash", None)                                            # as a file of an earlier version
@@ -186,8 +186,8 @@ def test_guidance_scales_that_cannot_work_are_one_line(f, tmp_path, capsys):
 def test_bad_checkpoints_and_devices_are_one_line(f, tmp_path, capsys):
     out = train(tmp_path, "ok", f["codes_a"], "--steps", "2", "--stop-at", "1")
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    resume = ["train", "--codes", f["codes_a"], "--model", "randar", "--preset", "tiny", "--batch-size", "4",
-              "--steps", "2", "--resume", str(tmp_path / "broken.pt")]
+    resume = ["train", "--codes", f["codes_a"], "--model", "randar", "--preset", "tiny", "--gpt", "tiny",
+              "--batch-size", "4", "--steps", "2", "--resume", str(tmp_path / "broken.pt")]
     for key, drop in [("model", next(iter(ckpt["model"]))), ("opt", "state")]:
         save_checkpoint(tmp_path / "broken.pt", {**ckpt, key: {k: v for k, v in ckpt[key].items() if k != drop}})
         err = error(capsys, *resume, "--out", str(tmp_path / f"r-{key}"))
