@@ -176,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--disc-start", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="steps between sample pictures, and one at the last step (0: no pictures)")
     p.add_argument("--merge-schedule", choices=["square", "linear"], default=None,
                    help="per-layer merge amounts (paper: square; release: linear)")
     p.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth path or 'download'")
@@ -214,8 +215,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """One clear line for every argument that cannot work, before anything is built."""
-    positive = ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "stop_at", "image_size",
-                "lfq_bits"]
+    positive = ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at", "image_size", "lfq_bits"]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -238,8 +238,9 @@ def check_args(args):
             raise ValueError(f"{', '.join(given)}: MergeTok settings, for --variant mergetok only")
     if args.sem_target == "dinov2" and not args.dinov2_weights:
         raise ValueError("--sem-target dinov2 needs the DINOv2 teacher: pass --dinov2-weights PATH (or download)")
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    for name in ["workers", "sample_every"]:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.disc_start is not None and args.disc_start < 0:
         raise ValueError(f"--disc-start must be 0 or more, got {args.disc_start}")
     if args.resume and not os.path.isfile(args.resume):
@@ -660,7 +661,7 @@ def train(args, rank, world, device):
                 payload = snapshot(run, step, args)
                 if rank == 0:
                     common.save_checkpoint(ckpt_path, payload)
-            if rank == 0 and (step % cfg.sample_every == 0 or last):
+            if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 write_samples(run.ema, run.sample_batch, os.path.join(run.out_dir, f"samples_{step:07d}.png"),
                               sample_Ks(run))
             if last:
