@@ -28,3 +28,18 @@ def randomize_heads(model):
             if name.startswith("output"):
                 p.normal_(0, 0.5)
     return model
+
+
+def random_tokenizer_checkpoint(path, seed=0, **overrides):
+    """A stage-1 checkpoint in train_stage1.py's format (model and EMA the same random weights) of the tiny G
+    tokenizer, its config overridden by `overrides` (e.g. image_size=32, K=16); the stage-2 tests start from it.
+    Returns the path."""
+    import dataclasses
+
+    from common import save_checkpoint
+    from tokenizer import build_tokenizer, get_config
+    cfg = get_config("g", "tiny", **overrides)
+    torch.manual_seed(seed)
+    sd = build_tokenizer("g", config=cfg).state_dict()
+    save_checkpoint(str(path), {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    return str(path)

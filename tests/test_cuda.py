@@ -9,7 +9,6 @@ index and --deterministic; with two GPUs, a 2-process nccl step and a failing ra
 tests/test_devices.py runs the same paths on the CPU with tensors on "another device" (tests/other_device.py), which
 catches tensors and generators on the wrong device; this file catches what only a GPU shows (CUDA's kernels, bf16
 autocast on CUDA, nccl)."""
-import dataclasses
 import json
 import os
 import shutil
@@ -22,8 +21,7 @@ import torch
 import evaluate
 import train_stage1
 import train_stage2
-from common import save_checkpoint
-from tokenizer import build_tokenizer, get_config
+from conftest import random_tokenizer_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,11 +58,8 @@ def test_stage1_with_device_cuda_and_deterministic(tmp_path):
 def stage2_files(tmp_path_factory):
     """A random-weight tiny tokenizer at 32 px (N = 64 tokens, K = 16) and the codes of 8 images."""
     d = tmp_path_factory.mktemp("cuda")
-    cfg = get_config("g", "tiny", image_size=32, K=16, K_low=0, K_high=1)
-    torch.manual_seed(0)
-    sd = build_tokenizer("g", config=cfg).state_dict()
-    tok, codes = str(d / "stage1.pt"), str(d / "codes.pt")
-    save_checkpoint(tok, {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    tok = random_tokenizer_checkpoint(d / "stage1.pt", image_size=32, K=16, K_low=0, K_high=1)
+    codes = str(d / "codes.pt")
     assert train_stage2.main(["extract", "--tokenizer", tok, "--num-images", "8", "--keep", "16",
                               "--device", "cuda:0", "--out", codes]) == 0
     return d, tok, codes

@@ -10,7 +10,6 @@ Processes and settings: `--device cuda` takes its index from LOCAL_RANK; a rank 
 waiting in a barrier; `evaluate.py probe` ends the process group before rank 0 trains alone; --deterministic.
 tests/test_cuda.py runs the scripts on a real GPU (skipped without one)."""
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -28,9 +27,9 @@ import evaluate
 import losses
 import train_stage1
 import train_stage2
-from common import save_checkpoint
+from conftest import random_tokenizer_checkpoint
 from other_device import OTHER, on_other_device
-from tokenizer import build_tokenizer, get_config
+from tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,11 +112,8 @@ def test_dinov2_weight_selection_on_another_device():
 def stage2_files(tmp_path_factory):
     """A random-weight tiny tokenizer at 16 px (N = 16 tokens, K = 4) and the codes of 4 images."""
     d = tmp_path_factory.mktemp("devices")
-    cfg = get_config("g", "tiny", image_size=16, K=4, K_low=0, K_high=1)
-    torch.manual_seed(0)
-    sd = build_tokenizer("g", config=cfg).state_dict()
-    tok, codes = str(d / "stage1.pt"), str(d / "codes.pt")
-    save_checkpoint(tok, {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    tok = random_tokenizer_checkpoint(d / "stage1.pt", image_size=16, K=4, K_low=0, K_high=1)
+    codes = str(d / "codes.pt")
     assert train_stage2.main(["extract", "--tokenizer", tok, "--num-images", "4", "--keep", "4", "--out", codes]) == 0
     return d, tok, codes
 

@@ -1,6 +1,5 @@
 """train_stage2.py train --model randar --tokens recovered: Table 3's baseline row, RandAR over the N recovered codes
 of the raster grid (its slots are the real grid cells), decoded in place with no Source Recovery Model."""
-import dataclasses
 import os
 
 import numpy as np
@@ -8,8 +7,7 @@ import pytest
 import torch
 
 import train_stage2
-from common import save_checkpoint
-from tokenizer import build_tokenizer, get_config
+from conftest import random_tokenizer_checkpoint
 
 IMAGES = 8
 
@@ -17,11 +15,7 @@ IMAGES = 8
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("randar_recovered")
-    cfg = get_config("g", "tiny", image_size=32, K=16, K_low=0, K_high=1)   # grid 8: N = 64, K 16 / 25
-    torch.manual_seed(0)
-    sd = build_tokenizer("g", config=cfg).state_dict()
-    tok = str(d / "stage1.pt")
-    save_checkpoint(tok, {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    tok = random_tokenizer_checkpoint(d / "stage1.pt", image_size=32, K=16, K_low=0, K_high=1)   # N = 64, K 16 / 25
     codes = str(d / "codes.pt")
     assert train_stage2.main(["extract", "--tokenizer", tok, "--num-images", str(IMAGES), "--keep", "16",
                               "--out", codes]) == 0

@@ -2,7 +2,6 @@
 folder is never reused without --resume or --overwrite, no output replaces an input, files that do not belong
 together (codes, tokenizer, generator) are refused naming the file, a resume refuses other codes naming the field,
 and bad scales, devices and checkpoints are one line. Random-init tiny tokenizers at 32 px (N = 64, K 16 / 25)."""
-import dataclasses
 import json
 import os
 import shutil
@@ -12,16 +11,11 @@ import torch
 
 import train_stage2
 from common import save_checkpoint
-from tokenizer import build_tokenizer, get_config
+from conftest import random_tokenizer_checkpoint
 
 
 def tokenizer(d, name, seed, image_size=32):
-    cfg = get_config("g", "tiny", image_size=image_size, K=16, K_low=0, K_high=2)
-    torch.manual_seed(seed)
-    sd = build_tokenizer("g", config=cfg).state_dict()
-    path = str(d / name)
-    save_checkpoint(path, {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
-    return path
+    return random_tokenizer_checkpoint(d / name, seed, image_size=image_size, K=16, K_low=0, K_high=2)
 
 
 def extract(d, name, tok, *extra, keep=("16",)):
