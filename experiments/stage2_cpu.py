@@ -2,7 +2,10 @@
 
 One command runs the README's stage-2 commands in order and prints the README's table from their output:
 
-    python experiments/stage2_cpu.py --tokenizer runs/stage1-g-tiny/last.pt      # about 30-45 min on 2 CPU cores
+    python experiments/stage2_cpu.py --tokenizer runs/stage1-g-tiny/last.pt
+
+Not yet timed end to end: on 2 quiet cores the training alone takes about 45 min (four generators of about 22 min
+each, two at a time; a step of GPT small at batch 32 is 1.32 s on one thread).
 
   1. extract   codes of 4000 training images and their mirror images at the tokenizer's kept counts K (MergeAR
                draws K per image, Appendix A.3), and of 500 held-out images for the NLL
