@@ -218,8 +218,8 @@ def mergear_logits(model, codes, cond, K, rep, window=None):
     if rep.shape != codes.shape:
         raise ValueError(f"rep {tuple(rep.shape)} must have the shape of codes {tuple(codes.shape)}")
     W = merge_window(model, window)
-    h = torch.cat([merge_prefix(model, cond, K, train=model.training),
-                   model.embed_codes(codes[:, :-1])], dim=1)                # (B, N + 1, D): [C, M, x_0 .. x_{N-2}]
+    prefix = merge_prefix(model, cond, K, train=model.training)             # (B, 2, D): [C, M]
+    h = torch.cat([prefix, model.embed_codes(codes[:, :-1], prefix[:, :1])], dim=1)   # (B, N + 1, D): [C, M, x_0 ..]
     mask = prefixed_mask(merge_causal_mask(rep, W)[:, : N - 1, : N - 1], 2)    # (B, N + 1, N + 1), Eq. (12)
     h = model.run_layers(model.tok_dropout(h), mask=mask)[:, 1:]            # (B, N, D): outputs at M, x_0 .. x_{N-2}
     if not model.cfg.factorized:
@@ -450,13 +450,14 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     positions = torch.arange(num_tokens + 1, device=dev)                    # [C, M] at 0, 1; x_t at t + 2
     out, kept, computed = [], [], [2]                                       # step 0 reads C, M
     try:
-        h = model.run_layers(merge_prefix(model, labels, K), positions[:2])   # prefill [C, M]
+        prefix = merge_prefix(model, labels, K)                             # (B', 2, D): [C, M]
+        h = model.run_layers(prefix, positions[:2])                         # prefill [C, M]
         for t in range(num_tokens):
             if t > 0:                                                       # feed x_{t-1} at position t + 1
                 x = (out[-1] if halves == 1 else out[-1].repeat(halves))[:, None]   # (B', 1)
                 layout.plan(t - 1, x)
                 computed.append(layout.length)
-                h = model.run_layers(model.embed_codes(x), positions[t + 1: t + 2])
+                h = model.run_layers(model.embed_codes(x, prefix[:, :1]), positions[t + 1: t + 2])
             h = h[:, -1:]                                                   # (B', 1, D)
             scale = cfg_scale_at(t, num_tokens, cfg_scale, cfg_schedule)
             if not model.cfg.factorized:

@@ -204,8 +204,8 @@ def randar_inputs(model, tokens, cond, order):
     order = check_order(order, B, L)
     f = model.cell_rope(order, L)                                           # (B, L, D_h/2, 2)
     P = model.position_instructions(f)                                      # (B, L, D)
-    X = model.tok_dropout(model.embed_codes(to_generation_order(tokens, order)))   # (B, L, D), image tokens only
     c = model.cls_embedding(cond, train=model.training)                     # (B, 1, D)
+    X = model.tok_dropout(model.embed_codes(to_generation_order(tokens, order), c))   # (B, L, D), image tokens only
     h = torch.cat([c, interleave(P, X)], dim=1)                             # (B, 1 + 2L, D)
     f_cls = model.rope(tokens.device)[:1].expand(B, 1, -1, -1)              # (B, 1, D_h/2, 2): the zero class row
     return h, torch.cat([f_cls, interleave(f, f)], dim=1)                   # (B, 1 + 2L, D_h/2, 2)
@@ -267,7 +267,7 @@ def step_inputs(model, P, f, x, counts, j, done, labels):
         return h, freqs, torch.arange(0, 1 + n, device=P.device)
     m = counts[j - 1]
     s = done - m
-    X = model.embed_codes(x[:, s:done])                                                      # (B', m, D)
+    X = model.embed_codes(x[:, s:done], model.cls_embedding(labels, train=False))           # (B', m, D)
     h = torch.cat([interleave(P[:, s:done], X)[:, 1:], P[:, done:done + n]], dim=1)         # (B', 2m - 1 + n, D)
     freqs = torch.cat([interleave(f[:, s:done], f[:, s:done])[:, 1:], f[:, done:done + n]], dim=1)
     return h, freqs, torch.arange(2 + 2 * s, 2 + 2 * s + h.shape[1], device=P.device)

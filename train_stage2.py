@@ -76,7 +76,7 @@ from torch.utils.data import DataLoader
 import common
 import data as data_lib
 from merge import KeptTokenSampler
-from gpt import GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
+from gpt import CLASS_COND, GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
 from mergear import generate_mergear, merge_window, mergear_loss, rep_disagreement, rep_from_codes, rep_from_source
 from randar import (RandARTransformer, build_randar, decode_with_recovery, generate_randar, randar_loss,
                     random_orders, teacher_forced_samples)
@@ -106,6 +106,7 @@ class TrainConfig:
     warmup_steps: int = 0
     dropout: float = 0.1            # token, residual and FFN dropout (LlamaGen's defaults)
     class_dropout: float = 0.1      # class label -> null class, for classifier-free guidance
+    class_cond: str = "prefix"      # LlamaGen's class token only; "add": also added to every code (gpt.CLASS_COND)
     log_every: int = 50
     ckpt_every: int = 5000
 
@@ -396,7 +397,7 @@ def build_generator(kind, cfg, table, K=None, tokens="merged"):
     d, N = tok_cfg["z_channels"], table["source"][int(table["Ks"][0])].shape[1]
     common_args = dict(vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
                        token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout,
-                       class_dropout_prob=cfg.class_dropout)
+                       class_dropout_prob=cfg.class_dropout, class_cond=cfg.class_cond)
     if kind == "randar":
         return build_randar(cfg.gpt, block_size=N if tokens == "recovered" else K, **common_args)
     return build_gpt(cfg.gpt, block_size=N, merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else (),
@@ -488,7 +489,7 @@ def check_memory(args, run, device):
 def build_train_config(args):
     cfg = TRAIN_PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in ["gpt", "steps", "epochs", "batch_size", "lr", "label_smoothing",
-                                               "lr_schedule", "warmup_steps", "dropout", "class_dropout",
+                                               "lr_schedule", "warmup_steps", "dropout", "class_dropout", "class_cond",
                                                "log_every", "ckpt_every"]
                  if getattr(args, k) is not None}
     if args.betas is not None:
@@ -1071,6 +1072,9 @@ def add_train_args(sub):
                    help="step (x0.1 at 90%%, default) or LlamaGen's constant")
     p.add_argument("--dropout", type=float, default=None, help="token / residual / FFN dropout (0.1)")
     p.add_argument("--class-dropout", type=float, default=None, help="class -> null class, for CFG (0.1)")
+    p.add_argument("--class-cond", choices=CLASS_COND, default=None,
+                   help="prefix: LlamaGen's class token (paper); add: also added to every code's input (the tiny "
+                        "preset: the prefix alone is ignored at CPU scale, gpt.CLASS_COND)")
     p.add_argument("--keep", type=int, default=None, metavar="K",
                    help="train on one kept count K (default: mergear draws K per image, llamagen the target K)")
     p.add_argument("--rep", choices=["source", "codes"], default="codes",
