@@ -50,21 +50,29 @@ def python(script, *args):
     return [sys.executable, os.path.join(ROOT, script), *map(str, args)]
 
 
-def run_all(jobs, logs_dir, threads=1):
-    """Run the commands {name: argv} at the same time (one thread each); stop at the first failure, naming its log."""
+def run_all(jobs, logs_dir, parallel=2, threads=1):
+    """Run the commands {name: argv}, at most `parallel` at a time (one thread each), in the given order: a queue,
+    so a long job at the front runs beside several short ones. Stop at the first failure, naming its log."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    procs = {}
-    for name, argv in jobs.items():
-        log = open(os.path.join(logs_dir, f"{name}.log"), "w")
-        print(f"  $ {' '.join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv[1:])}", flush=True)
-        procs[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log)
-    for name, (proc, log) in procs.items():
-        rc = proc.wait()
-        log.close()
-        if rc != 0:
-            for other, _ in procs.values():
-                other.kill()
-            sys.exit(f"stage2_cpu: {name} failed (exit {rc}); see {os.path.join(logs_dir, name + '.log')}")
+    queue, running = list(jobs.items()), {}
+    while queue or running:
+        while queue and len(running) < parallel:
+            name, argv = queue.pop(0)
+            log = open(os.path.join(logs_dir, f"{name}.log"), "w")
+            print(f"  $ {' '.join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv[1:])}",
+                  flush=True)
+            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log)
+        time.sleep(0.5)
+        for name, (proc, log) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del running[name]
+            if rc != 0:
+                for other, _ in running.values():
+                    other.kill()
+                sys.exit(f"stage2_cpu: {name} failed (exit {rc}); see {os.path.join(logs_dir, name + '.log')}")
 
 
 def read_log(logs_dir, name):
@@ -85,7 +93,7 @@ def small_grid(npz, out, per_class=8):
     data_lib.save_image_grid(x, out, nrow=per_class)
 
 
-def write_table(out, logs, names, wall):
+def write_table(out, logs, names, wall, cfg):
     """The README's table from the logs and the shapes scores in `out`: table.md, table.json, grid_<model>.png."""
     with open(os.path.join(out, "shapes-reconstructions.json")) as f:
         rec = json.load(f)["rows"]
@@ -99,7 +107,7 @@ def write_table(out, logs, names, wall):
         nll = f"{float(m.group(1)):.3f} nats {unit}" if m else "?"
         with open(os.path.join(out, n, "shapes.json")) as f:
             r = next(v for k, v in json.load(f)["rows"].items() if k.startswith("samples"))
-        rows.append((GENERATORS[n][1], nll, r))
+        rows.append((f"{GENERATORS[n][1]} (cfg {cfg:g})", nll, r))
         small_grid(os.path.join(out, n, "samples.npz"), os.path.join(out, f"grid_{n}.png"))
     lines = ["| rows of Table 3, CPU scale | held-out NLL | class accuracy | Frechet distance |",
              "| --- | --- | --- | --- |"]
@@ -121,6 +129,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/stage2-cpu", help="everything the demo writes (a new folder)")
     p.add_argument("--num-images", type=int, default=4000, help="training images to tokenize (and their mirrors)")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class of each generator")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the samples")
     p.add_argument("--parallel", type=int, default=2, help="generators trained at the same time (one thread each)")
     p.add_argument("--train-args", default="", help="extra `train_stage2.py train` arguments, e.g. '--steps 100'")
     p.add_argument("--only", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
@@ -142,10 +151,10 @@ def main(argv=None):
 
     phase(f"2. train: {', '.join(args.only)}, {args.parallel} at a time", t0)
     names = list(args.only)
-    for i in range(0, len(names), args.parallel):
-        run_all({f"train-{n}": python("train_stage2.py", "train", "--codes", codes_train, *GENERATORS[n][0],
-                                      "--preset", "tiny", "--out", os.path.join(out, n), *args.train_args.split())
-                 for n in names[i:i + args.parallel]}, logs)
+    longest_first = sorted(names, key=lambda n: n != "randar-recovered")   # 1 + 2N positions: twice the others'
+    run_all({f"train-{n}": python("train_stage2.py", "train", "--codes", codes_train, *GENERATORS[n][0],
+                                  "--preset", "tiny", "--out", os.path.join(out, n), *args.train_args.split())
+             for n in longest_first}, logs, args.parallel)
 
     phase("3. nll, 4. sample: each generator", t0)
     jobs = {}
@@ -153,23 +162,18 @@ def main(argv=None):
         ckpt = os.path.join(out, n, "last.pt")
         jobs[f"nll-{n}"] = python("train_stage2.py", "nll", "--ckpt", ckpt, "--codes", codes_val)
         jobs[f"sample-{n}"] = python("train_stage2.py", "sample", "--ckpt", ckpt, "--num-per-class",
-                                     args.num_per_class, "--out", os.path.join(out, n, "samples"))
-    items = list(jobs.items())
-    for i in range(0, len(items), args.parallel):
-        run_all(dict(items[i:i + args.parallel]), logs)
+                                     args.num_per_class, "--cfg", args.cfg, "--out", os.path.join(out, n, "samples"))
+    run_all(jobs, logs, args.parallel)
 
     phase("5. score: evaluate.py shapes on the samples and on the reconstructions", t0)
-    scores = {}
     run_all({"shapes-reconstructions": python("evaluate.py", "shapes", "--reconstructions", args.tokenizer,
                                               "--source", "both", "--num-images", 500, "--json",
-                                              os.path.join(out, "shapes-reconstructions.json"))}, logs)
-    jobs = {f"shapes-{n}": python("evaluate.py", "shapes", os.path.join(out, n, "samples.npz"), "--json",
-                                  os.path.join(out, n, "shapes.json")) for n in names}
-    items = list(jobs.items())
-    for i in range(0, len(items), args.parallel):
-        run_all(dict(items[i:i + args.parallel]), logs)
+                                              os.path.join(out, "shapes-reconstructions.json"))}, logs, 1)
+    # after it, not beside it: the first `shapes` trains the classifier when it is not cached yet
+    run_all({f"shapes-{n}": python("evaluate.py", "shapes", os.path.join(out, n, "samples.npz"), "--json",
+                                   os.path.join(out, n, "shapes.json")) for n in names}, logs, args.parallel)
 
-    write_table(out, logs, names, time.time() - t0)
+    write_table(out, logs, names, time.time() - t0, args.cfg)
     return 0
 
 
