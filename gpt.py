@@ -303,7 +303,7 @@ CLASS_COND = ("prefix", "add")
 # LlamaGen's class-conditional sizes (its gpt.py's GPT_models: B 111M, L 343M, XL 775M, XXL 1.4B) and two CPU toys.
 GPT_PRESETS = {
     "tiny": dict(dim=64, n_layer=2, n_head=4, block_size=16),                # the tests
-    "small": dict(dim=128, n_layer=4, n_head=4),                              # the CPU demo (train_stage2 --preset tiny)
+    "small": dict(dim=128, n_layer=4, n_head=4),                              # 4x tiny's step cost (train_stage2.py)
     "B": dict(dim=768, n_layer=12, n_head=12),
     "L": dict(dim=1024, n_layer=24, n_head=16),
     "XL": dict(dim=1280, n_layer=36, n_head=20),

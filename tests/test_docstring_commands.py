@@ -1,7 +1,8 @@
-"""The command lines in the docstrings of every top-level module and bench/ script run as written, checked without
-running them (a full run takes minutes): a script with options is executed up to its argparse call and must parse
-the command's arguments (an unknown flag, a bad choice or a bracketed `[--opt]` usage line fails); a demo without
-options must be given none (unless it reads sys.argv itself); `python -m pytest FILE` names a file that exists."""
+"""The command lines in the docstrings of every top-level module, bench/ and experiments/ script run as written,
+checked without running them (a full run takes minutes): a script with options is executed up to its argparse call
+and must parse the command's arguments (an unknown flag, a bad choice or a bracketed `[--opt]` usage line fails); a
+demo without options must be given none (unless it reads sys.argv itself); `python -m pytest FILE` names a file
+that exists."""
 import argparse
 import ast
 import glob
@@ -14,7 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "*.py"))
-               + glob.glob(os.path.join(ROOT, "bench", "*.py")))
+               + glob.glob(os.path.join(ROOT, "bench", "*.py"))
+               + glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
 def docstring_commands(rel):
@@ -55,7 +57,7 @@ class Parsed(BaseException):
 def test_the_docstrings_hold_commands():
     assert len(COMMANDS) > 40
     assert {rel for rel, _ in COMMANDS} >= {"train_stage1.py", "train_stage2.py", "evaluate.py", "plots.py",
-                                            "bench/bench_mergear.py"}
+                                            "bench/bench_mergear.py", "experiments/stage2_cpu.py"}
 
 
 @pytest.mark.parametrize("rel,argv", COMMANDS, ids=[f"{rel}:{' '.join(a)[:60]}" for rel, a in COMMANDS])
