@@ -99,10 +99,14 @@ def bipartite_soft_matching(metric, r, class_token=False):
         if mode in ("sum", "mean"):
             # One pass: every input token is added into its output slot (the same result as ToMe's gather +
             # scatter_reduce, about twice as fast on the CPU because it reads x once).
-            out = x.new_zeros(B * n_out, C).index_add_(0, flat_dst, x.reshape(B * N, C))  # (B * (N - r), C)
+            # The sums accumulate in float32 (at least), as group_mean's: a bf16 index_add_ on CUDA rounds after
+            # every addition, and ToMe's size-weighted sums (merge_wavg) add many tokens into one.
+            acc = torch.promote_types(x.dtype, torch.float32)
+            out = torch.zeros(B * n_out, C, dtype=acc, device=x.device)
+            out.index_add_(0, flat_dst, x.reshape(B * N, C).to(acc))           # (B * (N - r), C)
             if mode == "mean":
-                out = out / counts[:, None].to(out.dtype)
-            return out.view(B, n_out, C)                                    # (B, N - r, C)
+                out = out / counts[:, None].to(acc)
+            return out.to(x.dtype).view(B, n_out, C)                         # (B, N - r, C)
         src, dst_tokens = x[:, ::2], x[:, 1::2]                             # (B, Na, C), (B, Nb, C)
         unm = src.gather(dim=1, index=unm_idx.expand(B, Na - r, C))         # (B, Na - r, C)
         src = src.gather(dim=1, index=src_idx.expand(B, r, C))              # (B, r, C)

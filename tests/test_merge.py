@@ -87,6 +87,22 @@ def test_group_mean_sums_in_float32():
     assert means[0, :, 0].tolist() == [torch.tensor(0.1).bfloat16().item(), 2.0]
 
 
+def test_tome_merge_sums_in_float32():
+    """ToMe's merge of bf16 tokens (under autocast on CUDA) sums in float32, as group_mean does. Every token has
+    the same matching feature, so all 600 A tokens merge into the first B token (ties go to the first): its sum
+    of 601 bf16 tokens of 0.1 and their mean 0.1, the other 599 B tokens untouched."""
+    N = 1200
+    metric = torch.ones(1, N, 8)                                              # (1, N, 8), every cosine 1
+    x = torch.full((1, N, 4), 0.1).bfloat16()
+    with SumDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        merge, _ = bipartite_soft_matching(metric, N // 2)
+        means, sums = merge(x, mode="mean"), merge(x, mode="sum")
+    assert seen.dtypes and set(seen.dtypes) == {torch.float32}
+    assert means.shape == (1, N // 2, 4) and means.dtype == torch.bfloat16
+    assert means[0, :, 0].tolist() == [torch.tensor(0.1).bfloat16().item()] * (N // 2)
+    assert sums[0, 0, 0].item() == torch.tensor(601 * torch.tensor(0.1).bfloat16().item()).bfloat16().item()
+
+
 def test_size_sums_to_N_and_source_partitions():
     torch.manual_seed(0)
     B, N, C = 3, 64, 16
