@@ -556,6 +556,21 @@ def check_device(name, flag="--device"):
             raise ValueError(f"{flag} {name}: no {device.type} device on this machine; use --device cpu")
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire Rapids): there
+    bf16 autocast is the fast path, elsewhere the CPU emulates it and float32 is faster."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def default_amp(device):
+    """The --amp a run takes when none is given: bf16 autocast on a GPU and on a CPU that computes bf16 natively
+    (so the precision path a GPU runs is the one CPU runs and CI exercise), else none (float32)."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return "bf16"
+    return "none"
+
+
 def config_mismatch(saved, current):
     """Names of the fields whose values differ between two config dicts, as 'field: saved -> current'."""
     keys = sorted(set(saved) | set(current))

@@ -198,7 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--sem-target", choices=["group", "dinov2"], default=None,
                    help="MergeTok: (i) pulls mu toward its group's mean (default) or toward DINOv2 patch features "
                         "pooled over the group (needs --dinov2-weights)")
-    p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
+    p.add_argument("--amp", choices=["bf16", "none"], default=None,
+                   help="autocast (default: bf16 on a GPU or on a CPU that computes bf16 natively, else none)")
     p.add_argument("--deterministic", action="store_true",
                    help="GPU: deterministic kernels (cuBLAS workspace, cuDNN, torch.use_deterministic_algorithms; "
                         "torch warns for an op without one); slower. CPU runs are deterministic already")
@@ -311,7 +312,7 @@ def check_resources(args, cfg, tok_cfg, world, device, n_params):
     """Print the memory estimate of a run (memory_estimate); stop with one line when there is no GPU for the paper
     preset or the estimate exceeds what the machine has."""
     local_batch = cfg.batch_size // world
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    amp = args.amp or common.default_amp(device)
     parts = memory_estimate(args.variant, tok_cfg, local_batch, amp, n_params)
     need, have = sum(parts.values()), common.memory_available(device)
     names = {"weights": "weights, gradients, Adam and EMA (fp32)",
@@ -538,7 +539,7 @@ def setup(args, rank, world, device):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     run.tok_cfg = tok_cfg = build_tokenizer_config(args)
     run.out_dir = out_dir(args)
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    amp = args.amp or common.default_amp(device)
     run.amp = amp
     run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16"
                     else contextlib.nullcontext)

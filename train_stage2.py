@@ -28,9 +28,9 @@ The subcommands, in the order a run uses them:
            real images against their true source; writes a stage-1 checkpoint with the new recovery weights.
 
 Optimisation (Table A2): AdamW, lr 1e-4, batch 1024, 300 epochs, betas (0.9, 0.99), label smoothing 0.1, weight
-decay 0.05 on weights of dim >= 2 only, gradient clipping 1.0, bf16 autocast on GPUs. LlamaGen's code differs in
-three places, each a flag: --betas 0.9 0.95, --label-smoothing 0, --lr-schedule constant. RandAR trains with
-Table A2's RandAR-L column: betas (0.9, 0.95), the rest as LlamaGen-L (RandAR's code: lr 4e-4, cosine, 50k
+decay 0.05 on weights of dim >= 2 only, gradient clipping 1.0, bf16 autocast (common.default_amp). LlamaGen's code
+differs in three places, each a flag: --betas 0.9 0.95, --label-smoothing 0, --lr-schedule constant. RandAR trains
+with Table A2's RandAR-L column: betas (0.9, 0.95), the rest as LlamaGen-L (RandAR's code: lr 4e-4, cosine, 50k
 warm-up steps: --lr 4e-4 --lr-schedule cosine).
 
     # the CPU demo: a tiny stage-1 checkpoint, its codes, a tiny generator of each kind, samples, the shapes score
@@ -231,7 +231,7 @@ def run_extract(args):
     # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
     # groups share a code: how often (README, "Stage 2"), summed batch by batch (no pass over the whole table)
     disagreement = {K: torch.zeros(3, dtype=torch.float64) for K in Ks}
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    amp = args.amp or common.default_amp(device)
     workers = common.loader_workers(args.workers, device)
     loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=args.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
@@ -562,7 +562,7 @@ def setup(args, rank, world, device):
                          f"train --codes {args.codes} --model {args.model} --preset tiny (--run-anyway starts it "
                          f"regardless)")
     run.out_dir = train_out_dir(args)
-    run.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    run.amp = args.amp or common.default_amp(device)
     run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if run.amp == "bf16"
                     else contextlib.nullcontext)
 
@@ -1049,7 +1049,8 @@ def add_extract_args(sub):
     p.add_argument("--num-workers", "--workers", type=int, default=None, dest="workers",
                    help="data-loader workers (default: 0 on the CPU, up to 8 with a GPU)")
     p.add_argument("--amp", choices=["bf16", "none"], default=None,
-                   help="autocast of the tokenizer (default: bf16 on GPU only, as stage 1 trained)")
+                   help="autocast of the tokenizer (default: bf16 on a GPU or on a CPU that computes bf16 "
+                        "natively, else none)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_extract)
 
@@ -1093,7 +1094,8 @@ def add_train_args(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast (default: bf16 on GPU only)")
+    p.add_argument("--amp", choices=["bf16", "none"], default=None,
+                   help="autocast (default: bf16 on a GPU or on a CPU that computes bf16 natively, else none)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="A",
                    help="split each process's batch into A micro-batches whose gradients add up before the step: the "
                         "same global batch (--batch-size) and optimizer steps, A times less activation memory")

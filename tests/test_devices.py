@@ -197,6 +197,18 @@ def test_device_cuda_without_index_takes_local_rank(monkeypatch):
     assert device == torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(True, False, "bf16"), (False, True, "bf16"),
+                                                     (False, False, "none")])
+def test_default_amp_is_bf16_where_the_device_computes_it(monkeypatch, avx512_bf16, amx, want):
+    """No --amp: bf16 autocast on a GPU and on a CPU with AVX512-BF16 or AMX (the GPU's precision path on every
+    such CPU run); float32 on a CPU that would emulate bf16, and on any other device."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert common.default_amp(torch.device("cpu")) == want
+    assert common.default_amp(torch.device("cuda", 0)) == "bf16"
+    assert common.default_amp(torch.device("meta")) == "none"
+
+
 FAILING_RANK = """
 import sys
 sys.path.insert(0, {root!r})
