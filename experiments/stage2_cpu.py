@@ -4,8 +4,9 @@ One command runs the README's stage-2 commands in order and prints the README's 
 
     python experiments/stage2_cpu.py --tokenizer runs/stage1-g-tiny/last.pt
 
-32.5 min on 2 quiet cores (AMD Zen 4): extract 5.4 min; training 21 min on one core for RandAR over the recovered
-codes, 10 + 11 + 4 min on the other for LlamaGen, MergeAR and RandAR on merged tokens; sampling and scores 6 min.
+29.7 min on 2 quiet cores (AMD Zen 4, bf16 autocast): extract 3.3 min; training 19.6 min on one core for RandAR
+over the recovered codes, 9.2 + 10.0 + 4.5 min on the other for LlamaGen, MergeAR and RandAR on merged tokens;
+nll, sampling and scores 2.5 min.
 
   1. extract   codes of 4000 training images and their mirror images at the tokenizer's kept counts K (MergeAR
                draws K per image, Appendix A.3), and of 500 held-out images for the NLL
