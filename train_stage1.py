@@ -308,11 +308,10 @@ def memory_estimate(variant, tok_cfg, local_batch, amp, n_params):
     return parts
 
 
-def check_resources(args, cfg, tok_cfg, world, device, n_params):
+def check_resources(args, cfg, tok_cfg, world, device, n_params, amp):
     """Print the memory estimate of a run (memory_estimate); stop with one line when there is no GPU for the paper
     preset or the estimate exceeds what the machine has."""
     local_batch = cfg.batch_size // world
-    amp = args.amp or common.default_amp(device)
     parts = memory_estimate(args.variant, tok_cfg, local_batch, amp, n_params)
     need, have = sum(parts.values()), common.memory_available(device)
     names = {"weights": "weights, gradients, Adam and EMA (fp32)",
@@ -539,14 +538,13 @@ def setup(args, rank, world, device):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     run.tok_cfg = tok_cfg = build_tokenizer_config(args)
     run.out_dir = out_dir(args)
-    amp = args.amp or common.default_amp(device)
-    run.amp = amp
+    run.amp = amp = args.amp or common.default_amp(device)
     run.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16"
                     else contextlib.nullcontext)
 
     with torch.device("meta"):                                        # shapes only: count before building
         n_params = count_parameters(build_tokenizer(args.variant, config=tok_cfg))
-    check_resources(args, cfg, tok_cfg, world, device, n_params + 2_770_000)      # + the PatchGAN's 2.77M
+    check_resources(args, cfg, tok_cfg, world, device, n_params + 2_770_000, amp)      # + the PatchGAN's 2.77M
     torch.manual_seed(args.seed)                                      # identical initial weights on every rank
     run.model = model = build_tokenizer(args.variant, config=tok_cfg).to(device)
     run.disc = losses.NLayerDiscriminator().to(device)

@@ -209,6 +209,24 @@ def test_default_amp_is_bf16_where_the_device_computes_it(monkeypatch, avx512_bf
     assert common.default_amp(torch.device("meta")) == "none"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_scripts_take_the_default_amp(stage2_files, tmp_path, monkeypatch, native):
+    """Without --amp, stage 1 and stage 2 train under the autocast common.default_amp picks for the CPU; --amp
+    none wins over it."""
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    want = "bf16" if native else "none"
+    _, _, codes = stage2_files
+    cpu = torch.device("cpu")
+    for extra, expected in [([], want), (["--amp", "none"], "none")]:
+        args = train_stage1.parse_args(["--variant", "g", "--preset", "tiny", "--batch-size", "2", *extra,
+                                        "--out", str(tmp_path / f"s1{len(extra)}")])
+        assert train_stage1.setup(args, 0, 1, cpu).amp == expected
+        args = train_stage2.build_parser().parse_args(["train", "--codes", codes, "--model", "llamagen", "--preset",
+                                                       "tiny", "--batch-size", "2", *extra,
+                                                       "--out", str(tmp_path / f"s2{len(extra)}")])
+        assert train_stage2.setup(args, 0, 1, cpu).amp == expected
+
+
 FAILING_RANK = """
 import sys
 sys.path.insert(0, {root!r})
