@@ -410,7 +410,8 @@ def live_entries(codes, window):
 
 @torch.no_grad()
 def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=True, cfg_scale=1.0,
-                   cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0, generator=None, return_logits=True):
+                   cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0, generator=None, return_logits=True,
+                   layout=None):
     """MergeAR's raster-order decoding of num_tokens codes for labels cond (B,) and kept count K (int or (B,)).
 
     codes=None samples (temperature, top-k, top-p, CFG u + s (c - u) on the batch [cond; null], M in both
@@ -418,7 +419,8 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     (teacher forcing through the cache). compact=True uses the compacted cache: a fed code that equals an earlier
     code (rep_from_codes' rule) is a duplicate and goes into the ring of W + 1 slots, any other code is appended
     for good. compact=False keeps every position (PlainCacheLayout): the plain causal model on the same weights
-    through the same cache code, the bench's baseline (gpt.py's `generate` has its own KVCache).
+    through the same cache code, the bench's baseline (gpt.py's `generate` has its own KVCache). layout: a cache
+    layout of the caller's in place of either (the bench's attention-free bound; its logits are not the model's).
 
     Returns MergeARDecode(codes (B, N), logits (B, N, vocab) guided and pre-temperature (factorized: a pair; None
     with return_logits=False), reads (B, N) keys each step's attention uses (prefix and the fed token included;
@@ -443,8 +445,9 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     labels = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if use_cfg else cond   # (B', )
     K = torch.as_tensor(K, device=dev).long().reshape(-1).expand(B).repeat(halves)               # (B',)
     Bp = labels.shape[0]
-    layout = (MergeCacheLayout(Bp, model.cfg.n_head, W, int(K.max()), num_tokens, model.cfg.vocab_size, dev)
-              if compact else PlainCacheLayout(Bp, model.cfg.n_head, num_tokens, dev))   # positions 0 .. N
+    if layout is None:
+        layout = (MergeCacheLayout(Bp, model.cfg.n_head, W, int(K.max()), num_tokens, model.cfg.vocab_size, dev)
+                  if compact else PlainCacheLayout(Bp, model.cfg.n_head, num_tokens, dev))   # positions 0 .. N
     for layer in model.layers:
         layer.attention.kv_cache = CompactKVCache(layout)
     positions = torch.arange(num_tokens + 1, device=dev)                    # [C, M] at 0, 1; x_t at t + 2

@@ -15,15 +15,20 @@ K 2D blobs (the Voronoi cells of K random seed cells; ToMe's merged groups are s
 in raster order a group shows up as short runs on several rows), each blob one distinct code. Grid sizes as in
 Table 3: N = 256 with K = 64 and 144 (G+R), N = 1024 with K = 256 (G); batch 1 and 16.
 
-Timing: the two decoders run interleaved, plain, MergeAR, plain, MergeAR, ... for --repeats rounds on the same
-sequences; each round gives one ratio (plain time / MergeAR time, the two runs seconds apart under about the same
-load), and the table prints the median ratio and its min-max spread. tok/s are from the median times.
+Timing: the decoders run interleaved, plain, MergeAR, attention-free, plain, MergeAR, ... for --repeats rounds on
+the same sequences; each round gives one ratio (plain time / MergeAR time, the runs seconds apart under about the
+same load), and the table prints the median ratio and its min-max spread. tok/s are from the median times. The
+attention-free decoder (the same step, its attention over 3 keys) bounds what any shorter context can gain.
 
 Columns:
   entries/step  mean number of keys the attention computes per step (MergeAR: padding included; plain: 2 + t)
   last          the same at the last step
   tok/s         codes decoded per second, batch x N / median wall time (one thread by default)
   speed-up      plain time / MergeAR time per round: median (min-max)
+  bound         plain time / attention-free time per round (median): the same step with a 3-key attention
+                (AttentionFreeLayout), the most any shorter context can save here
+  of bound      MergeAR's saving as a share of that most: (plain - MergeAR) / (plain - attention-free), median
+                ("-" where the bound is within 5% of 1: the saving there is in the timing noise)
   FLOP pred.    the speed-up FLOP counting predicts from the per-step entries: sum_t (F + A L_plain(t)) /
                 sum_t (F + A L_merge(t)), F the matmul FLOPs per token outside attention (projections, SwiGLU,
                 head), A = 4 D n_layer per key (q.k and the weighted sum of v). "here" is this model; "GPT-L" is
@@ -109,6 +114,19 @@ def interleaved(fns, repeats):
             results[i] = fn()
             times[i].append(time.perf_counter() - t0)
     return [torch.tensor(t, dtype=torch.float64) for t in times], results
+
+
+class AttentionFreeLayout(PlainCacheLayout):
+    """The bound: the same decoding step with an attention of constant length. Every image position is written into
+    one slot, so each step reads [C, M, x_t] (3 keys) whatever t is: the matmuls, the cache writes and the framework
+    operations of a step stay, the context's cost goes. No cache layout can decode faster, so plain time / this
+    time bounds any speed-up a shorter context can give (its logits are not the model's)."""
+
+    def __init__(self, batch, heads, device):
+        super().__init__(batch, heads, 2, device)                           # capacity 3: C, M, x_t
+
+    def plan(self, t, x):
+        super().plan(0, x)                                                  # slot 2 again, the read stays 3 keys
 
 
 def padded_entries(codes, window):
@@ -288,7 +306,7 @@ def decode_rows(models, repeats, gen):
     F_L, A_L = dense_flops(1024, 24, factorized_bits=(6, 12)), 4 * 1024 * 24
     print(f"{'N':>5} {'K':>4} {'W':>3} {'B':>3} | {'entries/step':>12} {'last':>5} {'tok/s':>7} | "
           f"{'entries/step':>12} {'last':>5} {'tok/s':>7} | {'speed-up, median (min-max)':>26} | "
-          f"{'FLOP pred. here':>15} {'GPT-L':>6}")
+          f"{'bound':>6} {'of bound':>8} | {'FLOP pred. here':>15} {'GPT-L':>6}")
     print(f"{'':>19}| {'plain KV cache':^26} | {'MergeAR compacted cache':^26} |")
     curves, check = {}, None
     for N, K in CONFIGS:
@@ -299,17 +317,23 @@ def decode_rows(models, repeats, gen):
             cond = torch.randint(0, 1000, (B,), generator=gen)
             for compact in (False, True):                                   # warm-up
                 decode_mergear(model, cond, K, 16, codes=codes[:, :16], compact=compact, return_logits=False)
-            (tp, tm), (plain, merge) = interleaved(
+            free = lambda: AttentionFreeLayout(len(cond), model.cfg.n_head, cond.device)    # noqa: E731
+            (tp, tm, tb), (plain, merge, _) = interleaved(
                 [lambda: decode_mergear(model, cond, K, N, codes=codes, compact=False, return_logits=False),
-                 lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False)], repeats)
+                 lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False),
+                 lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False, layout=free())],
+                repeats)
             assert torch.equal(plain.codes, merge.codes) and (merge.stored <= K + W + 2).all()
             Lp, Lm = plain.computed, merge.computed
             assert torch.equal(Lm, padded_entries(codes, W))                # the traffic model's count
             ratio = tp / tm                                                 # (repeats,) paired
+            bound = (tp / tb).median()
+            share = f"{100 * ((tp - tm) / (tp - tb)).median():7.0f}%" if bound > 1.05 else f"{'-':>8}"  # in the noise
             print(f"{N:5d} {K:4d} {W:3d} {B:3d} | {Lp.float().mean():12.1f} {int(Lp[-1]):5d} "
                   f"{B * N / tp.median():7.0f} | {Lm.float().mean():12.1f} {int(Lm[-1]):5d} "
                   f"{B * N / tm.median():7.0f} | {ratio.median():8.2f}x ({ratio.min():.2f}-{ratio.max():.2f}x)"
-                  f"{'':>5} | {predicted_speedup(Lp, Lm, F_here, A_here):14.2f}x "
+                  f"{'':>4} | {bound:5.2f}x {share} | "
+                  f"{predicted_speedup(Lp, Lm, F_here, A_here):14.2f}x "
                   f"{predicted_speedup(Lp, Lm, F_L, A_L):5.2f}x")
             if B == 1:
                 curves[(N, K)] = (Lp, Lm)
