@@ -299,8 +299,8 @@ def cache_memory(measured, N=1024, K=256, batch=64):
 
 
 def decode_rows(models, repeats, gen):
-    """The decoding table: per (N, K, batch) both decoders interleaved on the same replayed codes. Returns the entry
-    curves of batch 1 (for the PNG) and the N = 1024, batch 16 measurement the memory-traffic model is checked on."""
+    """The decoding table: per (N, K, batch) the three decoders interleaved on the same replayed codes. Returns the
+    entry curves of batch 1 (for the PNG) and the N = 1024, batch 16 measurement the traffic model is checked on."""
     F_here = dense_flops(WIDTH["dim"], WIDTH["n_layer"], WIDTH["vocab_size"])
     A_here = 4 * WIDTH["dim"] * WIDTH["n_layer"]
     F_L, A_L = dense_flops(1024, 24, factorized_bits=(6, 12)), 4 * 1024 * 24
@@ -366,7 +366,7 @@ def main():
         models[N].output.weight.normal_(0, 0.02)
     print(f"GPT width {WIDTH['dim']}, {WIDTH['n_layer']} blocks, {WIDTH['n_head']} heads, vocab "
           f"{WIDTH['vocab_size']}; {args.threads} thread(s); W = one grid row; codes replayed (teacher forcing); "
-          f"plain and MergeAR interleaved, {args.repeats} rounds")
+          f"plain, MergeAR and attention-free interleaved, {args.repeats} rounds")
     gen = torch.Generator().manual_seed(0)
     curves, check = decode_rows(models, args.repeats, gen)
     plot(curves, args.png)
