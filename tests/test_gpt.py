@@ -67,6 +67,29 @@ def test_rope_preserves_norms():
     assert not torch.allclose(y[:, 1:], x[:, 1:])                        # it does rotate
 
 
+def test_rope_rotates_each_pair_by_its_angle():
+    """Closed form, one pair at a time: (a, b) -> (a cos - b sin, b cos + a sin), also with one table per sample
+    (RandAR) and for bf16 input (computed in float32, returned in bf16)."""
+    torch.manual_seed(0)
+    B, T, H, Dh = 2, 3, 2, 8
+    x = torch.randn(B, T, H, Dh)
+    angle = torch.rand(B, T, Dh // 2) * 6.0                                 # per sample, position and pair
+    table = torch.stack([angle.cos(), angle.sin()], -1)                     # (B, T, D_h/2, 2)
+    want = torch.empty_like(x)
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                for j in range(Dh // 2):
+                    a, c = x[b, t, h, 2 * j].item(), x[b, t, h, 2 * j + 1].item()
+                    co, si = math.cos(angle[b, t, j].item()), math.sin(angle[b, t, j].item())
+                    want[b, t, h, 2 * j], want[b, t, h, 2 * j + 1] = a * co - c * si, c * co + a * si
+    torch.testing.assert_close(apply_rotary_emb(x, table), want)                        # per-sample tables
+    torch.testing.assert_close(apply_rotary_emb(x[:1], table[0]), want[:1])             # one shared table
+    got = apply_rotary_emb(x.bfloat16(), table)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def rotated_logit(q, k, m, n, table):
     """q.k after rotating q at sequence position m and k at n. q, k: (D_h,)."""
     qr = apply_rotary_emb(q.view(1, 1, 1, -1), table[m:m + 1])
