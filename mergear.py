@@ -420,7 +420,8 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     code (rep_from_codes' rule) is a duplicate and goes into the ring of W + 1 slots, any other code is appended
     for good. compact=False keeps every position (PlainCacheLayout): the plain causal model on the same weights
     through the same cache code, the bench's baseline (gpt.py's `generate` has its own KVCache). layout: a cache
-    layout of the caller's in place of either (the bench's attention-free bound; its logits are not the model's).
+    layout of the caller's in place of either, for B' rows (the bench's attention-free bound; its logits, reads and
+    computed counts are not the model's).
 
     Returns MergeARDecode(codes (B, N), logits (B, N, vocab) guided and pre-temperature (factorized: a pair; None
     with return_logits=False), reads (B, N) keys each step's attention uses (prefix and the fed token included;

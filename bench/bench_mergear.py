@@ -120,7 +120,8 @@ class AttentionFreeLayout(PlainCacheLayout):
     """The bound: the same decoding step with an attention of constant length. Every image position is written into
     one slot, so each step reads [C, M, x_t] (3 keys) whatever t is: the matmuls, the cache writes and the framework
     operations of a step stay, the context's cost goes. No cache layout can decode faster, so plain time / this
-    time bounds any speed-up a shorter context can give (its logits are not the model's)."""
+    time bounds any speed-up a shorter context can give (its logits and counts are not the model's). batch: the
+    rows of the forward (2 x the samples under CFG; the bench runs without)."""
 
     def __init__(self, batch, heads, device):
         super().__init__(batch, heads, 2, device)                           # capacity 3: C, M, x_t
@@ -315,9 +316,10 @@ def decode_rows(models, repeats, gen):
         for B in BATCHES:
             codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
             cond = torch.randint(0, 1000, (B,), generator=gen)
-            for compact in (False, True):                                   # warm-up
-                decode_mergear(model, cond, K, 16, codes=codes[:, :16], compact=compact, return_logits=False)
-            free = lambda: AttentionFreeLayout(len(cond), model.cfg.n_head, cond.device)    # noqa: E731
+            free = lambda: AttentionFreeLayout(len(cond), model.cfg.n_head, cond.device)    # noqa: E731 (no CFG)
+            for compact, layout in ((False, None), (True, None), (True, free())):   # warm-up, all three decoders
+                decode_mergear(model, cond, K, 16, codes=codes[:, :16], compact=compact, return_logits=False,
+                               layout=layout)
             (tp, tm, tb), (plain, merge, _) = interleaved(
                 [lambda: decode_mergear(model, cond, K, N, codes=codes, compact=False, return_logits=False),
                  lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False),
