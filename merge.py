@@ -174,6 +174,27 @@ def recover(z, source):
     return z.gather(1, source[..., None].long().expand(-1, -1, z.shape[-1]))   # Eq. (11): (B, N, C)
 
 
+def anchors(source, K):
+    """The image position of every merged token: its anchor, the first original position (raster order) it holds.
+
+    source (B, N) -> anchors (B, K) int64, anchors[b, k] = min{j : source[b, j] = k}. Every merged token holds at
+    least one position, so the anchors of one image are K distinct cells of the N grid, and an original position j
+    always belongs to a merged token whose anchor is <= j. The anchor is also the token MergeAR's Eq. (12) mask keeps
+    for a group (mergear.rep_from_source: the first member in raster order). Sec. 4.2 names each generated token by
+    "its original position in raster order" (Eq. (13)); for a merged token this is that position.
+    """
+    if source.dim() != 2 or source.dtype not in (torch.int16, torch.int32, torch.int64):
+        raise ValueError(f"anchors: source must be an integer index map (B, N), got {source.dtype} "
+                         f"{tuple(source.shape)}")
+    B, N = source.shape
+    j = torch.arange(N, device=source.device).expand(B, N)                    # (B, N) each position's index
+    first = torch.full((B, K), N, dtype=torch.long, device=source.device)
+    first = first.scatter_reduce(1, source.long(), j, reduce="amin")          # (B, K)
+    if bool((first == N).any()):
+        raise ValueError(f"anchors: a merged token of {K} holds no position (the source does not cover 0..K-1)")
+    return first
+
+
 def group_mean(x, source, K):
     """The mean of the original tokens held by each merged token: x (B, N, C), source (B, N) -> (B, K, C).
 
