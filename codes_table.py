@@ -4,7 +4,7 @@ One file per split, a dict: for each kept count K the merged indices (rows, K) a
 (and its mirror image with --flip), the labels, the stage-1 tokenizer it came from and hashes of both, so that a run
 refuses codes of another tokenizer (check_codes_fit) and a resume refuses other codes (codes_identity). The raster
 models read the N recovered codes of a row, recovered[j] = indices[source[j]] (Eq. (11) on indices: gather_codes);
-RandAR on merged tokens reads the K indices in slot order (merged_codes).
+RandAR on merged tokens reads the K indices and their anchors, the cells they sit at (merged_codes).
 
     from codes_table import read_codes, gather_codes        # used by train_stage2.py
 """
@@ -13,6 +13,7 @@ import os
 import torch
 
 import common
+from merge import anchors
 
 CODES_ENTRIES = ("indices", "source", "Ks", "K_probs", "labels", "flips", "image_index", "num_classes",
                  "tokenizer", "tokenizer_config")
@@ -85,6 +86,6 @@ def gather_codes(table, rows, K):
 
 
 def merged_codes(table, rows, K):
-    """RandAR's tokens: rows (B,) at one kept count K -> the K merged indices (B, K) in slot order, int64 (ToMe's
-    output order, the order the Source Recovery Model reads: randar.py's docstring)."""
-    return table["indices"][K][rows].long()
+    """RandAR's tokens: rows (B,) at one kept count K -> the K merged indices (B, K) in ToMe's output order and
+    their anchors (B, K), the cell of the N grid each one is generated at (merge.anchors), int64."""
+    return table["indices"][K][rows].long(), anchors(table["source"][K][rows], K)

@@ -289,6 +289,7 @@ class GPTConfig:
     n_intra_layer: int = 2            # factorized: intra-token blocks on the pair [h_t, pre_emb(pre_t)]
     merge_counts: tuple = ()          # MergeAR: the allowed kept counts K, one Merge Instruction row each; () = plain
     merge_window: int = None          # MergeAR: the window W of Eq. (12); None = one grid row, sqrt(block_size)
+    position_head: bool = False       # RandAR on merged tokens: predict each token's cell (randar.py, Eq. (13))
 
 
 # How the class label enters the model. "prefix" is LlamaGen's (and the paper's): one class token at position 0,

@@ -81,7 +81,7 @@ from merge import KeptTokenSampler
 from gpt import CLASS_COND, GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
 from mergear import generate_mergear, merge_window, mergear_loss, rep_disagreement, rep_from_codes, rep_from_source
 from randar import (RandARTransformer, build_randar, decode_with_recovery, generate_randar, randar_loss,
-                    random_orders, teacher_forced_samples)
+                    randar_losses, random_orders, teacher_forced_samples)
 from tokenizer import load_tokenizer
 
 MODELS = ("llamagen", "mergear", "randar")
@@ -141,8 +141,8 @@ RESUMABLE_CHANGES = ("log_every", "ckpt_every")
 def extraction_dataset(data, size, split="train"):
     """The embedded shapes (the given split), or an ImageFolder read deterministically (resize + centre crop, no
     random crop or flip: the flip is ours, recorded): train: DIR/train if it exists, else DIR; val: DIR/val."""
-    if data is None:
-        return data_lib.build_dataset(None, split=split, size=size)
+    if data is None or data in data_lib.SHAPES_DATA:
+        return data_lib.build_dataset(data, split=split, size=size)
     if split == "val":
         if not os.path.isdir(os.path.join(data, "val")):
             raise FileNotFoundError(f"--data {data} has no val/ folder: held-out codes need held-out images")
@@ -300,17 +300,18 @@ class Stage2Loss(nn.Module):
     llamagen: teacher-forced cross-entropy of all N recovered codes, causal (the class token predicts code 0).
     mergear:  the same under the Eq. (12) mask of rep (from the true source or from code equality), with the
               Merge Instruction token of each sequence's K; duplicates are targets too (Fig. 6).
-    randar:   codes are the K merged indices (B, K) in slot order, order (B, K) the generation order of each:
-              the cross-entropy of all K tokens in that order (Sec. 4.2, randar.py)."""
+    randar:   codes (B, L) at cells (B, L) - the K merged indices at their anchors, or the N recovered codes at
+              their own cells - and order (B, L) the generation order of each: the NLL of the (cell, token) pairs
+              in that order (Sec. 4.2, Eq. (13), randar.py; the cells are predicted for merged tokens only)."""
 
     def __init__(self, model, kind, window=None, rep="codes", label_smoothing=0.0):
         super().__init__()
         self.model, self.kind, self.window, self.rep, self.ls = model, kind, window, rep, label_smoothing
 
-    def forward(self, codes, labels, K, source, order=None):
+    def forward(self, codes, labels, K, source, order=None, cells=None):
         m = self.model
         if self.kind == "randar":
-            return randar_loss(m, codes, labels, order, label_smoothing=self.ls)
+            return randar_loss(m, codes, labels, cells, order, label_smoothing=self.ls)
         if self.kind == "llamagen":
             inputs = codes if m.cfg.factorized else codes[:, :-1]           # the factorized head reads all N
             return m(inputs, labels, targets=codes, label_smoothing=self.ls).loss
@@ -319,16 +320,15 @@ class Stage2Loss(nn.Module):
 
 
 def build_generator(kind, cfg, table, K=None, tokens="merged"):
-    """The GPT for the codes: the tokenizer's vocabulary (factorized when d = 18); block_size N for the raster
-    models (one Merge Instruction row per extracted K for MergeAR), K for RandAR on the merged tokens (its slots on
-    a sqrt(K) grid), N for RandAR on the recovered codes (tokens="recovered": its slots are the N grid cells)."""
+    """The GPT for the codes: the tokenizer's vocabulary (factorized when d = 18) and block_size N, the grid (one
+    Merge Instruction row per extracted K for MergeAR; RandAR on the merged tokens predicts their cells on it)."""
     tok_cfg = table["tokenizer_config"]
     d, N = tok_cfg["z_channels"], table["source"][int(table["Ks"][0])].shape[1]
     common_args = dict(vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
                        token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout,
                        class_dropout_prob=cfg.class_dropout, class_cond=cfg.class_cond)
     if kind == "randar":
-        return build_randar(cfg.gpt, block_size=N if tokens == "recovered" else K, **common_args)
+        return build_randar(cfg.gpt, block_size=N, position_head=tokens == "merged", **common_args)
     return build_gpt(cfg.gpt, block_size=N, merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else (),
                      **common_args)
 
@@ -471,7 +471,8 @@ def resume(path, run, args):
 def snapshot(run, step, args):
     """Everything a resumed run and `sample` need; every rank takes part (the RNG states are gathered)."""
     return {**{name: obj.state_dict() for name, obj in run.state.items()}, "step": step,
-            "model_kind": args.model, "tokens": args.tokens, "gpt_config": dataclasses.asdict(run.model.cfg),
+            "model_kind": args.model, "tokens": args.tokens, "K": run.K,
+            "gpt_config": dataclasses.asdict(run.model.cfg),
             "train_config": dataclasses.asdict(run.cfg), "rep": args.rep, "window": args.window, "keep": args.keep,
             "seed": args.seed, "codes": os.path.abspath(args.codes), "codes_identity": run.codes_identity,
             "tokenizer": run.table["tokenizer"], "tokenizer_hash": run.table.get("tokenizer_hash"),
@@ -507,9 +508,6 @@ def setup(args, rank, world, device):
             raise ValueError(f"the codes file lacks the tokenizer's target K={table['tokenizer_config']['K']}: "
                              f"pass --keep K among {run.Ks.tolist()}")
     run.K = int(run.Ks[run.K_probs.argmax()])                              # llamagen, randar: the one K trained on
-    if args.model == "randar" and args.tokens == "merged" and math.isqrt(run.K) ** 2 != run.K:
-        raise ValueError(f"RandAR lays the K merged tokens on a square grid: K={run.K} is no perfect square "
-                         f"(--keep a square K among {run.Ks.tolist()})")
     torch.manual_seed(args.seed)                                            # identical initial weights on every rank
     run.model = model = build_generator(args.model, cfg, table, run.K, args.tokens).to(device)
     model.checkpoint_activations = args.checkpoint_activations               # blocks recomputed in backward
@@ -565,16 +563,17 @@ def train_step(rows, step, run, device):
     loss (every sequence has the same number of positions), so --grad-accum changes memory, not the step. K and the
     orders are drawn for the whole batch. Returns the loss terms."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
-    labels, order = run.table["labels"][rows], None
+    labels, order, cells = run.table["labels"][rows], None, torch.empty(0)
     if run.kind == "randar" and run.tokens == "recovered":                 # Table 3's baseline: the N grid cells
         codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
+        cells = torch.arange(codes.shape[1]).expand_as(codes)               # (b, N): code j at cell j
         order = draw_orders(codes.shape[1], step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)
     elif run.kind == "randar":
-        codes, source = merged_codes(run.table, rows, run.K), torch.empty(0)   # (b, K) in slot order
+        (codes, cells), source = merged_codes(run.table, rows, run.K), torch.empty(0)   # (b, K) each: at anchors
         order = draw_orders(run.K, step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)   # (b, K)
     else:
         codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
-    codes, source, labels, K = (t.to(device) for t in (codes, source, labels, K))
+    codes, source, labels, K, cells = (t.to(device) for t in (codes, source, labels, K, cells))
     A, b = run.grad_accum, len(rows)
     run.opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
@@ -584,7 +583,7 @@ def train_step(rows, step, run, device):
         with contextlib.nullcontext() if last or not isinstance(run.loss, DDP) else run.loss.no_sync():
             with run.autocast():
                 loss = run.loss(codes[part], labels[part], K[part], source[part],
-                                None if order is None else order[part])
+                                None if order is None else order[part], cells[part] if cells.numel() else None)
             common.check_finite({"loss": loss.float()}, step)
             (loss / A).backward()
         loss_sum = loss_sum + loss.detach().float() / A
@@ -660,11 +659,15 @@ def load_generator(path, device):
     return model.to(device).eval(), ckpt
 
 
+def randar_K(ckpt, c):
+    """The K merged tokens a RandAR checkpoint generates: the K it trained on."""
+    return int(ckpt.get("K") or ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
+
+
 def check_generator_fits(tok, model, kind, tok_path):
     """One line when the tokenizer is not the one the generator's codes came from."""
     c, N, d = model.cfg, tok.cfg.num_tokens, tok.cfg.z_channels
-    size = c.block_size if kind != "randar" else N                          # RandAR's block_size is its K
-    if N != size or 2 ** d != c.vocab_size:
+    if N != c.block_size or 2 ** d != c.vocab_size:
         raise ValueError(f"tokenizer {tok_path} (N={N}, 2^{d} codes) does not fit the generator (N={c.block_size}, "
                          f"{c.vocab_size} codes): pass the stage-1 checkpoint the codes were extracted with")
 
@@ -674,17 +677,19 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
 
     llamagen / mergear generate the N recovered codes in raster order and decode them position by position (the
     identity source). randar generates the K merged tokens in --num-steps parallel steps; the Source Recovery Model
-    predicts their source, Eq. (11) recovers N tokens, and the decoder runs (Sec. 4.2). randar on the recovered
-    codes (tokens="recovered") generates the N codes of the grid cells in random order and decodes them in place."""
+    predicts their source from them and their generated anchors, Eq. (11) recovers N tokens, and the decoder runs
+    (Sec. 4.2). randar on the recovered codes (tokens="recovered") generates the N codes of the grid cells in random
+    order and decodes them in place."""
     N = tok.cfg.num_tokens
     sampling = dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, generator=generator)
     if kind == "randar" and tokens == "merged":
-        indices = generate_randar(model, y, K, args.num_steps, **sampling)                 # (B, K) slot order
-        images, _ = decode_with_recovery(tok, indices)
+        indices, anchors = generate_randar(model, y, K, args.num_steps, **sampling)        # (B, K) each
+        images, _ = decode_with_recovery(tok, indices, anchors)
         return images.float().clamp(-1, 1)
     if kind == "randar":
-        codes = generate_randar(model, y, N, args.num_steps, **sampling)                   # (B, N) cell order
+        cells = torch.arange(N, device=y.device).expand(len(y), N)                         # code j at cell j
+        codes, _ = generate_randar(model, y, N, args.num_steps, cells=cells, **sampling)   # (B, N) cell order
     elif kind == "mergear":
         codes = generate_mergear(model, y, K, N, window, **sampling)                        # (B, N)
     else:
@@ -731,9 +736,10 @@ def run_sample(args):
         raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
     tokens = ckpt.get("tokens", "merged")
     if kind == "randar":
-        if tokens == "merged" and args.keep is not None and args.keep != c.block_size:
-            raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
-        L = K = c.block_size                                                # K merged tokens, or the N recovered codes
+        K_trained = randar_K(ckpt, c)
+        if tokens == "merged" and args.keep is not None and args.keep != K_trained:
+            raise ValueError(f"--keep {args.keep}: this RandAR model generates K={K_trained} merged tokens")
+        L = K = K_trained if tokens == "merged" else c.block_size          # K merged tokens, or the N recovered codes
         args.num_steps = args.num_steps or RANDAR_STEPS.get(L, max(1, round(L * 88 / 256)))
         if not 1 <= args.num_steps <= L:
             raise ValueError(f"--num-steps must lie in [1, {'K' if tokens == 'merged' else 'N'}={L}], got "
@@ -792,8 +798,7 @@ def run_nll(args):
     table = read_codes(args.codes)
     kind, c = ckpt["model_kind"], model.cfg
     N = table["source"][int(table["Ks"][0])].shape[1]
-    if (N if kind != "randar" else c.block_size) != c.block_size or \
-            2 ** table["tokenizer_config"]["z_channels"] != c.vocab_size:
+    if N != c.block_size or 2 ** table["tokenizer_config"]["z_channels"] != c.vocab_size:
         raise ValueError(f"codes file {args.codes} (N={N}, 2^{table['tokenizer_config']['z_channels']} codes) does "
                          f"not fit the generator (N={c.block_size}, {c.vocab_size} codes)")
     if table["tokenizer_config"] != ckpt["tokenizer_config"] or table["tokenizer"] != ckpt["tokenizer"]:
@@ -803,11 +808,10 @@ def run_nll(args):
         print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
               f"(extract with --split val)", file=sys.stderr)
     merged = kind == "randar" and ckpt.get("tokens", "merged") == "merged"   # RandAR on the K merged tokens
-    if merged and args.keep is not None and args.keep != c.block_size:
-        raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
+    if merged and args.keep is not None and args.keep != randar_K(ckpt, c):
+        raise ValueError(f"--keep {args.keep}: this RandAR model generates K={randar_K(ckpt, c)} merged tokens")
     # default: the K the generator trained at (--keep of `train`, else its tokenizer's target K)
-    K = args.keep if args.keep is not None else (ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
-    K = c.block_size if merged else K                                       # RandAR models one K, its block_size
+    K = args.keep if args.keep is not None else (ckpt.get("K") or ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
     if K not in table["Ks"].tolist():
         raise ValueError(f"K={K}: the codes file holds K {table['Ks'].tolist()} only")
     if kind == "mergear" and K not in c.merge_counts:
@@ -815,27 +819,33 @@ def run_nll(args):
     rep = args.rep or ckpt.get("rep") or "codes"
     loss_fn = Stage2Loss(model, kind, ckpt.get("window"), rep)
     rows = torch.arange(len(table["labels"]) if args.max_rows is None else min(args.max_rows, len(table["labels"])))
-    total, bar = 0.0, common.progress_bar(len(rows), desc="nll")
+    total, cell_total, bar = 0.0, 0.0, common.progress_bar(len(rows), desc="nll")
     g = torch.Generator().manual_seed(args.seed)
     for s in range(0, len(rows), args.batch_size):
         r = rows[s:s + args.batch_size]
-        Kb, order = torch.full((len(r),), K, dtype=torch.long), None
-        if merged:
-            codes, source = merged_codes(table, r, K), torch.empty(0)       # (B, K) in slot order
-            order = random_orders(len(r), K, g).to(device)                  # (B, K)
+        Kb, order, cells = torch.full((len(r),), K, dtype=torch.long), None, None
+        labels = table["labels"][r].to(device)
+        if kind == "randar":
+            if merged:
+                codes, cells = merged_codes(table, r, K)                    # (B, K) each: at their anchors
+            else:
+                codes, _ = gather_codes(table, r, Kb)                       # (B, N): code j at cell j
+                cells = torch.arange(N).expand_as(codes)
+            order = random_orders(len(r), codes.shape[1], g).to(device)     # (B, L)
+            losses = randar_losses(model, codes.to(device), labels, cells.to(device), order)
+            total, cell_total = total + losses.tokens.item() * len(r), cell_total + losses.cells.item() * len(r)
         else:
             codes, source = gather_codes(table, r, Kb)                      # (B, N) x 2
-            order = random_orders(len(r), N, g).to(device) if kind == "randar" else None   # (B, N): the cells
-        loss = loss_fn(codes.to(device), table["labels"][r].to(device), Kb.to(device), source.to(device), order)
-        total += loss.item() * len(r)
+            total += loss_fn(codes.to(device), labels, Kb.to(device), source.to(device)).item() * len(r)
         bar.update(len(r))
     bar.close()
-    nll = total / len(rows)
+    nll, cell_nll = total / len(rows), cell_total / len(rows)
     print(f"nll | {kind} step {ckpt.get('step')} | {len(rows)} sequences of {table.get('split', 'train')} codes at "
           f"K={K}" + (f" (mask from {rep}, W={merge_window(model, ckpt.get('window'))})" if kind == "mergear" else "")
           + f" | {nll:.4f} nats per code = {nll / math.log(2):.3f} bits (uniform: {math.log2(c.vocab_size):.0f}) | "
-          f"{nll * (K if merged else N) / math.log(2):.0f} bits per image "
-          f"({K if merged else N} codes)", flush=True)
+          + (f"cells {cell_nll:.4f} nats per merged token (Eq. (13)) | " if merged else "")
+          + f"{(nll + cell_nll) * (K if merged else N) / math.log(2):.0f} bits per image "
+          f"({K if merged else N} codes{' and their cells' if merged else ''})", flush=True)
     return 0
 
 
@@ -865,12 +875,12 @@ def recovery_accuracy(tok, model, table, K, batch_size, device, seed, max_rows=N
     g, hits = torch.Generator(device).manual_seed(seed), [0.0, 0.0]       # draws where the model samples
     for s in range(0, n, batch_size):
         r = torch.arange(s, min(s + batch_size, n))
-        tokens, labels = merged_codes(table, r, K).to(device), table["labels"][r].to(device)   # (B, K), (B,)
-        source = table["source"][K][r].long().to(device)                    # (B, N)
-        made = teacher_forced_samples(model, tokens, labels, generator=g)   # (B, K) slot order
+        tokens, cells = (t.to(device) for t in merged_codes(table, r, K))  # (B, K) each: codes at their anchors
+        labels, source = table["labels"][r].to(device), table["source"][K][r].long().to(device)   # (B,), (B, N)
+        made = teacher_forced_samples(model, tokens, labels, cells, generator=g)   # (B, K) slot order
         for i, indices in enumerate((made, tokens)):
             z_q = tok.quantizer.indices_to_codes(indices)                   # (B, K, d)
-            hits[i] += (tok.recovery.predict_source(z_q) == source).float().sum().item()
+            hits[i] += (tok.recovery.predict_source(z_q, cells) == source).float().sum().item()
     N = table["source"][K].shape[1]
     return hits[0] / (n * N), hits[1] / (n * N)
 
@@ -891,7 +901,7 @@ def run_finetune_recovery(args):
     check_generator_fits(tok, model, "randar", tok_path)
     check_tokenizer_identity(tok, tok_path, ckpt.get("tokenizer_hash"), ckpt["tokenizer"],
                              f"the generator {args.ckpt}'s codes")
-    K = model.cfg.block_size
+    K = randar_K(ckpt, model.cfg)
     table = read_codes(args.codes)
     val = read_codes(args.val_codes) if args.val_codes else None
     for name, path, t in (("--codes", args.codes, table), ("--val-codes", args.val_codes, val)):
@@ -918,8 +928,9 @@ def run_finetune_recovery(args):
         if len(order) < args.batch_size:                                    # a new pass over the rows
             order = torch.cat([order, torch.randperm(rows, generator=g, device=device).cpu()])
         r, order = order[:args.batch_size], order[args.batch_size:]
-        tokens, labels = merged_codes(table, r, K).to(device), table["labels"][r].to(device)   # (B, K), (B,)
-        made = teacher_forced_samples(model, tokens, labels, generator=g)  # (B, K): the generator's tokens
+        tokens, cells = (t.to(device) for t in merged_codes(table, r, K))  # (B, K) each: codes at their anchors
+        labels = table["labels"][r].to(device)                              # (B,)
+        made = teacher_forced_samples(model, tokens, labels, cells, generator=g)   # (B, K): the generator's tokens
         keep = int(round(args.mix_true * len(r)))
         made[:keep] = tokens[:keep]                                         # the tokenizer's own, stage 1's data
         with torch.no_grad():
@@ -962,7 +973,8 @@ def run_finetune_recovery(args):
 def add_extract_args(sub):
     p = sub.add_parser("extract", help="tokenize the training images once (codes at several K, the source)")
     p.add_argument("--tokenizer", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
-    p.add_argument("--data", default=None, help="ImageFolder root (DIR/train if present); default: embedded shapes")
+    p.add_argument("--data", default=None, help="ImageFolder root (DIR/train if present); default: the embedded "
+                                                "shapes (shapes, or shapes-rich: the tokenizer's)")
     p.add_argument("--out", required=True, help="the codes file to write (.pt)")
     p.add_argument("--keep", dest="keep", metavar="K", type=int, nargs="+", default=None,
                    help="the kept counts K to extract (default: the tokenizer's candidates, Appendix A.3)")
@@ -1125,7 +1137,7 @@ def check_args(args):
             raise ValueError(f"--keep counts must be positive, got {args.keep}")
         if args.workers is not None and args.workers < 0:
             raise ValueError(f"--num-workers must be 0 or more, got {args.workers}")
-        if args.data and not os.path.isdir(args.data):
+        if args.data and args.data not in data_lib.SHAPES_DATA and not os.path.isdir(args.data):
             raise FileNotFoundError(f"--data {args.data}: no such folder")
         if not os.path.isfile(args.tokenizer):
             raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")

@@ -13,7 +13,7 @@ import torch
 from conftest import randomize_heads
 from gpt import build_gpt, generate
 from mergear import decode_mergear, mergear_logits, rep_from_codes
-from randar import build_randar, decode_randar, randar_logits
+from randar import build_randar, decode_randar
 
 V, FV, C = 64, 2 ** 18, 10                        # plain vocabulary, factorized 2^18, classes
 
@@ -66,10 +66,11 @@ def test_randar_one_token_per_step_equals_teacher_forcing(factorized, cfg):
     model = add_model("randar", factorized)
     L = 16
     cond = torch.tensor([2, 9])
-    d = decode_randar(model, cond, L, L, cfg_scale=cfg, generator=torch.Generator().manual_seed(3))
+    cells = torch.arange(L).expand(2, L)                                  # every cell of the 4 x 4 grid
+    d = decode_randar(model, cond, L, L, cfg_scale=cfg, cells=cells, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        c = unpack(randar_logits(model, d.tokens, cond, d.order))
-        u = unpack(randar_logits(model, d.tokens, torch.full_like(cond, C), d.order))
+        c = unpack(model(d.tokens, cond, d.order, cells).logits)
+        u = unpack(model(d.tokens, torch.full_like(cond, C), d.order, cells).logits)
     s = (1 + (cfg - 1) * torch.arange(L) / L)[None, :, None]              # linear CFG: tokens done / L
     for got, ci, ui in zip(unpack(d.logits), c, u):
         torch.testing.assert_close(got, ui + s * (ci - ui), rtol=1e-4, atol=1e-4)

@@ -61,7 +61,7 @@ def train_generator(kind, factorized, steps=300, lr=2e-3, seed=0):
         elif kind == "mergear":
             loss = mergear_loss(model, codes, labels, 16, rep_from_codes(codes))
         else:
-            loss = randar_loss(model, codes, labels, generator=g)
+            loss = randar_loss(model, codes, labels, torch.arange(GRID * GRID).expand_as(codes), generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,7 +75,8 @@ def sample(kind, model, labels, seed=0):
         return generate(model, labels, GRID * GRID, generator=g)
     if kind == "mergear":
         return generate_mergear(model, labels, 16, GRID * GRID, generator=g)
-    return generate_randar(model, labels, GRID * GRID, 8, generator=g)    # 16 tokens in 8 parallel steps
+    cells = torch.arange(GRID * GRID).expand(len(labels), -1)             # 16 tokens at the 16 cells
+    return generate_randar(model, labels, GRID * GRID, 8, cells=cells, generator=g)[0]   # in 8 parallel steps
 
 
 @pytest.mark.parametrize("factorized", [False, True], ids=["plain", "factorized"])
