@@ -62,22 +62,32 @@ def tensor_to_uint8(x):
 
 CLASSES = ["circle", "square", "triangle", "ring", "cross", "star", "stripes", "checker", "gradient blob",
            "ellipse"]
-BACKGROUNDS = ["flat", "linear gradient", "smooth noise", "stripes"]
+STYLES = ("simple", "rich")
+# simple: one shape in one of four colours on a dark background. Why so few colours (docs/stage2_cpu.md): a code
+# of the tokenizer describes a colour pair and an edge together, so every colour pair multiplies the codes a small
+# generator must learn to place; with random colours and 10 colours its samples were blobs (34%), with these four
+# it draws the shapes (67%), and the tokenizer's reconstructions score 86% against 81%.
+SIMPLE_COLORS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200)]
+SIMPLE_BACKGROUND = (30, 30, 30)
+BACKGROUNDS = ["flat", "linear gradient", "smooth noise", "stripes"]          # rich
 SUPERSAMPLE = 2          # shapes are drawn at SUPERSAMPLE x the output size, then downsampled: anti-aliased edges
 
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural class-labelled RGB images; nothing is stored or downloaded.
 
-    Item i: a background (flat colour, linear gradient, low-frequency noise texture or soft stripes) with 0-2 small
-    distractor shapes of random kinds, and on top of them the large labelled shape of class i % num_classes
-    (CLASSES[label]: circle, square, ..., each flat-filled except the gradient blob), at a random position, scale,
-    rotation and colour. So the images have flat regions (something for token merging to merge) and edges and
-    texture, and the classes differ by shape, not by colour.
+    Item i holds one large labelled shape of class i % num_classes (CLASSES[label]: circle, square, ..., each
+    flat-filled except the gradient blob) at a random position, scale and rotation, in one of two styles:
+      simple (the default): in one of four colours (SIMPLE_COLORS; the checker and the blob use two of them) on a
+        flat dark background. The classes differ by shape only, and a small generator can learn them (the CPU
+        demo's images: docs/stage2_cpu.md).
+      rich: a background of random colours (flat, linear gradient, low-frequency noise or soft stripes), 0-2 small
+        distractor shapes of random kinds behind the labelled one, every colour random: flat regions (something for
+        token merging to merge), edges and texture. Harder for a tokenizer and far harder for a small generator.
 
     Deterministic from (seed, split, index): each item draws from its own numpy Generator seeded by a hash of the
     three, so items do not depend on the order of access or on DataLoader workers, and "val" is a held-out split
-    (other seeds). Everything is drawn in continuous unit coordinates, so size=64 and size=256 show the same scene.
+    (other seeds). Everything is drawn in continuous unit coordinates, so size=32 and size=256 show the same scene.
     The length is virtual (default 20000 train / 1000 val images).
 
     [i] -> (image (3, size, size) float in [-1, 1], label int)
@@ -85,7 +95,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     classes = CLASSES
 
-    def __init__(self, split="train", size=64, num_images=None, num_classes=10, seed=0):
+    def __init__(self, split="train", size=64, num_images=None, num_classes=10, seed=0, style="simple"):
         if split not in ("train", "val"):
             raise ValueError(f"ShapesDataset: split must be 'train' or 'val', got {split!r}")
         if not 1 <= num_classes <= len(CLASSES):
@@ -96,7 +106,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             num_images = 20000 if split == "train" else 1000
         if int(num_images) < 1:
             raise ValueError(f"ShapesDataset: num_images must be >= 1, got {num_images}")
-        self.split, self.size, self.num_classes, self.seed = split, int(size), num_classes, seed
+        if style not in STYLES:
+            raise ValueError(f"ShapesDataset: style must be one of {', '.join(STYLES)}, got {style!r}")
+        self.split, self.size, self.num_classes, self.seed, self.style = split, int(size), num_classes, seed, style
         self.num_images = int(num_images)
         self.classes = CLASSES[:num_classes]
 
@@ -122,22 +134,30 @@ class ShapesDataset(torch.utils.data.Dataset):
         S = SUPERSAMPLE * self.size
         # pixel centres in unit coordinates [0, 1]: the same continuous scene at every resolution
         u = (np.arange(S, dtype=np.float32) + 0.5) / S                      # (S,)
-        background, mean_color = self._background(rng, u)
-        img = Image.fromarray(background)
-        for _ in range(rng.integers(0, 3)):                                 # distractors first: behind the label
-            kind = CLASSES[rng.integers(0, self.num_classes)]
-            center, scale = rng.uniform(0.1, 0.9, 2), rng.uniform(0.10, 0.20)
-            img = self._shape(img, rng, kind, center, scale, u, mean_color)
-        center, scale = rng.uniform(0.3, 0.7, 2), rng.uniform(0.25, 0.40)
+        if self.style == "simple":
+            mean_color = np.array(SIMPLE_BACKGROUND, np.float32)
+            img = Image.new("RGB", (S, S), SIMPLE_BACKGROUND)
+            center, scale = rng.uniform(0.35, 0.65, 2), rng.uniform(0.30, 0.42)
+        else:
+            background, mean_color = self._background(rng, u)
+            img = Image.fromarray(background)
+            for _ in range(rng.integers(0, 3)):                             # distractors first: behind the label
+                kind = CLASSES[rng.integers(0, self.num_classes)]
+                center, scale = rng.uniform(0.1, 0.9, 2), rng.uniform(0.10, 0.20)
+                img = self._shape(img, rng, kind, center, scale, u, mean_color)
+            center, scale = rng.uniform(0.3, 0.7, 2), rng.uniform(0.25, 0.40)
         img = self._shape(img, rng, CLASSES[label], center, scale, u, mean_color)
         img = img.resize((self.size, self.size), Image.BILINEAR)            # antialiased (box-like) downsampling
         return pil_to_tensor(img), label
 
     # ---- colours and backgrounds -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _color(rng, avoid=None, min_dist=110.0):
-        """A random RGB colour, at least `min_dist` away from `avoid` (so the shape stands out) when possible."""
+    def _color(self, rng, avoid=None, min_dist=110.0):
+        """A random RGB colour at least `min_dist` away from `avoid` (so the shape stands out): one of SIMPLE_COLORS,
+        or (rich) any colour, when one of 8 draws is that far."""
+        if self.style == "simple":
+            choices = [c for c in SIMPLE_COLORS if avoid is None or np.linalg.norm(np.array(c) - avoid) >= min_dist]
+            return choices[rng.integers(0, len(choices))]
         for _ in range(8):
             c = rng.integers(0, 256, 3)
             if avoid is None or np.linalg.norm(c - avoid) >= min_dist:
@@ -145,7 +165,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return tuple(int(v) for v in c)
 
     def _background(self, rng, u):
-        """(S, S, 3) uint8 background and its mean colour. Field t(x, y) in [0, 1] mixes two nearby colours."""
+        """(S, S, 3) uint8 background (rich) and its mean colour. Field t(x, y) in [0, 1] mixes two nearby colours."""
         kind = BACKGROUNDS[rng.integers(0, len(BACKGROUNDS))]
         c0 = rng.integers(0, 256, 3).astype(np.float32)
         c1 = (c0 + rng.uniform(0.3, 0.7) * (rng.integers(0, 256, 3) - c0)).astype(np.float32)  # softer contrast
@@ -358,10 +378,14 @@ class ImageFolder(torch.utils.data.Dataset):
                          f"'{self.root}' - is the folder corrupt? First: {errors[:3]}")
 
 
+SHAPES_DATA = {"shapes": "simple", "shapes-rich": "rich"}           # --data names of the embedded shapes' styles
+
+
 def build_dataset(data=None, split="train", size=64, crop_seed=0, **kw):
     """The dataset for --data.
 
-    data=None -> ShapesDataset(split, size, **kw) (kw: num_images, num_classes, seed); its images are fixed.
+    data=None or "shapes" -> ShapesDataset(split, size, **kw) (kw: num_images, num_classes, seed), the simple style;
+    "shapes-rich" -> the rich style. Their images are fixed.
     data=DIR  -> ImageFolder(root, size, train=(split == "train"), seed=crop_seed, **kw) (kw: flip, max_attempts)
                  (crop_seed: the seed of the training crops and flips), where root is
                  the first directory of DIR/<split>, DIR/train, DIR. So DIR may be an ImageNet root holding
@@ -370,8 +394,8 @@ def build_dataset(data=None, split="train", size=64, crop_seed=0, **kw):
     """
     if split not in ("train", "val"):
         raise ValueError(f"build_dataset: split must be 'train' or 'val', got {split!r}")
-    if data is None:
-        return ShapesDataset(split, size=size, **kw)
+    if data is None or data in SHAPES_DATA:
+        return ShapesDataset(split, size=size, style=SHAPES_DATA.get(data, "simple"), **kw)
     data = os.fspath(data)
     root = next((d for d in (os.path.join(data, split), os.path.join(data, "train")) if os.path.isdir(d)), data)
     if split == "val" and root != os.path.join(data, "val"):

@@ -57,6 +57,7 @@ from common import (all_gather_rows, check_output_path, dist_info, loader_worker
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
+from merge import anchors
 from shapes_score import load_shapes_classifier, shapes_images, shapes_reconstructions, shapes_score
 from tokenizer import load_tokenizer
 
@@ -410,7 +411,8 @@ def evaluate_reconstruction(model, dataset_or_loader, Ks, sources=("true",), dev
             thumb = psnr((thumbnail_baseline(x, K * d) + 1) / 2, x01)[ok].sum().item()
             for row in [r for r in rows if r[0] == K]:
                 _, s, branch = row
-                source = enc.source if s == "true" else model.recovery.predict_source(enc.z_q)   # (B, N)
+                source = (enc.source if s == "true" else                                # (B, N)
+                          model.recovery.predict_source(enc.z_q, anchors(enc.source, K)))
                 if branch == "discrete":
                     rec = model.decode(enc.indices, source)                        # (B, 3, S, S)
                 else:
@@ -496,7 +498,8 @@ def _default_out(ckpt, prefix):                          # <prefix>_<checkpoint 
 
 def add_recon_args(p):
     p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_stage1.py")
-    p.add_argument("--data", default=None, help="ImageFolder root (DIR/<split> if present); default: embedded shapes")
+    p.add_argument("--data", default=None, help="ImageFolder root (DIR/<split> if present); default: the embedded "
+                                                "shapes (shapes, or shapes-rich)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--keep", dest="K", metavar="K", type=int, nargs="+", default=None,
                    help="kept counts K (default: the checkpoint's target K)")
@@ -645,7 +648,8 @@ def tokenizer_features(model, dataset, K=None, feature="cls", batch_size=50, dev
 
 def add_probe_args(p):
     p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
-    p.add_argument("--data", default=None, help="ImageFolder root: train/ fits, val/ scores; default: embedded shapes")
+    p.add_argument("--data", default=None, help="ImageFolder root: train/ fits, val/ scores; default: the embedded "
+                                                "shapes (shapes, or shapes-rich)")
     p.add_argument("--keep", dest="K", metavar="K", type=int, default=None,
                    help="kept count K of the encoder (default: N, all tokens, no merging: Appendix A.4)")
     p.add_argument("--feature", choices=PROBE_FEATURES, default="cls",
@@ -755,8 +759,11 @@ def add_shapes_args(p):
                    help="reconstructions decoded with the true source, the predicted one (RandAR's ceiling) or both")
     p.add_argument("--num-images", type=int, default=500, help="held-out images of the real and reconstruction rows")
     p.add_argument("--seed", type=int, default=0, help="the classifier's seed")
+    p.add_argument("--data", choices=sorted(data_lib.SHAPES_DATA), default="shapes",
+                   help="the style of the embedded shapes the images show (the tokenizer's --data)")
     p.add_argument("--classifier", default=None,
-                   help="the cached classifier (default runs/shapes_classifier_seed<seed>.pt; trained if missing)")
+                   help="the cached classifier (default runs/shapes_classifier_seed<seed>.pt, shapes-rich: "
+                        "runs/shapes_classifier_rich_seed<seed>.pt; trained if missing)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
 
@@ -764,7 +771,9 @@ def add_shapes_args(p):
 def run_shapes(args):
     if args.num_images < 2:
         raise ValueError(f"--num-images must be at least 2, got {args.num_images}")
-    path = args.classifier or os.path.join("runs", f"shapes_classifier_seed{args.seed}.pt")
+    style = data_lib.SHAPES_DATA[args.data]
+    path = args.classifier or os.path.join(
+        "runs", f"shapes_classifier{'_' + style if style != 'simple' else ''}_seed{args.seed}.pt")
     sources = {"samples": args.samples, "--reconstructions": args.reconstructions}
     _check_outputs({"--json": args.json}, {**sources, "--classifier": path})
     if not os.path.exists(path):                                    # trained now and cached there
@@ -774,7 +783,7 @@ def run_shapes(args):
     teardown_distributed()                 # rank 0 alone from here: no rank waits in a barrier while it trains
     if rank != 0:
         return 0
-    model, info, trained = load_shapes_classifier(path, args.seed, args.device)
+    model, info, trained = load_shapes_classifier(path, args.seed, args.device, style=style)
     print(f"shapes classifier {path} ({'trained now' if trained else 'cached'}; seed {info['seed']}, "
           f"{info['num_train']} training images, {info['epochs']} epochs): held-out accuracy "
           f"{100 * info['val_accuracy']:.1f}% on {info['num_ref']} images (chance 10%)")
@@ -784,14 +793,17 @@ def run_shapes(args):
         rows[f"samples {args.samples}"] = shapes_score(model, info, *inputs)
     for source in (["true", "predicted"] if args.source == "both" else [args.source]) if args.reconstructions else []:
         rec, y, K = shapes_reconstructions(args.reconstructions, start, args.num_images, args.K, args.device,
-                                           source=source)
+                                           source=source, style=style)
         rows[f"reconstructions K={K} {source} source {args.reconstructions}"] = shapes_score(model, info, rec, y)
-    real, y = shapes_images("val", start, args.num_images)
+    real, y = shapes_images("val", start, args.num_images, style=style)
     rows["held-out real images"] = shapes_score(model, info, real, y)
     print(f"{'accuracy':>9} {'FD':>9} {'images':>7}  set")
     for name, r in rows.items():
         acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         print(f"{acc:>9} {r['fd']:>9.3f} {r['num_images']:>7}  {name}")
+        if r["per_class"] is not None:                                  # the accuracy of each class, in %
+            print(" " * 29 + "per class: " + ", ".join(
+                f"{c} {'-' if a is None else round(100 * a)}" for c, a in zip(data_lib.CLASSES, r["per_class"])))
     print(f"FD: Frechet distance of the classifier's {info['mu'].shape[0]}-d features to {info['num_ref']} held-out "
           f"real images (not an Inception FID)")
     if args.json:

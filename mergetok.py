@@ -198,8 +198,9 @@ if __name__ == "__main__":
           f"{(count_parameters(paper.posterior) + count_parameters(paper.vae_in)) / 1e3:.1f}K")
     torch.manual_seed(0)
     tok = build_tokenizer("mergetok", "tiny")
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
-    out = tok(x, K=64)
+    S = tok.cfg.image_size
+    x = torch.rand(2, 3, S, S) * 2 - 1
+    out = tok(x)
     print("tiny: indices", tuple(out.enc.indices.shape), "source", tuple(out.enc.source.shape), "u",
           tuple(out.enc.u.shape), "mu", tuple(out.enc.mu.shape), "latent", tuple(out.enc.latent.shape),
           "recon", tuple(out.recon.shape), "recon_vae", tuple(out.recon_vae.shape))

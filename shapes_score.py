@@ -20,11 +20,12 @@ import torch.nn.functional as F
 import data as data_lib
 from common import load_strict, progress_bar, read_checkpoint, save_checkpoint
 from inception import feature_stats, frechet_distance
+from merge import anchors
 from tokenizer import load_tokenizer
 
 SHAPES_SIZE = 64                  # the images' size (the stage-1 tiny presets'); the classifier sees them at 32 px
 CLASSIFIER_SIZE = 32              # every input, real or generated, is resized to this by the same (antialiased) resize
-SHAPES_CLASSIFIER = dict(num_train=4000, epochs=6, batch_size=64, lr=3e-3, num_ref=500, width=24)
+SHAPES_CLASSIFIER = dict(num_train=4000, epochs=6, batch_size=64, lr=3e-3, num_ref=500, width=24, style="simple")
 
 
 class ShapesClassifier(nn.Module):
@@ -50,9 +51,10 @@ class ShapesClassifier(nn.Module):
         return f, self.head(f)
 
 
-def shapes_images(split, start, n, size=SHAPES_SIZE):
-    """Embedded shapes start .. start + n - 1 of a split -> (images (n, 3, size, size) in [-1, 1], labels (n,))."""
-    ds = data_lib.ShapesDataset(split, size=size, num_images=start + n)
+def shapes_images(split, start, n, size=SHAPES_SIZE, style="simple"):
+    """Embedded shapes start .. start + n - 1 of a split in a style (data.STYLES) -> (images (n, 3, size, size) in
+    [-1, 1], labels (n,))."""
+    ds = data_lib.ShapesDataset(split, size=size, num_images=start + n, style=style)
     xs, ys = zip(*(ds[i] for i in range(start, start + n)))
     return torch.stack(xs), torch.tensor(ys)
 
@@ -82,11 +84,11 @@ def shapes_classify(model, images, batch_size=100):
 
 
 def train_shapes_classifier(seed=0, num_train=4000, epochs=6, batch_size=64, lr=3e-3, num_ref=500, width=24,
-                            device="cpu"):
-    """Train the classifier on the first num_train training shapes (AdamW, cosine schedule; deterministic for a
-    seed, the global RNG untouched), then measure it on the first num_ref held-out shapes: their accuracy and the
-    statistics (mu, sigma) of their features, the reference of the Frechet distance. Returns (model, info)."""
-    x, y = shapes_images("train", 0, num_train)
+                            style="simple", device="cpu"):
+    """Train the classifier on the first num_train training shapes of a style (AdamW, cosine schedule; deterministic
+    for a seed, the global RNG untouched), then measure it on the first num_ref held-out shapes: their accuracy and
+    the statistics (mu, sigma) of their features, the reference of the Frechet distance. Returns (model, info)."""
+    x, y = shapes_images("train", 0, num_train, style=style)
     x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear", align_corners=False,
                       antialias=True)                                             # resized once, not every epoch
     with torch.random.fork_rng(devices=[]):
@@ -112,22 +114,27 @@ def train_shapes_classifier(seed=0, num_train=4000, epochs=6, batch_size=64, lr=
             opt.step()
             bar.update()
     bar.close()
-    ref_x, ref_y = shapes_images("val", 0, num_ref)
+    ref_x, ref_y = shapes_images("val", 0, num_ref, style=style)
     feats, preds, _ = shapes_classify(model, ref_x)
     mu, sigma = feature_stats(feats)
     info = {"seed": seed, "num_train": num_train, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "num_ref": num_ref, "width": width, "val_accuracy": (preds == ref_y).float().mean().item(),
+            "num_ref": num_ref, "width": width, "style": style, "val_accuracy": (preds == ref_y).float().mean().item(),
             "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
     return model.eval(), info
 
 
 def load_shapes_classifier(path, seed=0, device="cpu", **settings):
     """The classifier cached at `path`, or (missing) one trained with `seed` and `settings` (SHAPES_CLASSIFIER
-    by default) and saved there. Returns (model, info, trained: bool)."""
+    by default) and saved there. Returns (model, info, trained: bool). A cached classifier of another style of the
+    shapes is refused (one line)."""
     settings = {**SHAPES_CLASSIFIER, **settings}
     if os.path.exists(path):
         ckpt = read_checkpoint(path, "shapes classifier", required=("model", "info"))
         info = ckpt["info"]
+        cached = info.get("style", "rich")                  # classifiers cached before the styles: the rich shapes
+        if cached != settings["style"]:
+            raise ValueError(f"shapes classifier {path} was trained on the {cached} shapes, not the "
+                             f"{settings['style']} ones: pass another --classifier (or delete it to retrain)")
         model = ShapesClassifier(len(data_lib.CLASSES), info["width"])
         load_strict(model, ckpt["model"], f"shapes classifier {path}")
         return model.to(device).eval(), info, False
@@ -138,29 +145,36 @@ def load_shapes_classifier(path, seed=0, device="cpu", **settings):
 
 
 def shapes_score(model, info, images, labels=None):
-    """{num_images, accuracy (None without labels), fd} of a set of images (see shapes_classify for the layouts)."""
+    """{num_images, accuracy, per_class, fd} of a set of images (see shapes_classify for the layouts): the fraction
+    assigned to their label, overall and per class (a list over the classes, None for a class without images; both
+    None without labels), and the Frechet distance of the features to the held-out reference."""
     feats, preds, kept = shapes_classify(model, images)
     mu, sigma = feature_stats(feats)
     fd = frechet_distance(mu, sigma, info["mu"].numpy(), info["sigma"].numpy())
-    acc = None
+    acc = per_class = None
     if labels is not None:
-        acc = (preds == torch.as_tensor(labels).long()[kept]).float().mean().item()
-    return {"num_images": len(feats), "accuracy": acc, "fd": fd}
+        y = torch.as_tensor(labels).long()[kept]
+        right = preds == y
+        acc = right.float().mean().item()
+        per_class = [right[y == c].float().mean().item() if (y == c).any() else None
+                     for c in range(len(data_lib.CLASSES))]
+    return {"num_images": len(feats), "accuracy": acc, "per_class": per_class, "fd": fd}
 
 
 @torch.no_grad()
-def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50, source="true"):
+def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50, source="true", style="simple"):
     """A tokenizer's reconstructions (target K unless given) of held-out shapes start .. start + n - 1, decoded with
-    the encoder's true source or the Source Recovery Model's predicted one (the ceiling of RandAR's path, which has
-    only the predicted source) -> (images (n, 3, S, S) in [-1, 1], labels (n,), K)."""
+    the encoder's true source or the Source Recovery Model's predicted one from the codes at their anchors (the
+    ceiling of RandAR's path, which generates codes and anchors but no source) -> (images (n, 3, S, S) in [-1, 1],
+    labels (n,), K)."""
     if source not in ("true", "predicted"):
         raise ValueError(f"source must be 'true' or 'predicted', got {source!r}")
     tok = load_tokenizer(ckpt, ema=True, device=device)
     K = tok.check_K(tok.cfg.K if K is None else K)
-    x, y = shapes_images("val", start, n, size=tok.cfg.image_size)
+    x, y = shapes_images("val", start, n, size=tok.cfg.image_size, style=style)
     out = []
     for s in range(0, n, batch_size):
         enc = tok.encode(x[s:s + batch_size].to(device), K=K)                     # indices (b, K), source (b, N)
         given = enc.source if source == "true" else None                         # None: predicted from the codes
-        out.append(tok.decode(enc.indices, given).float().clamp(-1, 1).cpu())
+        out.append(tok.decode(enc.indices, given, anchors(enc.source, K)).float().clamp(-1, 1).cpu())
     return torch.cat(out), y, K

@@ -14,7 +14,7 @@
 Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, K 256   (encoder 62.3M, decoder 82.8M)
                       gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, K 144  (encoder 62.7M, decoder 83.4M)
                       r  - ViT-B/16, 16x16 = 256 tokens, K 36          (encoder 86.6M, decoder 83.4M)
-Each has a `paper` preset (the default) and a `tiny` one for the CPU (64x64 images, narrow, few blocks).
+Each has a `paper` preset (the default) and a `tiny` one for the CPU (32x32 or 64x64 images, narrow, few blocks).
 A fourth variant, `mergetok` (MergeTok, arXiv 2605.30904: a joint continuous + discrete tokenizer on G's encoder
 and decoder), has its config here (MergeTokConfig, the same presets) and its model in mergetok.py, which builds
 on this module.
@@ -114,27 +114,27 @@ PRESETS = {
         "r": TokenizerConfig(variant="r", patch_size=16, embed_dim=768, enc_heads=12, dec_ch_mult=(1, 1, 2, 4, 8),
                              K=36, K_low=0, K_high=4, align_layers=3),
     },
-    # tiny: 64x64 images, narrow and shallow, for 2 CPU cores. GroupNorm(32) on 32-128 channels is nearly an
-    # instance norm that strips colour; 4 groups learn about twice as fast there (measured: MSE 0.21 vs 0.10 after
-    # 40 steps on a fixed batch).
+    # tiny: narrow and shallow, for 2 CPU cores. GroupNorm(32) on 32-128 channels is nearly an instance norm that
+    # strips colour; 4 groups learn about twice as fast there (measured: MSE 0.21 vs 0.10 after 40 steps on a fixed
+    # batch). G: 32 x 32 images, an 8 x 8 grid (N = 64) merged to K = 36: the scale at which a small generator
+    # draws the shapes' outlines (docs/stage2_cpu.md); G+R and R: 64 x 64 images.
     "tiny": {
-        "g": TokenizerConfig(variant="g", image_size=64, z_channels=10, ch=32, enc_ch_mult=(1, 2, 4), enc_res_blocks=1,
-                             norm_groups=4,
-                             embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 2, 4), dec_res_blocks=1,
-                             dec_layers=2, dec_heads=4, K=64, K_low=0, K_high=4, align_hidden=256,
+        "g": TokenizerConfig(variant="g", image_size=32, z_channels=10, ch=32, enc_ch_mult=(1, 2, 4), enc_res_blocks=1,
+                             norm_groups=4, embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 2, 4),
+                             dec_res_blocks=1, dec_layers=2, dec_heads=4, K=36, K_low=0, K_high=2, align_hidden=256,
                              rec_dim=64, rec_heads=4, rec_ffn=256),
-        "gr": TokenizerConfig(variant="gr", image_size=64, ch=32, enc_ch_mult=(1, 1, 2, 4), enc_res_blocks=1, norm_groups=4,
-                              embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1,
-                              dec_layers=2, dec_heads=4, K=36, K_low=-1, K_high=2,
-                              K_sampling="gaussian", align_hidden=256, align_layers=3,
-                              rec_dim=64, rec_heads=4, rec_ffn=256),
-        "r": TokenizerConfig(variant="r", image_size=64, ch=32, patch_size=8, embed_dim=128, enc_layers=4, norm_groups=4,
-                             enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1, dec_layers=2, dec_heads=4,
-                             K=16, K_low=0, K_high=4, align_hidden=256, align_layers=3,
-                             rec_dim=64, rec_heads=4, rec_ffn=256),
+        "gr": TokenizerConfig(variant="gr", image_size=64, ch=32, enc_ch_mult=(1, 1, 2, 4), enc_res_blocks=1,
+                              norm_groups=4, embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 1, 2, 4),
+                              dec_res_blocks=1, dec_layers=2, dec_heads=4, K=36, K_low=-1, K_high=2,
+                              K_sampling="gaussian", align_hidden=256, align_layers=3, rec_dim=64, rec_heads=4,
+                              rec_ffn=256),
+        "r": TokenizerConfig(variant="r", image_size=64, ch=32, patch_size=8, embed_dim=128, enc_layers=4,
+                             norm_groups=4, enc_heads=4, dec_ch_mult=(1, 1, 2, 4), dec_res_blocks=1, dec_layers=2,
+                             dec_heads=4, K=16, K_low=0, K_high=4, align_hidden=256, align_layers=3, rec_dim=64,
+                             rec_heads=4, rec_ffn=256),
     },
 }
-# MergeTok on G's layout at either scale (the tiny G target K = 64, so G and MergeTok compare at the same K)
+# MergeTok on G's layout at either scale (the same target K, so G and MergeTok compare at the same K)
 for _preset in PRESETS.values():
     _preset["mergetok"] = MergeTokConfig(**{k: v for k, v in dataclasses.asdict(_preset["g"]).items()
                                             if k != "variant"})
@@ -524,10 +524,14 @@ class MergeVQTokenizer(nn.Module):
         q = self.quantizer(z.float())                                              # LFQ in fp32
         return Encoding(q.indices, source, q.z_q, K, cls, q)
 
-    def decode_codes(self, z_q, source=None):
-        """Merged codes (B, K, d) + a source (B, N) -> images. No source: the Source Recovery Model predicts one."""
+    def decode_codes(self, z_q, source=None, anchors=None):
+        """Merged codes (B, K, d) + a source (B, N) -> images. No source: the Source Recovery Model predicts one from
+        the codes and their anchors (B, K), the image positions of the merged tokens (merge.anchors)."""
         if source is None:
-            source = self.recovery.predict_source(z_q)
+            if anchors is None:
+                raise ValueError("decoding without a source needs the merged tokens' anchors (B, K): the Source "
+                                 "Recovery Model places each token at its anchor")
+            source = self.recovery.predict_source(z_q, anchors)
         if source.shape != (z_q.shape[0], self.cfg.num_tokens):
             raise ValueError(f"source {tuple(source.shape)} does not fit {z_q.shape[0]} images of "
                              f"N={self.cfg.num_tokens} tokens: expected ({z_q.shape[0]}, {self.cfg.num_tokens})")
@@ -536,10 +540,11 @@ class MergeVQTokenizer(nn.Module):
         z_full = z_full.transpose(1, 2).reshape(z_q.shape[0], -1, g, g)            # (B, d, g, g)
         return self.decoder(z_full)
 
-    def decode(self, indices, source=None):
-        """Merged indices (B, K) + a source (true or predicted; None: predict it) -> images (B, 3, H, W)."""
+    def decode(self, indices, source=None, anchors=None):
+        """Merged indices (B, K) + a source (true or predicted; None: predicted from the codes and their anchors
+        (B, K)) -> images (B, 3, H, W)."""
         z_q = self.quantizer.indices_to_codes(indices).to(self.decoder.conv_in.weight.dtype)   # (B, K, d)
-        return self.decode_codes(z_q, source)
+        return self.decode_codes(z_q, source, anchors)
 
     def forward(self, x, K=None):
         """The stage-1 forward: encode at K, recover with the true source, decode; the recovery loss (Eq. 9)."""
@@ -642,8 +647,9 @@ if __name__ == "__main__":
               f"{count_parameters(m.recovery) / 1e6:8.2f}M")
     torch.manual_seed(0)
     tok = build_tokenizer("g", "tiny").eval()
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    S = tok.cfg.image_size
+    x = torch.rand(2, 3, S, S) * 2 - 1
     with torch.no_grad():
-        enc = tok.encode(x, K=64)
+        enc = tok.encode(x)                                             # the target K
         print("tiny g: indices", tuple(enc.indices.shape), "source", tuple(enc.source.shape),
               "recon", tuple(tok.decode(enc.indices, enc.source).shape))

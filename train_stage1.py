@@ -140,7 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", required=True, choices=list(ALL_VARIANTS),
                    help="G, G+R or R (Table A1), or MergeTok (arXiv 2605.30904)")
     p.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model and schedule size")
-    p.add_argument("--data", default=None, help="ImageFolder root (DIR/class/*.jpg); default: embedded shapes")
+    p.add_argument("--data", default=None, help="ImageFolder root (DIR/class/*.jpg); default: the embedded shapes "
+                                                "(shapes; shapes-rich: textured backgrounds, distractors, any colour)")
     p.add_argument("--out", default=None, help="output folder (default runs/stage1-<variant>-<preset>)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=int, default=None)
@@ -246,7 +247,7 @@ def check_args(args):
         raise ValueError(f"--disc-start must be 0 or more, got {args.disc_start}")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: no such file")
-    if args.data and not os.path.isdir(args.data):
+    if args.data and args.data not in data_lib.SHAPES_DATA and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder")
     common.check_device(args.device)
     out = out_dir(args)

@@ -10,6 +10,7 @@ import torch
 
 import evaluate
 import shapes_score
+from merge import anchors
 
 SMALL = dict(num_train=2000, epochs=5, num_ref=200, width=16, lr=5e-3)     # 52% held-out accuracy, ~30 s
 TINY = dict(num_train=200, epochs=1, num_ref=50, width=8)                   # for the cache: seconds
@@ -66,7 +67,8 @@ def test_cli_scores_an_adm_npz_with_labels(classifier, tmp_path, capsys):
 
 def test_reconstruction_rows_decode_with_the_true_or_the_predicted_source(tmp_path):
     """The ceiling rows: held-out shapes encoded at K and decoded with the encoder's source, or with the source the
-    Source Recovery Model predicts from the codes (RandAR's only path); a bad source name is one error."""
+    Source Recovery Model predicts from the codes at their anchors (RandAR's only path); a bad source name is one
+    error."""
     import dataclasses
     from common import save_checkpoint
     from tokenizer import build_tokenizer, get_config
@@ -76,15 +78,15 @@ def test_reconstruction_rows_decode_with_the_true_or_the_predicted_source(tmp_pa
     ckpt = str(tmp_path / "tok.pt")
     save_checkpoint(ckpt, {"model": tok.state_dict(), "ema": tok.state_dict(),
                            "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
-    x, y = shapes_score.shapes_images("val", 7, 3)
+    x, y = shapes_score.shapes_images("val", 7, 3, size=cfg.image_size)
     with torch.no_grad():
-        enc = tok.encode(x, K=64)
-        predicted = tok.recovery.predict_source(enc.z_q)                  # (3, N)
+        enc = tok.encode(x, K=36)
+        predicted = tok.recovery.predict_source(enc.z_q, anchors(enc.source, 36))   # (3, N)
         assert not torch.equal(predicted, enc.source)                     # an untrained recovery model errs
         want = {"true": tok.decode(enc.indices, enc.source), "predicted": tok.decode(enc.indices, predicted)}
     for source, expected in want.items():
-        rec, labels, K = shapes_score.shapes_reconstructions(ckpt, 7, 3, K=64, source=source)
-        assert K == 64 and torch.equal(labels, y)
+        rec, labels, K = shapes_score.shapes_reconstructions(ckpt, 7, 3, K=36, source=source)
+        assert K == 36 and torch.equal(labels, y)
         torch.testing.assert_close(rec, expected.clamp(-1, 1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="source must be"):
         shapes_score.shapes_reconstructions(ckpt, 7, 3, source="oracle")
