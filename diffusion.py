@@ -10,8 +10,8 @@ autoregressive side is gpt.py; this file is the diffusion side, the smallest fai
   the objective rectified flow / flow matching (Liu et al. 2023, Sec. 2.1 Eq. (1); Lipman et al. 2023, Eq. (23)
                 with sigma_min = 0; written with Esser et al. 2024's time direction, Sec. 3): a straight path from
                 data x_0 (t = 0) to noise e (t = 1), x_t = (1 - t) x_0 + t e, and the network regresses its velocity
-                v = dx_t/dt = e - x_0. Time t ~ logit-normal(0, 1) (Esser et al. 2024, Sec. 3.1, "rf/lognorm(0.00,
-                1.00)", their best sampler), or uniform.
+                v = dx_t/dt = e - x_0. Time t ~ logit-normal(0, 1) (Esser et al. 2024, Sec. 3.1; rf/lognorm(0.00, 1.00),
+                the variant their Sec. 5.1 study ranks first), or uniform.
   the sampler   the probability-flow ODE dx/dt = v_theta(x, t) integrated by Euler from t = 1 (pure noise) to
                 t = 0 in S steps, with classifier-free guidance v = v_u + s (v_c - v_u) (Ho & Salimans 2022, Eq. (6)
                 with w = s - 1; DiT Sec. 3.1) on the batch [cond; null].
@@ -68,9 +68,10 @@ class DiTConfig:
 # DiT's Table 1 sizes (its models.py DiT_models), at patch 2, and a CPU toy. The defaults of DiTConfig are DiT-B/2 on
 # ImageNet 256's 32 x 32 x 4 latents; build_dit's overrides set the grid, channels and classes of other data.
 # tiny: MergeTok tiny's continuous latent (64 px images, f = 4 -> a 16 x 16 grid of C = 18), the 10 shape classes;
-# patch 2 gives 8 x 8 = 64 tokens, the sequence length of the stage-2 GPTs at K = 64.
+# patch 2 gives 8 x 8 = 64 tokens (as many as MergeTok tiny's K = 64 merged tokens); width 64 and 6 blocks, the
+# size of the MNIST-scale DiTs that learn in minutes on a CPU.
 DIT_PRESETS = {
-    "tiny": dict(input_size=16, in_channels=18, patch_size=2, hidden_size=96, depth=6, num_heads=4, num_classes=10),
+    "tiny": dict(input_size=16, in_channels=18, patch_size=2, hidden_size=64, depth=6, num_heads=4, num_classes=10),
     "S/2": dict(hidden_size=384, depth=12, num_heads=6),
     "B/2": dict(hidden_size=768, depth=12, num_heads=12),
     "L/2": dict(hidden_size=1024, depth=24, num_heads=16),
@@ -381,7 +382,11 @@ if __name__ == "__main__":
     for name in ("B/2", "XL/2"):
         with torch.device("meta"):
             big = build_dit(name)
-        print(f"DiT-{name} on 32 x 32 x 4 latents, 1000 classes: {count_parameters(big):,} parameters")
+        c, n = big.cfg, count_parameters(big)
+        extra = (c.input_size // c.patch_size) ** 2 * c.hidden_size + c.patch_size ** 2 * c.in_channels * (
+            c.hidden_size + 1)                     # DiT's frozen position Parameter and its learn_sigma outputs
+        print(f"DiT-{name} on 32 x 32 x 4 latents, 1000 classes: {n:,} parameters ({n + extra:,} as DiT's release "
+              f"counts, with its position table and variance outputs)")
     torch.manual_seed(0)
     model = build_dit("tiny", input_size=8, in_channels=1, num_classes=4, hidden_size=64, depth=4)
     ema = copy.deepcopy(model).requires_grad_(False)

@@ -231,6 +231,18 @@ def test_adaln_zero_blocks_are_the_identity_and_the_output_is_zero_at_init():
     assert torch.equal(model(x, t, y), torch.zeros(2, 3, 8, 8))
 
 
+def test_the_velocity_depends_on_time_and_class():
+    """Both reach c = t_emb + y_emb. The shape test cannot see a DiT blind to t: on two shapes with little noise the
+    time-averaged field still carries noise to the right shape (measured: 100% of the samples, at a flow loss of 0.18
+    instead of 0.14); a velocity blind to t only follows E[e - x_0 | x_t], averaged over the whole path."""
+    model = random_dit().eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        v = model(x, torch.full((2,), 0.2), y)
+        assert not torch.allclose(v, model(x, torch.full((2,), 0.8), y), atol=1e-3)
+        assert not torch.allclose(v, model(x, torch.full((2,), 0.2), torch.tensor([3, 0])), atol=1e-3)
+
+
 def test_unpatchify_against_brute_force_and_the_round_trip():
     B, C, h, p = 2, 3, 4, 2
     tokens = torch.randn(B, h * h, p * p * C)
@@ -267,7 +279,7 @@ def test_position_table_against_the_closed_form():
     for r in range(grid):
         for c in range(grid):
             want = []
-            for pos in (c, r):                                                 # the column first (MAE, DiT), then the row
+            for pos in (c, r):                                       # the column first (MAE, DiT), then the row
                 w = [10000 ** (-k / (dim // 4)) for k in range(dim // 4)]
                 want += [math.sin(pos * wk) for wk in w] + [math.cos(pos * wk) for wk in w]
             torch.testing.assert_close(table[r * grid + c], torch.tensor(want), rtol=0, atol=1e-6)
@@ -310,7 +322,7 @@ def test_tiny_preset_shapes():
     model = build_dit("tiny")
     B, c = 3, model.cfg
     out = model(torch.randn(B, c.in_channels, c.input_size, c.input_size), torch.rand(B), torch.tensor([0, 9, 10]))
-    assert out.shape == (B, 18, 16, 16) and model.pos_embed.shape == (1, 64, 96)
+    assert out.shape == (B, 18, 16, 16) and model.pos_embed.shape == (1, 64, 64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
