@@ -171,7 +171,8 @@ def test_the_class_decides_the_shape_and_the_null_class_does_not(shapes_dit):
     x_null = sample(model, y, num_steps=20, cfg_scale=0.0, generator=torch.Generator().manual_seed(1))
     follows = (nearest_template(x_null, templates) == y).float().mean().item()
     assert 0.3 <= follows <= 0.7
-    assert torch.cdist(x_null.flatten(1), templates.flatten(1)).min(dim=1).values.median() < 3.0
+    # and each one a shape, not a blur (with the null row never trained, no label dropout: median 3.05)
+    assert torch.cdist(x_null.flatten(1), templates.flatten(1)).min(dim=1).values.median() < 2.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
