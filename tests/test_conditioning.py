@@ -27,7 +27,7 @@ from randar import build_randar, generate_randar, randar_loss
 
 GRID, CLASSES, BACKGROUND = 4, 10, 8
 CLASS_CELLS = [5, 6, 9, 10]                       # the central 2 x 2 block of the 4 x 4 raster grid
-STEPS_POST_ONLY = 250                              # past ours' plateau, short of the release's (docs/factorized_head.md)
+STEPS_POST_ONLY = 250                             # past our plateau, short of the release's (docs/factorized_head.md)
 
 
 def synthetic_codes(vocab, seed=0):
