@@ -12,8 +12,9 @@ from scratch, in two vocabularies:
   factorized  LFQ's 2^18 codes (lfq.py) as two sub-tokens, pre = low 6 bits and post = high 12 bits, as in the
               MergeVQ release (ApexGen-X/MergeVQ taming/modules/transformer/gpt.py, after TencentARC/Open-MAGVIT2):
               input embedding pre_emb(pre) + post_emb(post); after the main blocks two "intra-token" blocks run on
-              the pair [h_t, pre_emb(pre_t)]; one head reads the pre logits at the first slot, another the post
-              logits at the second. Sampling draws pre, then post given pre.
+              the pair [h_t, h_t + pre_emb(pre_t)] (the release: [h_t, pre_emb(pre_t)]; see INTRA_POST_INPUT);
+              one head reads the pre logits at the first slot, another the post logits at the second. Sampling
+              draws pre, then post given pre.
 
 The three generators of stage 2 share it: the plain raster model (Table 3's "LlamaGen" rows: `generate` here),
 MergeAR (mergear.py: a Merge Instruction row per kept count K, `merge_counts`, and the Eq. (12) mask) and RandAR
@@ -286,7 +287,9 @@ class GPTConfig:
                                       # to every code's input embedding (the CPU preset: see CLASS_COND below)
     factorized: bool = False
     pre_bits: int = 6                 # factorized: pre = the low 6 bits, post = the rest (release: [6, 12])
-    n_intra_layer: int = 2            # factorized: intra-token blocks on the pair [h_t, pre_emb(pre_t)]
+    n_intra_layer: int = 2            # factorized: intra-token blocks on the pair [h_t, slot 1]
+    intra_post_input: str = "state+pre"   # factorized: slot 1 = h_t + pre_emb(pre_t); "pre": pre_emb(pre_t) alone,
+                                          # the release's (see INTRA_POST_INPUT below)
     merge_counts: tuple = ()          # MergeAR: the allowed kept counts K, one Merge Instruction row each; () = plain
     merge_window: int = None          # MergeAR: the window W of Eq. (12); None = one grid row, sqrt(block_size)
     position_head: bool = False       # RandAR on merged tokens: predict each token's cell (randar.py, Eq. (13))
@@ -299,6 +302,20 @@ class GPTConfig:
 # true label 0.12 nats per image below the null class's (LlamaGen GPT small, 500 steps: 0.01), and the samples
 # follow their class at chance (10%); with "add" the same run is 2.0 nats below after 250 steps.
 CLASS_COND = ("prefix", "add")
+
+# What the post slot (slot 1) of the intra-token blocks starts from. "pre" is the MergeVQ release's and
+# Open-MAGVIT2's: pre_emb(pre_t) alone. The post logits then see the transformer's state h_t only through slot 1's
+# attention to slot 0, and that attention is blind to h_t: slot 0 takes the zero RoPE row, so its key is zero and
+# slot 1's logit for it is fixed at 0; how much slot 1 reads h_t is set by slot 1's own content, never by h_t.
+# Where the post sub-token is mostly predictable from pre_t (a toy's background; codes whose context also lives in
+# the pre bits), h_t only adds noise to the post logits early in training and the model turns the read into a
+# constant; from then on the post head passes almost no gradient to the state, the state does not learn what only
+# the post sub-token needs, and a class carried by the high 12 bits alone is learned only after a long plateau,
+# through which the samples draw post from its marginal given pre. "state+pre" (ours, the default) also puts h_t on
+# slot 1's residual stream, h_t + pre_emb(pre_t), as slot 0 has it for the pre head: the post head reads the state
+# as directly as the pre head does. Same parameters (names and shapes); the release's slot 1 stays reachable with
+# intra_post_input="pre". Measured: docs/factorized_head.md.
+INTRA_POST_INPUT = ("state+pre", "pre")
 
 # LlamaGen's class-conditional sizes (its gpt.py's GPT_models: B 111M, L 343M, XL 775M, XXL 1.4B) and two CPU toys.
 GPT_PRESETS = {
@@ -333,6 +350,9 @@ class Transformer(nn.Module):
         super().__init__()
         if cfg.class_cond not in CLASS_COND:
             raise ValueError(f"class_cond must be one of {', '.join(CLASS_COND)}, got {cfg.class_cond!r}")
+        if cfg.intra_post_input not in INTRA_POST_INPUT:
+            raise ValueError(f"intra_post_input must be one of {', '.join(INTRA_POST_INPUT)}, "
+                             f"got {cfg.intra_post_input!r}")
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
@@ -380,8 +400,8 @@ class Transformer(nn.Module):
         tests/test_conditioning.py's toy (10 classes, a class-dependent 2 x 2 block in a 4 x 4 grid, GPT tiny,
         150 steps of batch 16, lr 2e-3, seeds 0 / 1 / 2): the fraction of samples whose block follows the label was
         0.31 / 0.21 / 0.25 with zero heads against 0.65 / 0.57 / 0.56 with N(0, 0.02) heads (the plain 256-code
-        model: 0.71 with its zero head, seed 0). The release's structure stays as it is: feeding h_t into slot 1 as
-        well (h_t + pre_emb(pre_t)) gave 0.28 (seed 0, zero heads)."""
+        model: 0.71 with its zero head, seed 0). Those figures are of the release's post slot (intra_post_input
+        "pre", before INTRA_POST_INPUT's default), where the class also lived in the pre sub-token."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
@@ -446,7 +466,8 @@ class Transformer(nn.Module):
     def intra_logits(self, h, pre=None):
         """Factorized heads on the main stack's outputs h (B, S, D).
 
-        Each position runs the intra-token blocks on its own 2-slot sequence [h_t, pre_emb(pre_t)] with two fixed
+        Each position runs the intra-token blocks on its own 2-slot sequence [h_t, h_t + pre_emb(pre_t)] (with
+        intra_post_input "pre", the release's [h_t, pre_emb(pre_t)]: INTRA_POST_INPUT says why not) with two fixed
         RoPE rows (the release's choice, the first two rows of its one-class-token table): slot 0 a zero row (a class
         row: it zeroes its q and k), slot 1 the identity (the cell (0, 0), angle 0). These rows are `intra_rope`, not
         the first rows of the model's table: MergeAR's prefix [C, M] makes both of those zero, which would zero slot
@@ -456,7 +477,12 @@ class Transformer(nn.Module):
         Returns (logits_pre (B, S, 2^pre_bits), logits_post (B, S, 2^post_bits) or None), float32.
         """
         B, S, D = h.shape
-        slots = [h] if pre is None else [h, self.pre_embeddings(pre)]
+        if pre is None:
+            slots = [h]
+        elif self.cfg.intra_post_input == "state+pre":
+            slots = [h, h + self.pre_embeddings(pre)]                        # the post slot reads the state directly
+        else:
+            slots = [h, self.pre_embeddings(pre)]                            # the release: only through attention
         x = torch.stack(slots, dim=2).reshape(B * S, len(slots), D)          # (B*S, 1 or 2, D)
         freqs = self.intra_rope(h.device)[: len(slots)]                     # (1 or 2, D_h/2, 2)
         for layer in self.intra_layers:

@@ -323,6 +323,22 @@ def test_factorized_split_round_trips_the_18_bit_index(factorized):
     assert out.loss.item() == pytest.approx(-(lp.mean() + lq.mean()).item(), rel=1e-5)
 
 
+def test_post_slot_input_changes_no_weight_and_only_the_post_logits(factorized):
+    """intra_post_input (gpt.py's INTRA_POST_INPUT) sets what the post slot starts from, not the weights: the release's
+    slot ("pre") and ours (the default, "state+pre") take each other's state dict strictly, their pre logits (slot 0,
+    which causal attention keeps from slot 1) agree, and their post logits differ. An unknown value is one error."""
+    assert factorized.cfg.intra_post_input == "state+pre"
+    release = build_gpt("tiny", vocab_size=FV, factorized=True, num_classes=C, intra_post_input="pre").eval()
+    release.load_state_dict(factorized.state_dict(), strict=True)
+    codes, cond = torch.randint(0, FV, (2, 16)), torch.tensor([3, 7])
+    with torch.no_grad():
+        ours, theirs = factorized(codes, cond), release(codes, cond)
+    torch.testing.assert_close(ours.logits_pre, theirs.logits_pre)
+    assert (ours.logits_post - theirs.logits_post).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="intra_post_input must be one of state\\+pre, pre, got 'both'"):
+        build_gpt("tiny", vocab_size=FV, factorized=True, intra_post_input="both")
+
+
 def test_top_k_one_is_greedy(plain):
     torch.manual_seed(0)
     logits = torch.randn(200, 50) * 3
