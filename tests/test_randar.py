@@ -523,7 +523,8 @@ def test_tiny_randar_loss_falls_on_fixed_tokens(which):
         opt.step()
         losses.append(loss)
     uniform = math.log(256) if which == "plain" else math.log(64) + math.log(4096)
-    assert losses[0].tokens.item() == pytest.approx(uniform, rel=1e-3)   # zero heads: uniform logits
+    # heads of zeros (plain) or of N(0, 0.02) (factorized): about uniform logits
+    assert losses[0].tokens.item() == pytest.approx(uniform, rel=3e-3)
     # zero position head: step i picks uniformly among the N - i cells not taken, mean over the L steps
     assert losses[0].cells.item() == pytest.approx(sum(math.log(N - i) for i in range(L)) / L, rel=1e-3)
     assert losses[-1].tokens.item() < 0.7 * losses[0].tokens.item()
