@@ -770,7 +770,9 @@ def run_sample(args):
         npz.labels = labels.numpy()
     bar.close()
     grid = torch.from_numpy(np.concatenate(grid)).permute(0, 3, 1, 2).float() / 127.5 - 1   # exact back to uint8
-    data_lib.save_image_grid(grid, out + ".png", nrow=per_row)
+    names = data_lib.CLASSES if c.num_classes == len(data_lib.CLASSES) else None     # the embedded shapes' classes
+    data_lib.save_image_grid(grid, out + ".png", nrow=per_row,
+                             row_labels=[names[k] if names else f"class {k}" for k in shown.tolist()])
     print(f"wrote {out}.npz ({len(labels)} images, {time.time() - t0:.1f} s, "
           f"{(time.time() - t0) / len(labels):.3f} s per image) and {out}.png (classes "
           f"{'all' if len(shown) == c.num_classes else shown.tolist()}, {per_row} per row)", flush=True)

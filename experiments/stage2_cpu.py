@@ -85,17 +85,21 @@ def phase(title, t0):
     print(f"[{time.time() - t0:7.0f} s] {title}", flush=True)
 
 
-def small_grid(npz, out, per_class=8):
-    """The first `per_class` samples of every class of an ADM .npz, one row per class."""
+def small_grid(npz, out, per_class=8, zoom=2):
+    """The first `per_class` samples of every class of an ADM .npz, one row per class, its name written beside it;
+    each image enlarged `zoom` times (nearest neighbour: the pixels as they are)."""
     with np.load(npz) as f:
         images, labels = f["arr_0"], f["labels"]
-    rows = [images[labels == c][:per_class] for c in np.unique(labels)]
+    classes = np.unique(labels)
+    rows = [images[labels == c][:per_class] for c in classes]
     x = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1   # (n, 3, S, S) in [-1, 1]
-    data_lib.save_image_grid(x, out, nrow=per_class)
+    x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest")            # (n, 3, zS, zS)
+    data_lib.save_image_grid(x, out, nrow=per_class, row_labels=[data_lib.CLASSES[c] for c in classes])
 
 
-def write_table(out, logs, names, wall, cfg):
-    """The README's table from the logs and the shapes scores in `out`: table.md, table.json, grid_<model>.png."""
+def write_table(out, logs, names, wall, cfgs):
+    """The README's tables from the logs and the shapes scores in `out` (the rows, then each row's accuracy per
+    class): table.md, table.json, grid_<model>.png."""
     with open(os.path.join(out, "shapes-reconstructions.json")) as f:
         rec = json.load(f)["rows"]
     ceilings = [("held-out real", "real held-out images"),
@@ -103,18 +107,26 @@ def write_table(out, logs, names, wall, cfg):
                 ("predicted source", "reconstructions, predicted source: the ceiling of RandAR on merged tokens")]
     rows = [(name, "-", r) for part, name in ceilings for key, r in rec.items() if part in key]
     for n in names:
-        m = re.search(r"\| ([0-9.]+) nats per code", read_log(logs, f"nll-{n}"))
-        unit = "per merged token" if n == "randar" else "per code"
-        nll = f"{float(m.group(1)):.3f} nats {unit}" if m else "?"
+        log = read_log(logs, f"nll-{n}")
+        m, cells = re.search(r"\| ([0-9.]+) nats per code", log), re.search(r"cells ([0-9.]+) nats", log)
+        nll = f"{float(m.group(1)):.3f} nats per code" if m else "?"
+        if m and cells:                                                     # RandAR on merged tokens
+            nll = f"{float(m.group(1)):.3f} + {float(cells.group(1)):.3f} (its cell) nats per merged token"
         with open(os.path.join(out, n, "shapes.json")) as f:
             r = next(v for k, v in json.load(f)["rows"].items() if k.startswith("samples"))
-        rows.append((f"{GENERATORS[n][1]} (cfg {cfg:g})", nll, r))
+        rows.append((f"{GENERATORS[n][1]} (cfg {cfgs[n]:g})", nll, r))
         small_grid(os.path.join(out, n, "samples.npz"), os.path.join(out, f"grid_{n}.png"))
     lines = ["| rows of Table 3, CPU scale | held-out NLL | class accuracy | Frechet distance |",
              "| --- | --- | --- | --- |"]
     for name, nll, r in rows:
         acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         lines.append(f"| {name} | {nll} | {acc} | {r['fd']:.2f} |")
+    lines += ["", "| class accuracy, % | " + " | ".join(data_lib.CLASSES) + " |",
+              "| --- |" + " --- |" * len(data_lib.CLASSES)]
+    for name, _, r in rows:
+        if r.get("per_class"):
+            lines.append(f"| {name} | " + " | ".join("-" if a is None else f"{100 * a:.0f}" for a in r["per_class"])
+                         + " |")
     table = "\n".join(lines)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + f"\n\n{wall / 60:.1f} min on {os.cpu_count()} CPU cores\n")
@@ -130,7 +142,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/stage2-cpu", help="everything the demo writes (a new folder)")
     p.add_argument("--num-images", type=int, default=4000, help="training images to tokenize (and their mirrors)")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class of each generator")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the samples")
+    p.add_argument("--cfg", type=float, default=2.0,
+                   help="classifier-free guidance scale of the raster models' samples (constant)")
+    p.add_argument("--cfg-randar", type=float, default=4.0,
+                   help="RandAR's end scale of its linear guidance schedule (1 at the first token)")
     p.add_argument("--parallel", type=int, default=2, help="generators trained at the same time (one thread each)")
     p.add_argument("--train-args", default="", help="extra `train_stage2.py train` arguments, e.g. '--steps 100'")
     p.add_argument("--only", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
@@ -159,11 +174,12 @@ def main(argv=None):
 
     phase("3. nll, 4. sample: each generator", t0)
     jobs = {}
+    cfgs = {n: args.cfg_randar if n.startswith("randar") else args.cfg for n in names}
     for n in names:
         ckpt = os.path.join(out, n, "last.pt")
         jobs[f"nll-{n}"] = python("train_stage2.py", "nll", "--ckpt", ckpt, "--codes", codes_val)
         jobs[f"sample-{n}"] = python("train_stage2.py", "sample", "--ckpt", ckpt, "--num-per-class",
-                                     args.num_per_class, "--cfg", args.cfg, "--out", os.path.join(out, n, "samples"))
+                                     args.num_per_class, "--cfg", cfgs[n], "--out", os.path.join(out, n, "samples"))
     run_all(jobs, logs, args.parallel)
 
     phase("5. score: evaluate.py shapes on the samples and on the reconstructions", t0)
@@ -174,7 +190,7 @@ def main(argv=None):
     run_all({f"shapes-{n}": python("evaluate.py", "shapes", os.path.join(out, n, "samples.npz"), "--json",
                                    os.path.join(out, n, "shapes.json")) for n in names}, logs, args.parallel)
 
-    write_table(out, logs, names, time.time() - t0, args.cfg)
+    write_table(out, logs, names, time.time() - t0, cfgs)
     return 0
 
 

@@ -389,9 +389,11 @@ def test_sample_writes_a_png_and_an_adm_npz(files, model):
     f = np.load(prefix + ".npz")
     assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (20, 32, 32, 3)
     grid = np.array(Image.open(prefix + ".png"))                            # 10 x 2 images, 2 white pixels apart
-    assert grid.shape == (10 * 34 + 2, 2 * 34 + 2, 3)
+    margin = grid.shape[1] - (2 * 34 + 2)                                   # the class names, left of the rows
+    assert grid.shape[0] == 10 * 34 + 2 and margin > 20
+    assert (grid[:, :margin] < 128).any(axis=2).sum() > 50                  # dark text on white
     for i in range(20):
-        y, x = 2 + (i // 2) * 34, 2 + (i % 2) * 34
+        y, x = 2 + (i // 2) * 34, margin + 2 + (i % 2) * 34
         assert np.array_equal(grid[y:y + 32, x:x + 32], f["arr_0"][i]), i
     if model == "randar":
         return
@@ -422,9 +424,10 @@ def test_sample_streams_the_npz_and_caps_the_grid(files, monkeypatch):
     f = np.load(prefix + ".npz")
     assert f["arr_0"].shape == (20, 32, 32, 3) and f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     grid = np.array(Image.open(prefix + ".png"))
-    assert grid.shape == (3 * 34 + 2, 34 + 2, 3)                                # 3 rows of 1 image
+    margin = grid.shape[1] - (34 + 2)                                           # the class names
+    assert grid.shape[0] == 3 * 34 + 2 and margin > 20                          # 3 rows of 1 image
     for row, c in enumerate([0, 4, 9]):
-        assert np.array_equal(grid[2 + row * 34:2 + row * 34 + 32, 2:34], f["arr_0"][2 * c]), c
+        assert np.array_equal(grid[2 + row * 34:2 + row * 34 + 32, margin + 2:margin + 34], f["arr_0"][2 * c]), c
     assert train_stage2.grid_classes(1000).tolist() == [round(i * 999 / 2) for i in range(3)]   # 0, 500 (499.5), 999
 
 def test_bad_input_is_one_line(files, tmp_path, capsys):
