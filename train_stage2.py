@@ -63,6 +63,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -268,6 +270,7 @@ def run_extract(args):
            "tokenizer_hash": tokenizer_hash(tok), "data": args.data or "embedded shapes", "split": args.split}
     out["codes_hash"] = codes_hash(out)                                     # what a stage-2 resume compares
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.clear_stale_temporaries(args.out)
     common.save_checkpoint(args.out, out)
     report_extract(args, out, t0)
     return 0
@@ -430,11 +433,12 @@ def build_train_config(args):
     return dataclasses.replace(cfg, **overrides)
 
 
-def resume(path, run, args):
-    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings and codes; returns
-    the step."""
-    state, cfg, rank = run.state, run.cfg, run.rank
-    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "model_kind", *state])
+def read_resume(path, args, cfg, codes, mmap=False):
+    """A checkpoint to continue from: readable, written by `train` for this model with the same settings, on the same
+    codes (codes: codes_identity of --codes) - one line naming the file or the field. mmap: its tensors are not read
+    (check_args)."""
+    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "model_kind", "model",
+                                                                 "opt"], mmap=mmap)
     if ckpt["model_kind"] != args.model:
         raise ValueError(f"{path} is a {ckpt['model_kind']} checkpoint, not {args.model}: use --model "
                          f"{ckpt['model_kind']}")
@@ -452,11 +456,18 @@ def resume(path, run, args):
     if saved_codes:
         fields = ["tokenizer_hash", "split", "rows", "hash"] + ([] if saved_codes.get("tokenizer_hash") else
                                                                 ["tokenizer"])
-        diff = common.config_mismatch({k: saved_codes.get(k) for k in fields},
-                                      {k: run.codes_identity.get(k) for k in fields})
+        diff = common.config_mismatch({k: saved_codes.get(k) for k in fields}, {k: codes.get(k) for k in fields})
         if diff:
             raise ValueError(f"resuming {path} with other codes than it trained on: {'; '.join(diff)} (saved -> "
                              f"--codes {args.codes}); pass the codes it trained on ({saved_codes['path']})")
+    return ckpt
+
+
+def resume(path, run, args):
+    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings and codes; returns
+    the step."""
+    state, rank = run.state, run.rank
+    ckpt = read_resume(path, args, run.cfg, run.codes_identity)
     common.load_entries(state, ckpt, path)
     rngs = ckpt["rng"]
     common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -563,7 +574,8 @@ def train_step(rows, step, run, device):
     """One optimizer step on the rows of this rank, in run.grad_accum micro-batches of equal size: the gradients of
     the micro-batches' mean losses, each divided by their number, add up to the gradient of the whole batch's mean
     loss (every sequence has the same number of positions), so --grad-accum changes memory, not the step. K and the
-    orders are drawn for the whole batch. Returns the loss terms."""
+    orders are drawn for the whole batch. Returns the loss terms. A stop point (common.stop_point) before every
+    micro-batch's forward: a stop request ends a long step after one micro-batch, not after all of them."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
     labels, order = run.table["labels"][rows], None
     if run.kind == "randar" and run.tokens == "recovered":                 # Table 3's baseline: the N grid cells
@@ -579,6 +591,7 @@ def train_step(rows, step, run, device):
     run.opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for a in range(A):
+        common.stop_point()                                                 # a stop asked: before this forward
         part = slice(a * b // A, (a + 1) * b // A)                          # this micro-batch's sequences
         last = a == A - 1                                                   # DDP averages the gradients once, here
         with contextlib.nullcontext() if last or not isinstance(run.loss, DDP) else run.loss.no_sync():
@@ -598,12 +611,12 @@ def train(args, rank, world, device):
     run = setup(args, rank, world, device)
     cfg, step = run.cfg, run.step
     stop_at = common.last_step(step, run.total, args.stop_at)                # before anything is written
+    stopper = common.StopRequest(device)                                     # restored by run_distributed
     if rank == 0:
         start_log(args, run, device)
     ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
-    stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage2-{args.model}")
-    t_start, seqs_seen, stopped_by = time.time(), 0, None
+    t_start, seqs_seen, stopped_by, saved, head, terms = time.time(), 0, None, step, None, {}
     log = common.TrainingLog(log_path, bar)
     run.model.train()
     while step < stop_at and stopped_by is None:
@@ -617,28 +630,32 @@ def train(args, rank, world, device):
             lr = common.lr_at(step, run.total, cfg.lr, cfg.lr_schedule, cfg.lr_drops, cfg.warmup_steps)
             for group in run.opt.param_groups:
                 group["lr"] = lr
-            terms = train_step(rows, step, run, device)
-            step += 1
-            seqs_seen += cfg.batch_size
-            log.add(terms)
-            bar.update(1)
-            if stopper.requested(device):
+            terms = stopper.step(train_step, rows, step, run, device)          # None: stopped inside, dropped
+            if terms is not None:
+                step += 1
+                seqs_seen += cfg.batch_size
+                log.add(terms)
+                bar.update(1)
+                head = {"step": step, "lr": lr}
+            if terms is None or stopper.requested():
                 stopped_by = stopper.signal
             last = step == stop_at or stopped_by is not None
 
             # ---- logging (all-reduced means) and checkpoints ------------------------------------------------------
             if step % cfg.log_every == 0 or last:
-                log.write({"step": step, "lr": lr}, {"seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)})
-            if step % cfg.ckpt_every == 0 or last:
+                log.write(head, {"seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)})
+            if (step % cfg.ckpt_every == 0 or last) and step != saved:
                 payload = snapshot(run, step, args)
                 if rank == 0:
                     common.save_checkpoint(ckpt_path, payload)
+                saved = step
             if last:
                 break
     bar.close()
     stopper.restore()
     if rank == 0:
-        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, seqs_seen, "sequences", ckpt_path)
+        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, seqs_seen, "sequences", ckpt_path,
+                             interrupted=terms is None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -693,19 +710,43 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
     return tok.decode(codes, identity).float().clamp(-1, 1)                                 # (B, 3, S, S)
 
 
+def default_num_steps(L):
+    """RandAR's parallel decoding steps for L tokens: Table 3's (88 for 256, 64 for 144), else about L / 3."""
+    return RANDAR_STEPS.get(L, max(1, round(L * 88 / 256)))
+
+
 def sample_out(args, ckpt):
-    """The output path of `sample` without its extension: --out, or samples_<step>_cfg<scale> next to --ckpt."""
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                   f"samples_{int(ckpt.get('step', 0)):07d}_cfg{args.cfg:g}")
-    return out[:-4] if out.endswith((".npz", ".png")) else out
+    """The output path of `sample` without its extension: --out, or a name next to --ckpt that carries whatever
+    makes two sample sets of one checkpoint differ, so that a second set never lands on the first:
+    samples_<step>_cfg<scale>[_<schedule>]_seed<seed>[_temp<t>][_topk<k>][_topp<p>][_steps<T>][_K<K>]
+    _<n>perclass[_tok-<tokenizer>], the bracketed parts where they differ from the defaults (RandAR: its steps
+    always). An existing file is refused all the same (check_sample_out)."""
+    if args.out:
+        return args.out[:-4] if args.out.endswith((".npz", ".png")) else args.out
+    kind = ckpt.get("model_kind")
+    parts = [f"samples_{int(ckpt.get('step', 0)):07d}", f"cfg{args.cfg:g}"]
+    if args.cfg_schedule and args.cfg_schedule != ("linear" if kind == "randar" else "constant"):
+        parts.append(args.cfg_schedule)
+    parts.append(f"seed{args.seed}")
+    parts += [f"temp{args.temperature:g}"] if args.temperature != 1 else []
+    parts += [f"topk{args.top_k}"] if args.top_k else []
+    parts += [f"topp{args.top_p:g}"] if args.top_p != 1 else []
+    if kind == "randar":
+        parts.append(f"steps{args.num_steps or default_num_steps(ckpt['gpt_config']['block_size'])}")
+    parts += [f"K{args.keep}"] if args.keep is not None else []
+    parts.append(f"{args.num_per_class}perclass")
+    if args.tokenizer and not common.same_path(args.tokenizer, ckpt.get("tokenizer", "")):
+        parts.append("tok-" + os.path.splitext(os.path.basename(args.tokenizer))[0])
+    return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "_".join(parts))
 
 
 def check_sample_out(args, out, tok_path=None):
-    """One line, before any sampling, when the .png or .npz cannot be written or would replace an input."""
+    """One line, before any sampling, when the .png or .npz cannot be written, would replace an input, a training
+    run's file, or (without --overwrite) an existing sample set."""
     outputs = [("--out", out + ext) for ext in (".png", ".npz")]
-    for name, path in outputs:
-        common.check_output_path(path, name)
     common.refuse_output_over_inputs(outputs, {"--ckpt": args.ckpt, "--tokenizer": tok_path or args.tokenizer})
+    for name, path in outputs:
+        common.check_output_file(path, name if args.out else "the sample file", args.overwrite)
 
 
 @torch.no_grad()
@@ -734,7 +775,7 @@ def run_sample(args):
         if tokens == "merged" and args.keep is not None and args.keep != c.block_size:
             raise ValueError(f"--keep {args.keep}: this RandAR model generates K={c.block_size} merged tokens")
         L = K = c.block_size                                                # K merged tokens, or the N recovered codes
-        args.num_steps = args.num_steps or RANDAR_STEPS.get(L, max(1, round(L * 88 / 256)))
+        args.num_steps = args.num_steps or default_num_steps(L)
         if not 1 <= args.num_steps <= L:
             raise ValueError(f"--num-steps must lie in [1, {'K' if tokens == 'merged' else 'N'}={L}], got "
                              f"{args.num_steps}")
@@ -751,6 +792,7 @@ def run_sample(args):
     shown = grid_classes(c.num_classes)                                     # the grid: a few classes, a few each
     per_row = min(args.num_per_class, GRID_PER_CLASS)
     grid, bar, t0 = [], common.progress_bar(len(labels), desc="sample"), time.time()
+    common.clear_stale_temporaries(out + ".npz")
     with data_lib.ImageNpzWriter(out + ".npz", len(labels), (S, S, 3)) as npz:   # ADM: N x H x W x 3, streamed
         for s in range(0, len(labels), args.batch_size):
             y = labels[s:s + args.batch_size].to(device)
@@ -948,6 +990,7 @@ def run_finetune_recovery(args):
                                 "mix_true": args.mix_true,
                                 "from_tokenizer": os.path.abspath(tok_path)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.clear_stale_temporaries(args.out)
     common.save_checkpoint(args.out, out)
     print(f"wrote {args.out} ({steps} steps, {time.time() - t0:.1f} s): the tokenizer with its fine-tuned Source "
           f"Recovery Model", flush=True)
@@ -964,6 +1007,7 @@ def add_extract_args(sub):
     p.add_argument("--tokenizer", required=True, help="a stage-1 checkpoint of train_stage1.py (its EMA weights)")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/train if present); default: embedded shapes")
     p.add_argument("--out", required=True, help="the codes file to write (.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint or codes file at --out")
     p.add_argument("--keep", dest="keep", metavar="K", type=int, nargs="+", default=None,
                    help="the kept counts K to extract (default: the tokenizer's candidates, Appendix A.3)")
     p.add_argument("--flip", action="store_true", help="also extract every image mirrored (recorded in `flips`)")
@@ -1043,7 +1087,10 @@ def add_sample_args(sub):
     p = sub.add_parser("sample", help="class-conditional samples -> PNG grid + ADM .npz")
     p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
     p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
-    p.add_argument("--out", default=None, help="output path without extension (default: next to --ckpt)")
+    p.add_argument("--out", default=None,
+                   help="output path without extension (default: next to --ckpt, named by step, cfg, seed and the "
+                        "other sampling settings that differ from the defaults)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sample set (.npz) at that path")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class (ImageNet FID: 50 x 1000)")
     p.add_argument("--cfg", type=float, default=1.0,
                    help="guidance scale (1 = none: Table 3's LlamaGen / MergeAR rows; LlamaGen's FID script 1.5)")
@@ -1085,6 +1132,7 @@ def add_finetune_recovery_args(sub):
                    help="codes of held-out images (`extract --split val`): accuracy before and after")
     p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
     p.add_argument("--out", required=True, help="the stage-1 checkpoint to write, with the fine-tuned model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint or codes file at --out")
     p.add_argument("--epochs", type=int, default=5, help="passes over the codes (Table A2: 5)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=256, help="Table A2: 256")
@@ -1119,8 +1167,8 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     common.check_device(args.device)
     if args.command == "extract":
-        common.check_output_path(args.out, "--out")
         common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer": args.tokenizer})
+        common.check_output_file(args.out, "--out", args.overwrite)
         if args.keep and any(K < 1 for K in args.keep):
             raise ValueError(f"--keep counts must be positive, got {args.keep}")
         if args.workers is not None and args.workers < 0:
@@ -1147,19 +1195,16 @@ def check_args(args):
             raise FileNotFoundError(f"--codes {args.codes}: no such file (write it with `train_stage2.py extract`)")
         if args.resume and not os.path.isfile(args.resume):
             raise FileNotFoundError(f"--resume {args.resume}: no such file")
-        out = train_out_dir(args)
-        args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite)
-        common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
-                                         {"--codes": args.codes})
+        return check_train_folder(args)
     if args.command == "finetune-recovery":
         if not 0 < args.lr < float("inf"):
             raise ValueError(f"--lr must be positive and finite, got {args.lr}")
         if not 0 <= args.mix_true < 1:
             raise ValueError(f"--mix-true must lie in [0, 1), got {args.mix_true}")
-        common.check_output_path(args.out, "--out")
         common.refuse_output_over_inputs({"--out": args.out}, {"--ckpt": args.ckpt, "--codes": args.codes,
                                                                "--val-codes": args.val_codes,
                                                                "--tokenizer": args.tokenizer})
+        common.check_output_file(args.out, "--out", args.overwrite)
     if args.command in ("nll", "finetune-recovery"):
         for flag, path in [("--ckpt", args.ckpt), ("--codes", args.codes)] + \
                 ([("--val-codes", args.val_codes)] if getattr(args, "val_codes", None) else []):
@@ -1171,11 +1216,37 @@ def check_args(args):
         if not 0 <= args.cfg < float("inf"):                                # also catches nan
             raise ValueError(f"--cfg must be a finite scale >= 0 (1: no guidance, 0: the unconditional model), got "
                              f"{args.cfg}")
+        if not 0 < args.temperature < float("inf") or not 0 < args.top_p <= 1 or args.top_k < 0:
+            raise ValueError(f"sampling needs a finite --temperature > 0, 0 < --top-p <= 1, --top-k >= 0; got "
+                             f"{args.temperature}, {args.top_p}, {args.top_k}")
         if args.out:
             check_sample_out(args, sample_out(args, {}))
-        if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-            raise ValueError(f"sampling needs --temperature > 0, 0 < --top-p <= 1, --top-k >= 0; got "
-                             f"{args.temperature}, {args.top_p}, {args.top_k}")
+
+
+def check_train_folder(args):
+    """`train`'s --out, on every rank before anything is built or printed (common.checked_on_every_rank): rank 0
+    takes the folder's lock (common.RunLock, returned); a folder holding a run is refused unless continued or
+    overwritten, and --overwrite never deletes a stage-1 run or a folder the codes, their tokenizer or --resume live
+    in (the generator could never be sampled without its tokenizer); a --resume of other settings or codes is
+    refused before the memory estimate."""
+    out = train_out_dir(args)
+    common.check_output_path(out, "--out", folder=True)
+    lock = common.RunLock(out).acquire() if common.is_main() else None
+    try:
+        table = read_codes(args.codes)                                      # memory-mapped
+        inputs = [("--codes", args.codes), (f"the tokenizer of --codes", table["tokenizer"]),
+                  ("--resume", args.resume)]
+        args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite, kind="stage-2",
+                                                       inputs=inputs)
+        common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
+                                         {"--codes": args.codes})
+        if args.resume:
+            read_resume(args.resume, args, build_train_config(args), codes_identity(table, args.codes), mmap=True)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def train_out_dir(args):
@@ -1184,18 +1255,27 @@ def train_out_dir(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     name = f"train_stage2.py {args.command}"
     try:
-        check_args(args)
         if args.func is not None:                                           # extract, sample, nll, finetune-recovery
-            return args.func(args)
+            check_args(args)
+            with common.signals_raise():                                    # a signal removes the partial file
+                return args.func(args)
         if args.deterministic:
             common.use_deterministic_algorithms()                           # before the first cuBLAS call
-        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device)
+        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device,
+                               check=lambda: check_args(args), prog=name)
+    except common.InputError:                                               # its line is printed (rank 0)
+        return 2
     except (ValueError, FileNotFoundError, FloatingPointError) as e:        # bad input or a diverged run
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+    except common.Stopped as e:
+        print(f"{name}: stopped by {e.signal}: nothing written (no partial file left); rerun: python "
+              f"train_stage2.py {shlex.join(argv)}", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, e.signal))
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr, flush=True)
         return 130
