@@ -23,6 +23,8 @@ import train_stage1
 import train_stage2
 from conftest import random_tokenizer_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # the in-process runs: tiny models, one thread is faster
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1, STAGE2 = os.path.join(ROOT, "train_stage1.py"), os.path.join(ROOT, "train_stage2.py")
 # what `torchrun --standalone` runs (a free port on this machine)
@@ -67,6 +69,8 @@ def wait_for_log_rows(out, n, proc, deadline=240):
         if os.path.exists(log) and len(open(log).readlines()) >= n:
             return
         time.sleep(0.1)
+    for pid in [*workers(proc.pid).values(), proc.pid]:          # nothing lingers after the failure
+        os.kill(pid, signal.SIGKILL)
     raise AssertionError(f"{out}: {n} log rows never came (exit {proc.poll()})")
 
 
@@ -84,6 +88,18 @@ def workers(launcher_pid):
         if ppid == launcher_pid and b"RANK" in env:
             found[int(env[b"RANK"])] = int(pid)
     return found
+
+
+def finish(proc, timeout):
+    """proc.communicate(timeout); on a timeout (a hang: the failure this file guards against) the launcher and its
+    workers are killed before the test fails, so that none lingers."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*workers(proc.pid).values(), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        raise
 
 
 def ended(pid):
@@ -117,7 +133,7 @@ def test_sigterm_inside_a_long_step_saves_the_step_before_at_once(f, tmp_path):
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_log_rows(out, 1, proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
+    stdout, stderr = finish(proc, 240)
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM at step 1 (step 2 was under way" in stdout, stdout[-2000:]
     assert ckpt_step(out) == 1 and [r["step"] for r in read_log(out)] == [1]
@@ -216,7 +232,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_point(f, tmp_path):
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_log_rows(out, 1, proc)
     os.kill(workers(proc.pid)[1], signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
+    stdout, stderr = finish(proc, 240)
     assert proc.returncode == 0, stderr[-3000:]
     assert "stopped by a signal on another rank at step 1 (step 2 was under way" in stdout, stdout[-2000:]
     assert ckpt_step(out) == 1 and [r["step"] for r in read_log(out)] == [1]
@@ -236,7 +252,12 @@ def test_workers_end_with_their_killed_launcher_and_save_first(tmp_path):
     assert sorted(pids) == [0, 1]
     proc.kill()
     # the workers hold the output pipes: they close when both have ended (an orphan training on keeps them open)
-    stdout, stderr = proc.communicate(timeout=60)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        raise
     assert all(ended(pid) for pid in pids.values())
     assert "stopped by the launcher's death" in stdout, (stdout[-2000:], stderr[-2000:])
     assert ckpt_step(out) == read_log(out)[-1]["step"] >= 2
@@ -251,11 +272,12 @@ def test_one_job_per_run_folder_and_a_dead_holder_blocks_nothing(tmp_path):
     out = str(tmp_path / "race")
     a = subprocess.Popen([sys.executable, STAGE1, *SMALL, "--steps", "2000", "--ckpt-every", "1", "--out", out],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    requeued = [*SMALL, "--steps", "2000", "--ckpt-every", "1", "--resume", os.path.join(out, "last.pt"), "--out",
-                out]
     try:
         wait_for_log_rows(out, 2, a)                                           # step 1's checkpoint is written
         os.kill(a.pid, signal.SIGSTOP)                                         # A holds the folder, idle
+        step = ckpt_step(out)
+        requeued = [*SMALL, "--steps", "2000", "--ckpt-every", "1", "--resume", os.path.join(out, "last.pt"),
+                    "--stop-at", str(step + 1), "--out", out]                  # one step, if it ran
         plain = subprocess.run([sys.executable, STAGE1, *requeued], cwd=ROOT, env=ENV, capture_output=True,
                                text=True, timeout=240)
         assert plain.returncode == 2 and plain.stdout == "", plain.stdout
@@ -271,9 +293,8 @@ def test_one_job_per_run_folder_and_a_dead_holder_blocks_nothing(tmp_path):
         a.kill()
         a.communicate()
     assert os.path.exists(os.path.join(out, "run.lock"))                       # stale: its holder is dead
-    step = ckpt_step(out)
-    resumed = subprocess.run([sys.executable, STAGE1, *requeued, "--stop-at", str(step + 1)], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run([sys.executable, STAGE1, *requeued], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert ckpt_step(out) == step + 1 and not os.path.exists(os.path.join(out, "run.lock"))
 
