@@ -152,7 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json, "
                         "log.jsonl and samples_*.png are deleted first, other files stay (without it such a folder "
-                        "is refused)")
+                        "is refused; a stage-2 run, or a folder an input lives in, is refused even with it)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
     p.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,7 @@ warm-up steps: --lr 4e-4 --lr-schedule cosine).
     python train_stage2.py train --codes runs/codes-g-tiny.pt --model llamagen --preset tiny
     python train_stage2.py train --codes runs/codes-g-tiny.pt --model randar --preset tiny
     python train_stage2.py sample --ckpt runs/stage2-mergear-tiny/last.pt --num-per-class 20
-    python evaluate.py shapes runs/stage2-mergear-tiny/samples_0000300_cfg1.npz
+    python evaluate.py shapes runs/stage2-mergear-tiny/samples_0001500_cfg1_seed0_20perclass.npz
     python train_stage2.py finetune-recovery --ckpt runs/stage2-randar-tiny/last.pt --codes runs/codes-g-tiny.pt \\
         --out runs/stage1-g-tiny/recovery-finetuned.pt
 
@@ -54,9 +54,13 @@ warm-up steps: --lr 4e-4 --lr-schedule cosine).
     python evaluate.py fid runs/stage2-mergear-paper/samples_*.npz VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights download
 
-train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, writes a checkpoint and exits 0
-(under torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback);
-`--resume <out>/last.pt` continues exactly (also after --stop-at).
+train: SIGTERM (a scheduler's preemption) or Ctrl-C stops the run at its next stop point (before each --grad-accum
+micro-batch's forward, or at the end of a step; a step cut short is dropped), writes a checkpoint and exits 0 (under
+torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback); `--resume
+<out>/last.pt` continues exactly (also after --stop-at). One job at a time writes a run folder (its run.lock); under
+torchrun the workers end when the launcher dies. A sample set is named by its settings, and no command writes over
+an existing checkpoint, codes or sample file without --overwrite, or over a training run's files at all
+(docs/runs.md).
 """
 import argparse
 import contextlib
@@ -1061,7 +1065,8 @@ def add_train_args(sub):
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
-                        "log.jsonl are deleted first, other files stay (without it such a folder is refused)")
+                        "log.jsonl are deleted first, other files stay (without it such a folder is refused; a stage-1 "
+                        "run, or a folder the codes or their tokenizer live in, is refused even with it)")
     p.add_argument("--stop-at", type=int, default=None, help="stop at this step with a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
