@@ -394,7 +394,7 @@ def pid_alive(pid):
     """Whether a process of this pid runs on this machine."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):                 # none, or beyond any pid
         return False
     except PermissionError:                                     # another user's process
         return True
@@ -563,8 +563,8 @@ def check_run_folder(out, resume=None, overwrite=False, extra_patterns=(), kind=
     `inputs` ((flag, path) pairs: --codes, the tokenizer the codes came from, ...) lives in the folder. Returns the
     names of the files to delete before the run starts (prepare_out_dir, after every input has been checked):
     under --overwrite the earlier run's RUN_FILES and files matching extra_patterns (e.g. samples_*.png); in a folder
-    without a last.pt, the config.json, log.jsonl and pictures of a run that failed before its first checkpoint
-    (nothing there to continue from, so its rerun needs no --overwrite)."""
+    without a last.pt, the config.json and log.jsonl of a run that failed before its first checkpoint (nothing there
+    to continue from, so its rerun needs no --overwrite; a config.json or log.jsonl no run wrote is refused)."""
     check_output_path(out, "--out", folder=True)
     held = sorted(name for name in os.listdir(out) if name in RUN_FILES or
                   any(fnmatch.fnmatch(name, p) for p in extra_patterns)) if os.path.isdir(out) else []
