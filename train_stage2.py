@@ -55,11 +55,11 @@ warm-up steps: --lr 4e-4 --lr-schedule cosine).
         --inception-weights download
 
 train: SIGTERM (a scheduler's preemption) or Ctrl-C stops the run at its next stop point (before each --grad-accum
-micro-batch's forward, or at the end of a step; a step cut short is dropped), writes a checkpoint and exits 0 (under
-torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback); `--resume
-<out>/last.pt` continues exactly (also after --stop-at). One job at a time writes a run folder (its run.lock); under
-torchrun the workers end when the launcher dies. A sample set is named by its settings, and no command writes over
-an existing checkpoint, codes or sample file without --overwrite, or over a training run's files at all
+micro-batch's forward, or at the end of a step; a step cut short is dropped), writes a checkpoint and exits 0 (the
+workers do so under torchrun; torchrun itself, once signalled, exits 1 with a SignalException traceback); `--resume
+<out>/last.pt` continues exactly (also after --stop-at). One job at a time writes a run folder (its run.lock); the
+workers of a torchrun end when their launcher dies. A sample set is named by its settings, and no command writes
+over an existing checkpoint, codes or sample file without --overwrite, or over a training run's files at all
 (docs/runs.md).
 """
 import argparse
