@@ -1,19 +1,25 @@
 """What every training and evaluation script shares: processes, progress, data order, RNG, checkpoints, EMA,
-learning-rate schedules, the non-finite check and a clean stop on SIGTERM / SIGINT.
+learning-rate schedules, the non-finite check, a prompt clean stop on SIGTERM / SIGINT, one job per run folder and
+outputs that never replace another run's files (docs/runs.md).
 
 One code path for one process and many: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, plain python is rank 0 of 1.
 nccl on GPUs, gloo on the CPU. Rank 0 alone prints and writes; every collective here is entered by every rank.
+Under torchrun every worker ends when its launcher dies (end_with_launcher).
 
     from common import setup_distributed, teardown_distributed, rank0_print   # used by train_stage1.py, evaluate.py
 """
+import ctypes
 import fnmatch
 import hashlib
 import json
 import math
 import os
 import random
+import shlex
 import signal
+import socket
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -21,6 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
+
+try:
+    import fcntl                                                # the run folder's lock (POSIX)
+except ImportError:                                             # Windows: no lock, one line says so
+    fcntl = None
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processes
@@ -48,9 +59,39 @@ def setup_distributed(device=None):
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    end_with_launcher()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+# The launcher's pid, under torchrun (end_with_launcher): a worker whose parent changed has lost its launcher.
+_LAUNCHER = None
+PR_SET_PDEATHSIG = 1                                            # <linux/prctl.h>
+
+
+def end_with_launcher():
+    """Under torchrun: this worker gets SIGTERM when its launcher dies (Linux prctl(PR_SET_PDEATHSIG)), so a killed
+    torchrun (SIGKILL, a lost node agent) leaves no workers training on in its place (orphans that a requeued job
+    would race in the same folder). A training script's StopRequest turns that SIGTERM into a checkpoint and an exit
+    (within ORPHAN_GRACE_S); any other script ends at once. Where prctl is missing, StopRequest compares
+    os.getppid() with the launcher's pid at every stop point. Plain `python` runs are left alone: their parent is a
+    shell, and `nohup python ... &` must outlive it."""
+    global _LAUNCHER
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _LAUNCHER is not None:
+        return
+    _LAUNCHER = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):                           # not Linux: the getppid check alone
+        pass
+    if os.getppid() != _LAUNCHER:                               # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone():
+    """Whether this torchrun worker's launcher has died (its parent pid changed); False outside torchrun."""
+    return _LAUNCHER is not None and os.getppid() != _LAUNCHER
 
 
 def teardown_distributed(failed=False):
@@ -74,17 +115,63 @@ def teardown_distributed(failed=False):
             dist.destroy_process_group()
 
 
-def run_distributed(work, device):
+def run_distributed(work, device, check=None, prog=None):
     """setup_distributed(device), work(rank, world, device), teardown_distributed: the barrier only when work
-    returned, a failing rank ends its group at once (see teardown_distributed). Returns work's result."""
+    returned, a failing rank ends its group at once (see teardown_distributed). Returns work's result.
+
+    check: the input's checks, run on every rank before work (checked_on_every_rank: bad input is one line, printed
+    once by rank 0 before anything else, and every rank stops with InputError). A --device this machine lacks is one
+    of them: the process group then starts on the CPU so that every rank can say so. What check returns (a RunLock)
+    is released when work ends, however it ends."""
+    if check is not None:
+        try:
+            check_device(device)
+        except ValueError:
+            device = "cpu"
     rank, world, device = setup_distributed(device)
+    held = None
     try:
+        if check is not None:
+            held = checked_on_every_rank(check, prog)
         result = work(rank, world, device)
+    except InputError:
+        teardown_distributed()                                  # every rank stopped at the same place
+        raise
     except BaseException:
         teardown_distributed(failed=True)
         raise
+    finally:
+        if StopRequest.active is not None:                      # work raised: the signal handlers go back
+            StopRequest.active.restore()
+        if held is not None:
+            held.release()
     teardown_distributed()
     return result
+
+
+class InputError(ValueError):
+    """Bad input every rank stopped for (checked_on_every_rank); rank 0 has printed its line."""
+
+
+def checked_on_every_rank(check, prog):
+    """check() on every rank, before anything is printed or built. When it fails on any rank (ValueError,
+    FileNotFoundError, OSError: bad input), rank 0 prints the first failing rank's message as one line on stderr,
+    `<prog>: error: <message>`, every rank meets it there (under torchrun that line comes first, before torchrun's
+    report of the exit) and raises InputError. Returns check's result (what it holds is released on failure)."""
+    try:
+        result, problem = check(), None
+    except (ValueError, FileNotFoundError, OSError) as e:
+        result, problem = None, " ".join(str(e).split())
+    problems = [p for p in all_gather_objects(problem) if p is not None]
+    if not problems:
+        return result
+    if hasattr(result, "release"):                              # a run folder this rank locked: free again
+        result.release()
+    if is_main():
+        print(f"{prog}: error: {problems[0]}", file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    raise InputError(problems[0])
 
 
 def use_deterministic_algorithms():
@@ -196,6 +283,8 @@ class TrainingLog:
         self.count += 1
 
     def write(self, head, tail=None):
+        if not self.count:                       # no step since the last row (a stop inside the next step)
+            return None
         names = sorted(self.sums)
         values = all_reduce_mean(torch.stack([self.sums[k] / self.count for k in names]))
         row = {**head, **{k: round(v, 5) for k, v in zip(names, values.tolist())}, **(tail or {})}
@@ -301,16 +390,37 @@ def save_checkpoint(path, payload):
             os.remove(tmp)
 
 
+def pid_alive(pid):
+    """Whether a process of this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):                 # none, or beyond any pid
+        return False
+    except PermissionError:                                     # another user's process
+        return True
+    return True
+
+
 def remove_stale_temporaries(path):
-    """Delete `<path>.tmp<pid>` files a killed save left behind (a killed process never reaches its finally)."""
+    """Delete `<path>.tmp<pid>` files a killed save left behind (a killed process never reaches its finally); a
+    temporary file of a process that still runs here (another job writing the same path) stays."""
     folder, name = os.path.split(os.path.abspath(path))
     removed = []
     if os.path.isdir(folder):
         for entry in os.listdir(folder):
-            if entry.startswith(name + ".tmp") and entry[len(name) + 4:].isdigit():
+            pid = entry[len(name) + 4:]
+            if entry.startswith(name + ".tmp") and pid.isdigit() and not pid_alive(int(pid)):
                 os.remove(os.path.join(folder, entry))
                 removed.append(entry)
     return removed
+
+
+def clear_stale_temporaries(path):
+    """remove_stale_temporaries for a one-file command's output, with a note on stderr when it removed any."""
+    removed = remove_stale_temporaries(path)
+    if removed:
+        print(f"note: removed {len(removed)} unfinished file(s) of an interrupted write: {', '.join(removed)}",
+              file=sys.stderr, flush=True)
 
 
 # torch.save writes a zip archive (the default since torch 1.6) or, in the legacy format, a pickle (protocol >= 2
@@ -324,14 +434,15 @@ def _first_line(e):
 
 def prepare_out_dir(out_dir, config, replace=()):
     """Rank 0 at the start of a run: the output folder, its config.json, and no `last.pt.tmp<pid>` left by a killed
-    save (reported). replace: the files of an earlier run in the folder to delete first (--overwrite; the names
-    check_run_folder returned), reported."""
+    save (reported). replace: the files of an earlier run in the folder to delete first (the names check_run_folder
+    returned: --overwrite, or the config and log of a run that never wrote a checkpoint), reported."""
     os.makedirs(out_dir, exist_ok=True)
     if replace:
         for name in replace:
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-        print(f"--overwrite: deleted the earlier run's {', '.join(replace)} in {out_dir}", flush=True)
+        why = "--overwrite" if "last.pt" in replace else "an earlier run that wrote no checkpoint"
+        print(f"deleted the earlier run's {', '.join(replace)} in {out_dir} ({why})", flush=True)
     removed = remove_stale_temporaries(os.path.join(out_dir, "last.pt"))
     if removed:
         print(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted save: {', '.join(removed)}")
@@ -343,10 +454,12 @@ def prepare_out_dir(out_dir, config, replace=()):
 # Outputs: a run never writes over another run, an output never replaces an input
 # ----------------------------------------------------------------------------------------------------------------
 
-RUN_FILES = ("last.pt", "config.json", "log.jsonl")        # what makes a folder hold a run
+RUN_FILES = ("last.pt", "config.json", "log.jsonl")        # a training run's files; its last.pt makes it a run
+RUN_KINDS = {"stage-1": "a stage-1 tokenizer run (train_stage1.py)", "stage-2": "a stage-2 generator run "
+             "(train_stage2.py train)"}
 
 
-def _same_path(a, b):
+def same_path(a, b):
     """Whether two paths name the same file or folder (symbolic links resolved; hard links where both exist)."""
     a, b = os.fspath(a), os.fspath(b)
     if os.path.realpath(a) == os.path.realpath(b):
@@ -355,6 +468,12 @@ def _same_path(a, b):
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _inside(path, folder):
+    """Whether `path` lies in `folder` (or below it), links resolved."""
+    path, folder = os.path.realpath(os.fspath(path)), os.path.realpath(os.fspath(folder))
+    return os.path.commonpath([path, folder]) == folder
 
 
 def check_output_path(path, flag, folder=False):
@@ -374,33 +493,177 @@ def check_output_path(path, flag, folder=False):
         raise ValueError(f"{flag} {path} lies under {parent}, which is a file, not a folder")
 
 
-def check_run_folder(out, resume=None, overwrite=False, extra_patterns=()):
-    """A training run's --out: a folder that holds a run (last.pt, config.json or log.jsonl) is refused with one
-    line, unless the run continues there (--resume of a checkpoint in that folder) or --overwrite says to start
-    over. Returns the names of the earlier run's files --overwrite will delete (RUN_FILES and files matching
-    extra_patterns, e.g. samples_*.png); nothing is deleted here (prepare_out_dir does it, after every input has
-    been checked)."""
+def holds_archive(path):
+    """What an existing file holds when it is a checkpoint, codes or samples - a PyTorch file or an .npz (both zip
+    archives, or torch's legacy pickle) - else None (a JSON, a picture, text)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if not head.startswith(TORCH_FILE_HEADERS):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "a PyTorch file (a checkpoint or codes)"
+    if any(n.endswith("data.pkl") for n in names):
+        return "a PyTorch file (a checkpoint or codes)"
+    return "an .npz archive (samples or statistics)" if any(n.endswith(".npy") for n in names) else "a zip archive"
+
+
+def check_output_file(path, flag, overwrite=False):
+    """Before any work, for a file a command writes whole (codes, samples, a checkpoint, results): one line when it
+    cannot be written (check_output_path), when it is one of a training run's own files (the last.pt, config.json
+    or log.jsonl of a folder that holds a run: written by that run alone, never by another command, --overwrite or
+    not), or when it exists and holds a checkpoint, codes or samples (holds_archive) and --overwrite does not say to
+    replace it. Other existing files (JSON results, pictures) are replaced as before."""
+    check_output_path(path, flag)
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    if name in RUN_FILES and any(os.path.isfile(os.path.join(folder, n)) for n in RUN_FILES):
+        raise ValueError(f"{flag} {path} is a file of the training run in {folder}: only that run writes it; "
+                         f"choose another path")
+    what = holds_archive(path) if os.path.isfile(path) else None
+    if what and not overwrite:
+        raise ValueError(f"{flag} {path} already exists and holds {what}: choose another path, or pass --overwrite "
+                         f"to replace it")
+
+
+def run_kind(folder):
+    """What the run in `folder` is, from its last.pt: "stage-1" (a tokenizer), "stage-2" (a generator), or a
+    description of anything else it holds."""
+    path = os.path.join(folder, "last.pt")
+    try:
+        ckpt = read_checkpoint(path, "checkpoint", mmap=True)      # memory-mapped: its entry names, not its tensors
+    except (ValueError, FileNotFoundError) as e:
+        return f"a file that is no checkpoint of this code ({_first_line(e)})"
+    if "model_kind" in ckpt:
+        return "stage-2"
+    if "tokenizer_config" in ckpt and "ema" in ckpt:
+        return "stage-1"
+    return "codes" if "Ks" in ckpt and "indices" in ckpt else f"a file of entries {', '.join(list(ckpt)[:4])}"
+
+
+def _written_by_a_run(path):
+    """Whether a config.json or log.jsonl is one a training run of this code wrote (a JSON object with its "args";
+    JSON rows with a "step"): only those are deleted without --overwrite."""
+    try:
+        with open(path) as f:
+            first = json.loads(f.read() if path.endswith(".json") else (f.readline() or "{}"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and ("args" in first if path.endswith(".json") else "step" in first or not first)
+
+
+def check_run_folder(out, resume=None, overwrite=False, extra_patterns=(), kind=None, inputs=()):
+    """A training run's --out. A folder holds a run when it holds a last.pt: refused with one line, unless the run
+    continues there (--resume of a checkpoint in that folder) or --overwrite says to start over - and --overwrite
+    itself is refused for a run of another kind than `kind` ("stage-1" / "stage-2", run_kind) and when one of the
+    `inputs` ((flag, path) pairs: --codes, the tokenizer the codes came from, ...) lives in the folder. Returns the
+    names of the files to delete before the run starts (prepare_out_dir, after every input has been checked):
+    under --overwrite the earlier run's RUN_FILES and files matching extra_patterns (e.g. samples_*.png); in a folder
+    without a last.pt, the config.json and log.jsonl of a run that failed before its first checkpoint (nothing there
+    to continue from, so its rerun needs no --overwrite; a config.json or log.jsonl no run wrote is refused)."""
     check_output_path(out, "--out", folder=True)
     held = sorted(name for name in os.listdir(out) if name in RUN_FILES or
                   any(fnmatch.fnmatch(name, p) for p in extra_patterns)) if os.path.isdir(out) else []
-    if not any(name in RUN_FILES for name in held):
-        return []
     ckpt = os.path.join(out, "last.pt")
+    if "last.pt" not in held:
+        for name in [n for n in held if n in RUN_FILES and not _written_by_a_run(os.path.join(out, n))]:
+            raise ValueError(f"--out {out} holds a {name} that no run of this code wrote: choose another --out")
+        return [n for n in held if n in RUN_FILES]
     if overwrite:
-        if resume and any(_same_path(resume, os.path.join(out, name)) for name in held):
+        if resume and any(same_path(resume, os.path.join(out, name)) for name in held):
             raise ValueError(f"--overwrite would delete --resume {resume}, the checkpoint to continue from: without "
                              f"--overwrite the run continues in {out}")
+        found = run_kind(out)
+        if kind is not None and found != kind:
+            raise ValueError(f"--overwrite would delete {ckpt}, which holds {RUN_KINDS.get(found, found)}, not "
+                             f"{RUN_KINDS[kind]}: choose another --out")
+        for flag, path in inputs:
+            if path is not None and os.path.exists(path) and _inside(path, out):
+                raise ValueError(f"--overwrite would delete the run in {out}, where {flag} {path} lives (an input "
+                                 f"of this command): choose another --out")
         return held
-    if resume and _same_path(os.path.dirname(os.path.abspath(resume)), out):
+    if resume and same_path(os.path.dirname(os.path.abspath(resume)), out):
         return []                                                          # the run continues in its own folder
     files = ", ".join(name for name in held if name in RUN_FILES)
     if resume:
         raise ValueError(f"--out {out} holds another run ({files}) than --resume {resume}: continue in the "
                          f"checkpoint's folder (--out {os.path.dirname(resume) or '.'}), choose a new --out, or pass "
                          f"--overwrite to replace that run")
-    how = f"continue it with --resume {ckpt}, " if os.path.isfile(ckpt) else ""
-    raise ValueError(f"--out {out} already holds a run ({files}): {how}choose a new --out, or pass --overwrite to "
-                     f"start over (it deletes that run's files)")
+    raise ValueError(f"--out {out} already holds a run ({files}): continue it with --resume {ckpt}, choose a new "
+                     f"--out, or pass --overwrite to start over (it deletes that run's files)")
+
+
+class RunLock:
+    """One job at a time in a run folder: an exclusive flock on `<folder>/run.lock`, held for the run's life
+    (rank 0 holds it for all ranks), the file naming its holder (pid, host, start, command). A second job is refused
+    with one line naming the holder. The kernel drops a flock when its process dies, however it dies: a stale
+    run.lock of a killed job blocks nothing (the next job takes it and rewrites it). Release deletes the file while
+    still holding the lock; a job that opened the old file before then sees it is no longer the folder's
+    (its inode differs from the path's) and takes the new one. flock works on local disks and on NFS (Linux emulates
+    it with byte-range locks); Lustre needs its -o flock mount option.
+
+        lock = RunLock(out).acquire()      # ValueError naming the holder when another job holds it
+        ...
+        lock.release()
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, folder):
+        self.folder, self.path, self.fd, self.made = folder, os.path.join(folder, self.NAME), None, []
+
+    def acquire(self):
+        if fcntl is None:
+            print(f"note: no file locks on this system: nothing keeps a second job out of {self.folder}",
+                  file=sys.stderr, flush=True)
+            return self
+        folder = os.path.abspath(self.folder)
+        while not os.path.exists(folder):                        # the folders made here, deepest first
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
+        os.makedirs(self.folder, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a job that is starting"
+                os.close(fd)
+                raise ValueError(f"--out {self.folder} is in use by another job ({holder}): one job at a time "
+                                 f"writes a run folder; wait for it to end or stop it (SIGTERM saves its checkpoint),"
+                                 f" then continue with --resume {os.path.join(self.folder, 'last.pt')}") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                self.fd = fd
+            else:                                               # released and deleted meanwhile: take the new file
+                os.close(fd)
+        launcher = f", launcher pid {_LAUNCHER}" if _LAUNCHER is not None else ""
+        holder = (f"pid {os.getpid()}{launcher} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, (holder[:2000] + "\n").encode())
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        for folder in self.made:                                # a run that never started leaves no empty folders
+            if os.listdir(folder):
+                break
+            os.rmdir(folder)
 
 
 def refuse_output_over_inputs(outputs, inputs):
@@ -410,7 +673,7 @@ def refuse_output_over_inputs(outputs, inputs):
     inputs = list(inputs.items() if isinstance(inputs, dict) else inputs)
     for out_name, out in outputs:
         for in_name, src in inputs:
-            if out is not None and src is not None and os.path.exists(src) and _same_path(out, src):
+            if out is not None and src is not None and os.path.exists(src) and same_path(out, src):
                 raise ValueError(f"{out_name} {out} is the same file as {in_name} {src}: writing it would destroy "
                                  f"that input; choose another output path")
 
@@ -423,9 +686,16 @@ def last_step(step, total, stop_at=None):
     return end
 
 
-def print_run_end(step, total, stopped_by, elapsed, seen, unit, ckpt_path):
-    """Rank 0 at the end of a run: how it ended, its speed, and where to continue from."""
+def print_run_end(step, total, stopped_by, elapsed, seen, unit, ckpt_path, interrupted=False):
+    """Rank 0 at the end of a run: how it ended, its speed, and where to continue from. interrupted: a stop request
+    ended the next step before its update (its work is dropped and redone on resume)."""
+    if stopped_by and not os.path.exists(ckpt_path):
+        print(f"stopped by {stopped_by} before step {step + 1} finished, in {elapsed:.1f} s: nothing trained, no "
+              f"checkpoint; rerun the command to start", flush=True)
+        return
     how = f"stopped by {stopped_by} at step {step}" if stopped_by else f"done: {step} steps"
+    if interrupted:
+        how += f" (step {step + 1} was under way: dropped, a resume redoes it)"
     print(f"{how} in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):.1f} {unit}/s); checkpoint {ckpt_path}"
           + (f" (continue with --resume {ckpt_path})" if step < total else ""), flush=True)
 
@@ -631,30 +901,121 @@ def check_finite(terms, step):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class StopRequest:
-    """Installs SIGTERM / SIGINT handlers that only set a flag; the training loop asks `requested()` at the end of
-    every step (all ranks agree through one all-reduce), saves a checkpoint and exits cleanly. Repeated signals
-    are ignored while the first is honoured: torchrun forwards a terminal's Ctrl-C as a second signal, and the
-    save must not be cut short (torchrun kills the workers itself if they take too long)."""
+# A worker whose launcher died has this long to save and exit, then SIGALRM ends it: its peers may be gone too, and
+# a collective with a dead peer can wait far longer (nccl: 10 minutes). torchrun gives its workers 30 s as well.
+ORPHAN_GRACE_S = 30
 
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
+
+class StepInterrupted(Exception):
+    """A stop request noticed inside a training step, before its update (stop_point)."""
+
+
+class StopRequest:
+    """A prompt, clean stop: SIGTERM (a scheduler's preemption, torchrun passing one on, a dead launcher:
+    end_with_launcher) or SIGINT (Ctrl-C) only sets a flag; the training loop asks at its stop points - the end of
+    every step (`requested()`) and, inside a step, before every forward (`stop_point()`: stage 2 before each
+    --grad-accum piece, stage 1 also before the tokenizer's update) - and saves a checkpoint at once. Every rank asks
+    at the same points and they agree through one all-reduce (MAX), so all stop at the same point and none waits in
+    a collective the others left. A stop inside a step drops that step (`step()` puts the random states and buffers
+    back where it began), so the checkpoint of the step before resumes exactly. Repeated signals are ignored while
+    the first is honoured: torchrun forwards a terminal's Ctrl-C as a second signal, and the save must not be cut
+    short (torchrun kills the workers itself if they take too long: 30 s, its --shutdown_timeout). docs/runs.md
+    gives the bound: the longest stretch between two stop points plus one save."""
+
+    active = None                                               # the request stop_point() asks
+
+    def __init__(self, device):
+        self.signal, self.device, self._previous = None, device, {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        StopRequest.active = self
 
     def _handle(self, signum, frame):
         if self.signal is None:
             self.signal = signal.Signals(signum).name
+            self._check_launcher()
 
-    def requested(self, device):
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+    def _check_launcher(self):
+        """A dead launcher is a stop request too (where no parent-death signal came; where one came, the stop says
+        why); the orphan gets a deadline."""
+        if launcher_gone() and "launcher" not in (self.signal or ""):
+            self.signal = "the launcher's death" + (f" ({self.signal})" if self.signal else "")
+            signal.alarm(ORPHAN_GRACE_S)                        # SIGALRM's default action ends the process
+
+    def requested(self):
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        self._check_launcher()
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and self.signal is None:
-            self.signal = "a signal on another rank"
+            self._check_launcher()                              # its own signal may still be on its way
+            self.signal = self.signal or "a signal on another rank"
         return flag.item() > 0
+
+    def step(self, train_step, *args, generators=(), buffers_of=()):
+        """train_step(*args) -> its loss terms, or None when a stop request ended it at a stop point before its
+        update: the global random states, `generators` (torch.Generator) and the buffers of `buffers_of` (modules
+        whose forward changes them: BatchNorm statistics) are then back where the step began."""
+        rng, states = rng_state(), [g.get_state() for g in generators]
+        buffers = [[b.clone() for b in m.buffers()] for m in buffers_of]
+        try:
+            return train_step(*args)
+        except StepInterrupted:
+            set_rng_state(rng)
+            for g, state in zip(generators, states):
+                g.set_state(state)
+            with torch.no_grad():
+                for m, saved in zip(buffers_of, buffers):
+                    for b, old in zip(m.buffers(), saved):
+                        b.copy_(old)
+            return None
 
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        StopRequest.active = None
+
+
+def stop_point():
+    """Inside a training step, before a forward (or an update): raise StepInterrupted when any rank was asked to
+    stop (StopRequest.step catches it). Every rank must reach the same stop points. Nothing without an active
+    StopRequest (a test calling a train_step directly)."""
+    if StopRequest.active is not None and StopRequest.active.requested():
+        raise StepInterrupted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands that write one file (extract, sample, evaluate): a signal leaves no partial file
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT during a one-file command (signals_raise). A BaseException, like KeyboardInterrupt: no
+    `except Exception` holds it up; every `with` and `finally` on the way out runs (removing temporary files)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.signal = name
+
+
+class signals_raise:
+    """Within this block SIGTERM and SIGINT raise Stopped (the first one; later ones are ignored, so that the clean-up
+    it triggers is not cut short). A scheduler's SIGTERM would otherwise end the process where it stands, leaving
+    its `<out>.tmp<pid>` file."""
+
+    def __enter__(self):
+        self.fired, self.previous = False, {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    def _raise(self, signum, frame):
+        if not self.fired:
+            self.fired = True
+            raise Stopped(signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -40,6 +40,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import warnings
 
@@ -52,8 +54,8 @@ from PIL import Image
 import data as data_lib
 import losses
 import plots
-from common import (all_gather_rows, check_output_path, dist_info, loader_workers, progress_bar,
-                    refuse_output_over_inputs, run_distributed, teardown_distributed)
+from common import (Stopped, all_gather_rows, check_device, check_output_file, dist_info, loader_workers,
+                    progress_bar, refuse_output_over_inputs, run_distributed, signals_raise, teardown_distributed)
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
@@ -72,6 +74,8 @@ def read_sample_array(path, what="sample batch"):
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"{what} {os.fspath(path)}: arr_0 must be uint8 N x H x W x 3 (ADM format), got "
                          f"{arr.dtype} {arr.shape}")
+    if len(arr) == 0:
+        raise ValueError(f"{what} {os.fspath(path)} holds no images (arr_0 is {arr.shape}): nothing to score")
     return arr
 
 
@@ -478,17 +482,25 @@ def format_recon_table(rows):
 
 
 def _write_json(path, result):
+    """Through a temporary file and a rename: a signal or a full disk never leaves half a JSON file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def _check_outputs(outputs, inputs):
-    """Before any work: each output path {flag: path} can be written and none is one of the inputs {flag: path}."""
+def _check_outputs(outputs, inputs, overwrite=False):
+    """Before any work: no output path {flag: path} is one of the inputs {flag: path}, each can be written, none is
+    a training run's file, and none holds a checkpoint, codes or samples unless --overwrite (check_output_file)."""
+    refuse_output_over_inputs(outputs, inputs)
     for flag, path in outputs.items():
         if path is not None:
-            check_output_path(path, flag)
-    refuse_output_over_inputs(outputs, inputs)
+            check_output_file(path, flag, overwrite)
 
 
 def _default_out(ckpt, prefix):                          # <prefix>_<checkpoint name>.json next to the checkpoint
@@ -518,7 +530,7 @@ def add_recon_args(p):
 
 def run_recon(args):
     rank = dist_info()[0]
-    _check_outputs({"--out": args.out or _default_out(args.ckpt, "recon")}, {"--ckpt": args.ckpt})
+    _check_outputs({"--out": args.out or _default_out(args.ckpt, "recon")}, {"--ckpt": args.ckpt}, args.overwrite)
     model, ckpt = load_tokenizer(args.ckpt, ema=not args.raw, device=args.device, return_checkpoint=True)
     Ks = [model.check_K(K) for K in (args.K or [model.cfg.K])]                 # fail before the slow parts
     notes, inception, lpips = [], None, None
@@ -668,7 +680,7 @@ def add_probe_args(p):
 
 def run_probe(args):
     rank = dist_info()[0]
-    _check_outputs({"--out": args.out or _default_out(args.ckpt, "probe")}, {"--ckpt": args.ckpt})
+    _check_outputs({"--out": args.out or _default_out(args.ckpt, "probe")}, {"--ckpt": args.ckpt}, args.overwrite)
     model, ckpt = load_tokenizer(args.ckpt, ema=True, device=args.device, return_checkpoint=True)
     K = model.check_K(args.K if args.K is not None else model.cfg.num_tokens)     # Appendix A.4: all N tokens
     feats, classes = {}, 0
@@ -775,7 +787,7 @@ def run_shapes(args):
     path = args.classifier or os.path.join(
         "runs", f"shapes_classifier{'_' + style if style != 'simple' else ''}_seed{args.seed}.pt")
     sources = {"samples": args.samples, "--reconstructions": args.reconstructions}
-    _check_outputs({"--json": args.json}, {**sources, "--classifier": path})
+    _check_outputs({"--json": args.json}, {**sources, "--classifier": path}, args.overwrite)
     if not os.path.exists(path):                                    # trained now and cached there
         _check_outputs({"--classifier": path}, sources)
     inputs = _shapes_inputs(args.samples) if args.samples else None               # a bad file stops at once
@@ -844,7 +856,7 @@ def _add_inception_args(p, image_folders=True):
 
 def run_fid(args):
     rank = dist_info()[0]
-    _check_outputs({"--json": args.json}, {"samples": args.samples, "reference": args.reference})
+    _check_outputs({"--json": args.json}, {"samples": args.samples, "reference": args.reference}, args.overwrite)
     # both inputs are opened before the network is built and the slow part starts: a bad file stops the run at once
     samples = _open_images(args.samples, args.image_size, "samples")
     if len(samples) < args.is_splits:
@@ -882,7 +894,8 @@ def run_fid(args):
 
 def run_stats(args):
     rank = dist_info()[0]
-    _check_outputs({"out": args.out if args.out.endswith(".npz") else args.out + ".npz"}, {"images": args.images})
+    _check_outputs({"out": args.out if args.out.endswith(".npz") else args.out + ".npz"}, {"images": args.images},
+                   args.overwrite)
     images = _open_images(args.images, args.image_size, "images")
     model = build_inception(args.inception_weights, args.allow_random_inception, device=args.device)
     pool3, _ = extract_features(model, images, args.batch_size, args.device, num_workers=args.num_workers)
@@ -896,6 +909,7 @@ def run_stats(args):
 
 def run_curves(args):
     """Training curves of one or more runs (plots.py): one panel per logged quantity, one colour per run."""
+    _check_outputs({"--out": args.out}, {f"run {i + 1}": run for i, run in enumerate(args.runs)}, args.overwrite)
     width, height = plots.plot_runs(args.runs, args.out)
     print(f"wrote {args.out} ({width} x {height}): {len(args.runs)} run(s)", flush=True)
     return 0
@@ -937,20 +951,31 @@ def build_parser():
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (its log.jsonl) or a log .jsonl file")
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
     p.set_defaults(func=run_curves, device="cpu")
+    for p in sub.choices.values():                           # every subcommand writes a file
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an output file that holds a checkpoint, codes or samples (never a training "
+                            "run's own files)")
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    where = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     try:
         def work(rank, world, device):                       # device None: cuda:LOCAL_RANK if available, else the CPU
             args.device = device
             return args.func(args)
-        return run_distributed(work, args.device)              # a failing rank ends its group at once, no barrier
+        check_device(args.device)
+        with signals_raise():                                # a signal leaves no partial output file
+            return run_distributed(work, args.device)          # a failing rank ends its group at once, no barrier
     except (ValueError, OSError) as e:                       # bad input: one line on stderr, no traceback
-        where = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"evaluate.py {args.command}{where}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 1
+    except Stopped as e:
+        print(f"evaluate.py {args.command}{where}: stopped by {e.signal}: nothing written; rerun: python evaluate.py "
+              f"{shlex.join(argv)}", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, e.signal))
 
 
 if __name__ == "__main__":

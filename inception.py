@@ -456,7 +456,13 @@ def save_stats(path, mu, sigma):
     if not path.endswith(".npz"):
         path += ".npz"                                  # np.savez would add it anyway
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    tmp = f"{path}.tmp{os.getpid()}.npz"                        # a rename when complete: never half a file
+    try:
+        np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -505,6 +511,10 @@ def load_stats(path):
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"statistics file {os.fspath(path)}: mu {mu.shape} and sigma {sigma.shape} do not fit "
                          f"together")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(a).all():                            # a Frechet distance of them would be NaN
+            raise ValueError(f"statistics file {os.fspath(path)}: its {name} holds {(~np.isfinite(a)).sum()} NaN or "
+                             f"infinite values: statistics of a failed run? (`python evaluate.py stats` remakes them)")
     return mu, sigma
 
 

@@ -21,9 +21,11 @@ Every step logs `batch_usage`: the distinct LFQ codes of the global batch over m
     torchrun --nproc_per_node=8 train_stage1.py --variant g --data /path/to/imagenet/train \\
         --lpips-vgg-weights download --lpips-lin-weights download --dinov2-weights download
 
-SIGTERM (a scheduler's preemption) or Ctrl-C: the current step ends, a checkpoint is written, the run exits 0
-(under torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback);
-`--resume <out>/last.pt` continues exactly.
+SIGTERM (a scheduler's preemption) or Ctrl-C: the run stops at its next stop point (before the tokenizer's forward
+or its update, or at the end of a step; a step cut short is dropped), writes a checkpoint and exits 0 (under torchrun
+the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback); `--resume
+<out>/last.pt` continues exactly. One job at a time writes a run folder (its run.lock); under torchrun the workers
+end when the launcher dies. docs/runs.md has the bound and the save times.
 """
 import argparse
 import contextlib
@@ -151,7 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json, "
                         "log.jsonl and samples_*.png are deleted first, other files stay (without it such a folder "
-                        "is refused)")
+                        "is refused; a stage-2 run, or a folder an input lives in, is refused even with it)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
     p.add_argument("--seed", type=int, default=0)
@@ -216,7 +218,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """One clear line for every argument that cannot work, before anything is built."""
+    """One clear line for every argument that cannot work, before anything is built or printed (run on every rank:
+    common.checked_on_every_rank). Rank 0 takes the run folder's lock (common.RunLock) and returns it."""
     positive = ["steps", "epochs", "batch_size", "log_every", "ckpt_every", "stop_at", "image_size", "lfq_bits"]
     for name in positive:
         value = getattr(args, name)
@@ -251,11 +254,22 @@ def check_args(args):
         raise FileNotFoundError(f"--data {args.data}: no such folder")
     common.check_device(args.device)
     out = out_dir(args)
-    args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite, SAMPLE_PICTURES)
-    common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
-                                     {"--lpips-vgg-weights": args.lpips_vgg_weights,
-                                      "--lpips-lin-weights": args.lpips_lin_weights,
-                                      "--dinov2-weights": args.dinov2_weights})
+    common.check_output_path(out, "--out", folder=True)
+    lock = common.RunLock(out).acquire() if common.is_main() else None     # one job at a time in the folder
+    try:
+        inputs = {"--lpips-vgg-weights": args.lpips_vgg_weights, "--lpips-lin-weights": args.lpips_lin_weights,
+                  "--dinov2-weights": args.dinov2_weights}
+        args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite, SAMPLE_PICTURES, "stage-1",
+                                                       [*inputs.items(), ("--data", args.data)])
+        common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES], inputs)
+        if args.resume:                                       # before the memory estimate and any warning
+            read_resume(args.resume, args.variant, build_train_config(args), build_tokenizer_config(args),
+                        mmap=True)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def out_dir(args):
@@ -379,12 +393,14 @@ def load_pretrained(args, model, ema, device):
     return lpips, teacher
 
 
-def resume(path, run, variant):
-    """Load every entry of run.state (model, ema, disc, lecam, opt_g, opt_d), this rank's RNG states and noise
-    generator from a checkpoint written by this script with the same settings. Returns the step to continue from."""
-    state, cfg, tok_cfg, rank = run.state, run.cfg, run.tok_cfg, run.rank
-    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "tokenizer_config",
-                                                                 *state])
+RESUME_ENTRIES = ("step", "rng", "train_config", "tokenizer_config", "model", "ema", "disc", "lecam", "opt_g",
+                  "opt_d")
+
+
+def read_resume(path, variant, cfg, tok_cfg, mmap=False):
+    """A checkpoint to continue from: readable, written by this script for this variant with the same tokenizer and
+    training settings (one line naming the file or the field). mmap: its tensors are not read (check_args)."""
+    ckpt = common.read_checkpoint(path, "checkpoint", required=RESUME_ENTRIES, mmap=mmap)
     if ckpt["tokenizer_config"].get("variant") != variant:
         raise ValueError(f"{path} is a checkpoint of variant {ckpt['tokenizer_config'].get('variant')!r}, not "
                          f"{variant!r}: use the matching --variant")
@@ -396,6 +412,14 @@ def resume(path, run, variant):
     if diff:
         raise ValueError(f"resuming {path} with other training settings: {'; '.join(diff)} (saved -> now); a "
                          f"resumed run must use the checkpoint's settings")
+    return ckpt
+
+
+def resume(path, run, variant):
+    """Load every entry of run.state (model, ema, disc, lecam, opt_g, opt_d), this rank's RNG states and noise
+    generator from a checkpoint written by this script with the same settings. Returns the step to continue from."""
+    state, rank = run.state, run.rank
+    ckpt = read_resume(path, variant, run.cfg, run.tok_cfg)
     common.load_entries(state, ckpt, path)
     rngs = ckpt["rng"]
     common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -474,7 +498,9 @@ def _ignore_signals_in_worker(worker_id):
 
 
 def train_step(x, K, step, run):
-    """One optimizer step of the tokenizer and (once the GAN is on) of the discriminator. Returns the loss terms."""
+    """One optimizer step of the tokenizer and (once the GAN is on) of the discriminator. Returns the loss terms.
+    Two stop points (common.stop_point): before the forward and before the tokenizer's update."""
+    common.stop_point()
     cfg, model, disc = run.cfg, run.model, run.disc
     gan_on = step >= cfg.disc_start
     align_view = align_target = None
@@ -505,6 +531,7 @@ def train_step(x, K, step, run):
     common.check_finite(terms, step)
     run.opt_g.zero_grad(set_to_none=True)
     total.backward()
+    common.stop_point()                                  # asked during the forward and backward: no update
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     run.opt_g.step()
 
@@ -619,12 +646,12 @@ def train(args, rank, world, device):
     run = setup(args, rank, world, device)
     cfg, step = run.cfg, run.step
     stop_at = common.last_step(step, run.total, args.stop_at)                # before anything is written
+    stopper = common.StopRequest(device)                                     # restored by run_distributed
     if rank == 0:
         start_log(args, run, device)
     ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
-    stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage1-{args.variant}")
-    t_start, images_seen, stopped_by = time.time(), 0, None
+    t_start, images_seen, stopped_by, saved, head, terms = time.time(), 0, None, step, None, {}
     log = common.TrainingLog(log_path, bar)
     while step < stop_at and stopped_by is None:
         # ---- one epoch's loader, starting where the data order is (exact on resume, also mid-epoch) ----------
@@ -644,24 +671,28 @@ def train(args, rank, world, device):
             for opt in (run.opt_g, run.opt_d):
                 for group in opt.param_groups:
                     group["lr"] = lr
-            terms = train_step(x, K, step, run)
-            step += 1
-            images_seen += cfg.batch_size
-            log.add(terms)
-            bar.update(1)
-            if stopper.requested(device):
+            # None: a stop request ended the step before its update, which is dropped (the RNG, MergeTok's noise and
+            # the discriminator's BatchNorm statistics back where it began)
+            terms = stopper.step(train_step, x, K, step, run, generators=[run.noise], buffers_of=[run.disc])
+            if terms is not None:
+                step += 1
+                images_seen += cfg.batch_size
+                log.add(terms)
+                bar.update(1)
+                head = {"step": step, "lr": lr, "K": K}
+            if terms is None or stopper.requested():
                 stopped_by = stopper.signal
             last = step == stop_at or stopped_by is not None
 
             # ---- logging (all-reduced means), pictures, checkpoints ---------------------------------------------
             if step % cfg.log_every == 0 or last:
-                log.write({"step": step, "lr": lr, "K": K},
-                          {"images_per_s": round(images_seen / (time.time() - t_start), 2)})
-            if step % cfg.ckpt_every == 0 or last:                          # the checkpoint first, then pictures
+                log.write(head, {"images_per_s": round(images_seen / (time.time() - t_start), 2)})
+            if (step % cfg.ckpt_every == 0 or last) and step != saved:      # the checkpoint first, then pictures
                 payload = snapshot(run, step, args)
                 if rank == 0:
                     common.save_checkpoint(ckpt_path, payload)
-            if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or last):
+                saved = step
+            if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or last) and stopped_by is None:
                 write_samples(run.ema, run.sample_batch, os.path.join(run.out_dir, f"samples_{step:07d}.png"),
                               sample_Ks(run))
             if last:
@@ -671,7 +702,8 @@ def train(args, rank, world, device):
     stopper.restore()
     report_skipped(run.dataset, args.data)
     if rank == 0:
-        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, images_seen, "images", ckpt_path)
+        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, images_seen, "images", ckpt_path,
+                             interrupted=terms is None)
 
 
 def report_skipped(dataset, data):
@@ -686,10 +718,12 @@ def report_skipped(dataset, data):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        check_args(args)
         if args.deterministic:
             common.use_deterministic_algorithms()                     # before the first cuBLAS call
-        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device)
+        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device,
+                               check=lambda: check_args(args), prog="train_stage1.py")
+    except common.InputError:                                         # its line is printed (rank 0)
+        return 2
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input or a diverged run: no traceback
         print(f"train_stage1.py: error: {e}", file=sys.stderr, flush=True)
         return 2

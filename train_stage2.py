@@ -41,7 +41,7 @@ warm-up steps: --lr 4e-4 --lr-schedule cosine).
     python train_stage2.py train --codes runs/codes-g-tiny.pt --model llamagen --preset tiny
     python train_stage2.py train --codes runs/codes-g-tiny.pt --model randar --preset tiny
     python train_stage2.py sample --ckpt runs/stage2-mergear-tiny/last.pt --num-per-class 20
-    python evaluate.py shapes runs/stage2-mergear-tiny/samples_0000300_cfg1.npz
+    python evaluate.py shapes runs/stage2-mergear-tiny/samples_0001500_cfg1_seed0_20perclass.npz
     python train_stage2.py finetune-recovery --ckpt runs/stage2-randar-tiny/last.pt --codes runs/codes-g-tiny.pt \\
         --out runs/stage1-g-tiny/recovery-finetuned.pt
 
@@ -54,15 +54,21 @@ warm-up steps: --lr 4e-4 --lr-schedule cosine).
     python evaluate.py fid runs/stage2-mergear-paper/samples_*.npz VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights download
 
-train: SIGTERM (a scheduler's preemption) or Ctrl-C ends the current step, writes a checkpoint and exits 0
-(under torchrun the workers do; torchrun itself, once signalled, exits 1 with a SignalException traceback);
-`--resume <out>/last.pt` continues exactly (also after --stop-at).
+train: SIGTERM (a scheduler's preemption) or Ctrl-C stops the run at its next stop point (before each --grad-accum
+micro-batch's forward, or at the end of a step; a step cut short is dropped), writes a checkpoint and exits 0 (the
+workers do so under torchrun; torchrun itself, once signalled, exits 1 with a SignalException traceback); `--resume
+<out>/last.pt` continues exactly (also after --stop-at). One job at a time writes a run folder (its run.lock); the
+workers of a torchrun end when their launcher dies. A sample set is named by its settings, and no command writes
+over an existing checkpoint, codes or sample file without --overwrite, or over a training run's files at all
+(docs/runs.md).
 """
 import argparse
 import contextlib
 import dataclasses
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -268,6 +274,7 @@ def run_extract(args):
            "tokenizer_hash": tokenizer_hash(tok), "data": args.data or "embedded shapes", "split": args.split}
     out["codes_hash"] = codes_hash(out)                                     # what a stage-2 resume compares
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.clear_stale_temporaries(args.out)
     common.save_checkpoint(args.out, out)
     report_extract(args, out, t0)
     return 0
@@ -430,11 +437,12 @@ def build_train_config(args):
     return dataclasses.replace(cfg, **overrides)
 
 
-def resume(path, run, args):
-    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings and codes; returns
-    the step."""
-    state, cfg, rank = run.state, run.cfg, run.rank
-    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "model_kind", *state])
+def read_resume(path, args, cfg, codes, mmap=False):
+    """A checkpoint to continue from: readable, written by `train` for this model with the same settings, on the same
+    codes (codes: codes_identity of --codes) - one line naming the file or the field. mmap: its tensors are not read
+    (check_args)."""
+    ckpt = common.read_checkpoint(path, "checkpoint", required=["step", "rng", "train_config", "model_kind", "model",
+                                                                 "opt"], mmap=mmap)
     if ckpt["model_kind"] != args.model:
         raise ValueError(f"{path} is a {ckpt['model_kind']} checkpoint, not {args.model}: use --model "
                          f"{ckpt['model_kind']}")
@@ -452,11 +460,18 @@ def resume(path, run, args):
     if saved_codes:
         fields = ["tokenizer_hash", "split", "rows", "hash"] + ([] if saved_codes.get("tokenizer_hash") else
                                                                 ["tokenizer"])
-        diff = common.config_mismatch({k: saved_codes.get(k) for k in fields},
-                                      {k: run.codes_identity.get(k) for k in fields})
+        diff = common.config_mismatch({k: saved_codes.get(k) for k in fields}, {k: codes.get(k) for k in fields})
         if diff:
             raise ValueError(f"resuming {path} with other codes than it trained on: {'; '.join(diff)} (saved -> "
                              f"--codes {args.codes}); pass the codes it trained on ({saved_codes['path']})")
+    return ckpt
+
+
+def resume(path, run, args):
+    """Load model, optimizer and this rank's RNG states from a checkpoint of the same settings and codes; returns
+    the step."""
+    state, rank = run.state, run.rank
+    ckpt = read_resume(path, args, run.cfg, run.codes_identity)
     common.load_entries(state, ckpt, path)
     rngs = ckpt["rng"]
     common.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -561,7 +576,8 @@ def train_step(rows, step, run, device):
     """One optimizer step on the rows of this rank, in run.grad_accum micro-batches of equal size: the gradients of
     the micro-batches' mean losses, each divided by their number, add up to the gradient of the whole batch's mean
     loss (every sequence has the same number of positions), so --grad-accum changes memory, not the step. K and the
-    orders are drawn for the whole batch. Returns the loss terms."""
+    orders are drawn for the whole batch. Returns the loss terms. A stop point (common.stop_point) before every
+    micro-batch's forward: a stop request ends a long step after one micro-batch, not after all of them."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
     labels, order, cells = run.table["labels"][rows], None, torch.empty(0)
     if run.kind == "randar" and run.tokens == "recovered":                 # Table 3's baseline: the N grid cells
@@ -578,6 +594,7 @@ def train_step(rows, step, run, device):
     run.opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for a in range(A):
+        common.stop_point()                                                 # a stop asked: before this forward
         part = slice(a * b // A, (a + 1) * b // A)                          # this micro-batch's sequences
         last = a == A - 1                                                   # DDP averages the gradients once, here
         with contextlib.nullcontext() if last or not isinstance(run.loss, DDP) else run.loss.no_sync():
@@ -597,12 +614,12 @@ def train(args, rank, world, device):
     run = setup(args, rank, world, device)
     cfg, step = run.cfg, run.step
     stop_at = common.last_step(step, run.total, args.stop_at)                # before anything is written
+    stopper = common.StopRequest(device)                                     # restored by run_distributed
     if rank == 0:
         start_log(args, run, device)
     ckpt_path, log_path = os.path.join(run.out_dir, "last.pt"), os.path.join(run.out_dir, "log.jsonl")
-    stopper = common.StopRequest()
     bar = common.progress_bar(run.total, initial=step, desc=f"stage2-{args.model}")
-    t_start, seqs_seen, stopped_by = time.time(), 0, None
+    t_start, seqs_seen, stopped_by, saved, head, terms = time.time(), 0, None, step, None, {}
     log = common.TrainingLog(log_path, bar)
     run.model.train()
     while step < stop_at and stopped_by is None:
@@ -616,28 +633,32 @@ def train(args, rank, world, device):
             lr = common.lr_at(step, run.total, cfg.lr, cfg.lr_schedule, cfg.lr_drops, cfg.warmup_steps)
             for group in run.opt.param_groups:
                 group["lr"] = lr
-            terms = train_step(rows, step, run, device)
-            step += 1
-            seqs_seen += cfg.batch_size
-            log.add(terms)
-            bar.update(1)
-            if stopper.requested(device):
+            terms = stopper.step(train_step, rows, step, run, device)          # None: stopped inside, dropped
+            if terms is not None:
+                step += 1
+                seqs_seen += cfg.batch_size
+                log.add(terms)
+                bar.update(1)
+                head = {"step": step, "lr": lr}
+            if terms is None or stopper.requested():
                 stopped_by = stopper.signal
             last = step == stop_at or stopped_by is not None
 
             # ---- logging (all-reduced means) and checkpoints ------------------------------------------------------
             if step % cfg.log_every == 0 or last:
-                log.write({"step": step, "lr": lr}, {"seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)})
-            if step % cfg.ckpt_every == 0 or last:
+                log.write(head, {"seqs_per_s": round(seqs_seen / (time.time() - t_start), 2)})
+            if (step % cfg.ckpt_every == 0 or last) and step != saved:
                 payload = snapshot(run, step, args)
                 if rank == 0:
                     common.save_checkpoint(ckpt_path, payload)
+                saved = step
             if last:
                 break
     bar.close()
     stopper.restore()
     if rank == 0:
-        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, seqs_seen, "sequences", ckpt_path)
+        common.print_run_end(step, run.total, stopped_by, time.time() - t_start, seqs_seen, "sequences", ckpt_path,
+                             interrupted=terms is None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,9 +680,14 @@ def load_generator(path, device):
     return model.to(device).eval(), ckpt
 
 
-def randar_K(ckpt, c):
+def randar_K(ckpt):
     """The K merged tokens a RandAR checkpoint generates: the K it trained on."""
     return int(ckpt.get("K") or ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
+
+
+def randar_length(ckpt):
+    """The tokens a RandAR checkpoint generates: its K merged tokens, or (--tokens recovered) the N grid cells."""
+    return randar_K(ckpt) if ckpt.get("tokens", "merged") == "merged" else int(ckpt["gpt_config"]["block_size"])
 
 
 def check_generator_fits(tok, model, kind, tok_path):
@@ -698,19 +724,43 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
     return tok.decode(codes, identity).float().clamp(-1, 1)                                 # (B, 3, S, S)
 
 
+def default_num_steps(L):
+    """RandAR's parallel decoding steps for L tokens: Table 3's (88 for 256, 64 for 144), else about L / 3."""
+    return RANDAR_STEPS.get(L, max(1, round(L * 88 / 256)))
+
+
 def sample_out(args, ckpt):
-    """The output path of `sample` without its extension: --out, or samples_<step>_cfg<scale> next to --ckpt."""
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                   f"samples_{int(ckpt.get('step', 0)):07d}_cfg{args.cfg:g}")
-    return out[:-4] if out.endswith((".npz", ".png")) else out
+    """The output path of `sample` without its extension: --out, or a name next to --ckpt that carries whatever
+    makes two sample sets of one checkpoint differ, so that a second set never lands on the first:
+    samples_<step>_cfg<scale>[_<schedule>]_seed<seed>[_temp<t>][_topk<k>][_topp<p>][_steps<T>][_K<K>]
+    _<n>perclass[_tok-<tokenizer>], the bracketed parts where they differ from the defaults (RandAR: its steps
+    always). An existing file is refused all the same (check_sample_out)."""
+    if args.out:
+        return args.out[:-4] if args.out.endswith((".npz", ".png")) else args.out
+    kind = ckpt.get("model_kind")
+    parts = [f"samples_{int(ckpt.get('step', 0)):07d}", f"cfg{args.cfg:g}"]
+    if args.cfg_schedule and args.cfg_schedule != ("linear" if kind == "randar" else "constant"):
+        parts.append(args.cfg_schedule)
+    parts.append(f"seed{args.seed}")
+    parts += [f"temp{args.temperature:g}"] if args.temperature != 1 else []
+    parts += [f"topk{args.top_k}"] if args.top_k else []
+    parts += [f"topp{args.top_p:g}"] if args.top_p != 1 else []
+    if kind == "randar":
+        parts.append(f"steps{args.num_steps or default_num_steps(randar_length(ckpt))}")
+    parts += [f"K{args.keep}"] if args.keep is not None else []
+    parts.append(f"{args.num_per_class}perclass")
+    if args.tokenizer and not common.same_path(args.tokenizer, ckpt.get("tokenizer", "")):
+        parts.append("tok-" + os.path.splitext(os.path.basename(args.tokenizer))[0])
+    return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "_".join(parts))
 
 
 def check_sample_out(args, out, tok_path=None):
-    """One line, before any sampling, when the .png or .npz cannot be written or would replace an input."""
+    """One line, before any sampling, when the .png or .npz cannot be written, would replace an input, a training
+    run's file, or (without --overwrite) an existing sample set."""
     outputs = [("--out", out + ext) for ext in (".png", ".npz")]
-    for name, path in outputs:
-        common.check_output_path(path, name)
     common.refuse_output_over_inputs(outputs, {"--ckpt": args.ckpt, "--tokenizer": tok_path or args.tokenizer})
+    for name, path in outputs:
+        common.check_output_file(path, name if args.out else "the sample file", args.overwrite)
 
 
 @torch.no_grad()
@@ -736,11 +786,10 @@ def run_sample(args):
         raise ValueError(f"--keep {K}: this MergeAR model knows K {list(c.merge_counts)}")
     tokens = ckpt.get("tokens", "merged")
     if kind == "randar":
-        K_trained = randar_K(ckpt, c)
-        if tokens == "merged" and args.keep is not None and args.keep != K_trained:
-            raise ValueError(f"--keep {args.keep}: this RandAR model generates K={K_trained} merged tokens")
-        L = K = K_trained if tokens == "merged" else c.block_size          # K merged tokens, or the N recovered codes
-        args.num_steps = args.num_steps or RANDAR_STEPS.get(L, max(1, round(L * 88 / 256)))
+        L = K = randar_length(ckpt)                                         # K merged tokens, or the N recovered codes
+        if tokens == "merged" and args.keep is not None and args.keep != K:
+            raise ValueError(f"--keep {args.keep}: this RandAR model generates K={K} merged tokens")
+        args.num_steps = args.num_steps or default_num_steps(L)
         if not 1 <= args.num_steps <= L:
             raise ValueError(f"--num-steps must lie in [1, {'K' if tokens == 'merged' else 'N'}={L}], got "
                              f"{args.num_steps}")
@@ -757,6 +806,7 @@ def run_sample(args):
     shown = grid_classes(c.num_classes)                                     # the grid: a few classes, a few each
     per_row = min(args.num_per_class, GRID_PER_CLASS)
     grid, bar, t0 = [], common.progress_bar(len(labels), desc="sample"), time.time()
+    common.clear_stale_temporaries(out + ".npz")
     with data_lib.ImageNpzWriter(out + ".npz", len(labels), (S, S, 3)) as npz:   # ADM: N x H x W x 3, streamed
         for s in range(0, len(labels), args.batch_size):
             y = labels[s:s + args.batch_size].to(device)
@@ -810,8 +860,8 @@ def run_nll(args):
         print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
               f"(extract with --split val)", file=sys.stderr)
     merged = kind == "randar" and ckpt.get("tokens", "merged") == "merged"   # RandAR on the K merged tokens
-    if merged and args.keep is not None and args.keep != randar_K(ckpt, c):
-        raise ValueError(f"--keep {args.keep}: this RandAR model generates K={randar_K(ckpt, c)} merged tokens")
+    if merged and args.keep is not None and args.keep != randar_K(ckpt):
+        raise ValueError(f"--keep {args.keep}: this RandAR model generates K={randar_K(ckpt)} merged tokens")
     # default: the K the generator trained at (--keep of `train`, else its tokenizer's target K)
     K = args.keep if args.keep is not None else (ckpt.get("K") or ckpt.get("keep") or ckpt["tokenizer_config"]["K"])
     if K not in table["Ks"].tolist():
@@ -903,7 +953,7 @@ def run_finetune_recovery(args):
     check_generator_fits(tok, model, "randar", tok_path)
     check_tokenizer_identity(tok, tok_path, ckpt.get("tokenizer_hash"), ckpt["tokenizer"],
                              f"the generator {args.ckpt}'s codes")
-    K = randar_K(ckpt, model.cfg)
+    K = randar_K(ckpt)
     table = read_codes(args.codes)
     val = read_codes(args.val_codes) if args.val_codes else None
     for name, path, t in (("--codes", args.codes, table), ("--val-codes", args.val_codes, val)):
@@ -961,6 +1011,7 @@ def run_finetune_recovery(args):
                                 "mix_true": args.mix_true,
                                 "from_tokenizer": os.path.abspath(tok_path)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.clear_stale_temporaries(args.out)
     common.save_checkpoint(args.out, out)
     print(f"wrote {args.out} ({steps} steps, {time.time() - t0:.1f} s): the tokenizer with its fine-tuned Source "
           f"Recovery Model", flush=True)
@@ -978,6 +1029,7 @@ def add_extract_args(sub):
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/train if present); default: the embedded "
                                                 "shapes (shapes, or shapes-rich: the tokenizer's)")
     p.add_argument("--out", required=True, help="the codes file to write (.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint or codes file at --out")
     p.add_argument("--keep", dest="keep", metavar="K", type=int, nargs="+", default=None,
                    help="the kept counts K to extract (default: the tokenizer's candidates, Appendix A.3)")
     p.add_argument("--flip", action="store_true", help="also extract every image mirrored (recorded in `flips`)")
@@ -1031,7 +1083,8 @@ def add_train_args(sub):
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
-                        "log.jsonl are deleted first, other files stay (without it such a folder is refused)")
+                        "log.jsonl are deleted first, other files stay (without it such a folder is refused; a stage-1 "
+                        "run, or a folder the codes or their tokenizer live in, is refused even with it)")
     p.add_argument("--stop-at", type=int, default=None, help="stop at this step with a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
@@ -1057,7 +1110,10 @@ def add_sample_args(sub):
     p = sub.add_parser("sample", help="class-conditional samples -> PNG grid + ADM .npz")
     p.add_argument("--ckpt", required=True, help="a checkpoint of `train`")
     p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
-    p.add_argument("--out", default=None, help="output path without extension (default: next to --ckpt)")
+    p.add_argument("--out", default=None,
+                   help="output path without extension (default: next to --ckpt, named by step, cfg, seed and the "
+                        "other sampling settings that differ from the defaults)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sample set (.npz) at that path")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class (ImageNet FID: 50 x 1000)")
     p.add_argument("--cfg", type=float, default=1.0,
                    help="guidance scale (1 = none: Table 3's LlamaGen / MergeAR rows; LlamaGen's FID script 1.5)")
@@ -1099,6 +1155,7 @@ def add_finetune_recovery_args(sub):
                    help="codes of held-out images (`extract --split val`): accuracy before and after")
     p.add_argument("--tokenizer", default=None, help="stage-1 checkpoint (default: the one stored in --ckpt)")
     p.add_argument("--out", required=True, help="the stage-1 checkpoint to write, with the fine-tuned model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint or codes file at --out")
     p.add_argument("--epochs", type=int, default=5, help="passes over the codes (Table A2: 5)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=256, help="Table A2: 256")
@@ -1133,8 +1190,8 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     common.check_device(args.device)
     if args.command == "extract":
-        common.check_output_path(args.out, "--out")
         common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer": args.tokenizer})
+        common.check_output_file(args.out, "--out", args.overwrite)
         if args.keep and any(K < 1 for K in args.keep):
             raise ValueError(f"--keep counts must be positive, got {args.keep}")
         if args.workers is not None and args.workers < 0:
@@ -1161,19 +1218,16 @@ def check_args(args):
             raise FileNotFoundError(f"--codes {args.codes}: no such file (write it with `train_stage2.py extract`)")
         if args.resume and not os.path.isfile(args.resume):
             raise FileNotFoundError(f"--resume {args.resume}: no such file")
-        out = train_out_dir(args)
-        args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite)
-        common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
-                                         {"--codes": args.codes})
+        return check_train_folder(args)
     if args.command == "finetune-recovery":
         if not 0 < args.lr < float("inf"):
             raise ValueError(f"--lr must be positive and finite, got {args.lr}")
         if not 0 <= args.mix_true < 1:
             raise ValueError(f"--mix-true must lie in [0, 1), got {args.mix_true}")
-        common.check_output_path(args.out, "--out")
         common.refuse_output_over_inputs({"--out": args.out}, {"--ckpt": args.ckpt, "--codes": args.codes,
                                                                "--val-codes": args.val_codes,
                                                                "--tokenizer": args.tokenizer})
+        common.check_output_file(args.out, "--out", args.overwrite)
     if args.command in ("nll", "finetune-recovery"):
         for flag, path in [("--ckpt", args.ckpt), ("--codes", args.codes)] + \
                 ([("--val-codes", args.val_codes)] if getattr(args, "val_codes", None) else []):
@@ -1185,11 +1239,37 @@ def check_args(args):
         if not 0 <= args.cfg < float("inf"):                                # also catches nan
             raise ValueError(f"--cfg must be a finite scale >= 0 (1: no guidance, 0: the unconditional model), got "
                              f"{args.cfg}")
+        if not 0 < args.temperature < float("inf") or not 0 < args.top_p <= 1 or args.top_k < 0:
+            raise ValueError(f"sampling needs a finite --temperature > 0, 0 < --top-p <= 1, --top-k >= 0; got "
+                             f"{args.temperature}, {args.top_p}, {args.top_k}")
         if args.out:
             check_sample_out(args, sample_out(args, {}))
-        if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-            raise ValueError(f"sampling needs --temperature > 0, 0 < --top-p <= 1, --top-k >= 0; got "
-                             f"{args.temperature}, {args.top_p}, {args.top_k}")
+
+
+def check_train_folder(args):
+    """`train`'s --out, on every rank before anything is built or printed (common.checked_on_every_rank): rank 0
+    takes the folder's lock (common.RunLock, returned); a folder holding a run is refused unless continued or
+    overwritten, and --overwrite never deletes a stage-1 run or a folder the codes, their tokenizer or --resume live
+    in (the generator could never be sampled without its tokenizer); a --resume of other settings or codes is
+    refused before the memory estimate."""
+    out = train_out_dir(args)
+    common.check_output_path(out, "--out", folder=True)
+    lock = common.RunLock(out).acquire() if common.is_main() else None
+    try:
+        table = read_codes(args.codes)                                      # memory-mapped
+        inputs = [("--codes", args.codes), (f"the tokenizer of --codes", table["tokenizer"]),
+                  ("--resume", args.resume)]
+        args.overwrite_files = common.check_run_folder(out, args.resume, args.overwrite, kind="stage-2",
+                                                       inputs=inputs)
+        common.refuse_output_over_inputs([("--out", os.path.join(out, name)) for name in common.RUN_FILES],
+                                         {"--codes": args.codes})
+        if args.resume:
+            read_resume(args.resume, args, build_train_config(args), codes_identity(table, args.codes), mmap=True)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def train_out_dir(args):
@@ -1198,18 +1278,27 @@ def train_out_dir(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     name = f"train_stage2.py {args.command}"
     try:
-        check_args(args)
         if args.func is not None:                                           # extract, sample, nll, finetune-recovery
-            return args.func(args)
+            check_args(args)
+            with common.signals_raise():                                    # a signal removes the partial file
+                return args.func(args)
         if args.deterministic:
             common.use_deterministic_algorithms()                           # before the first cuBLAS call
-        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device)
+        common.run_distributed(lambda rank, world, device: train(args, rank, world, device), args.device,
+                               check=lambda: check_args(args), prog=name)
+    except common.InputError:                                               # its line is printed (rank 0)
+        return 2
     except (ValueError, FileNotFoundError, FloatingPointError) as e:        # bad input or a diverged run
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+    except common.Stopped as e:
+        print(f"{name}: stopped by {e.signal}: nothing written (no partial file left); rerun: python "
+              f"train_stage2.py {shlex.join(argv)}", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, e.signal))
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr, flush=True)
         return 130

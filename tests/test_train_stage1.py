@@ -225,11 +225,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_stale_temporary_checkpoints_are_removed(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "last.pt.tmp4242").write_bytes(b"half a checkpoint")
+    (out / "last.pt.tmp99999999").write_bytes(b"half a checkpoint")    # above any pid_max: a dead process
     (out / "last.pt.tmpnotes").write_text("not ours")                  # only <name>.tmp<pid> files are ours
+    (out / f"last.pt.tmp{os.getppid()}").write_text("a live job's")      # a process that runs: its file stays
     run(tmp_path, "o", "--steps", "1", "--batch-size", "2", "--disc-start", "100")
-    assert sorted(os.listdir(out)) == ["config.json", "last.pt", "last.pt.tmpnotes", "log.jsonl",
-                                       "samples_0000001.png"]
+    assert sorted(os.listdir(out)) == ["config.json", "last.pt", f"last.pt.tmp{os.getppid()}", "last.pt.tmpnotes",
+                                       "log.jsonl", "samples_0000001.png"]
     assert "removed 1 unfinished checkpoint" in capsys.readouterr().out
 
 

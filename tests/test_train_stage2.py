@@ -143,7 +143,8 @@ def test_extract_num_images_draws_every_class_of_an_image_folder(files, tmp_path
     for n, seed in [(4, 0), (6, 0), (6, 1), (6, 0)]:
         out = str(tmp_path / f"codes-{n}-{seed}.pt")
         assert train_stage2.main(["extract", "--tokenizer", tok_path, "--data", str(tmp_path / "folder"),
-                                  "--num-images", str(n), "--seed", str(seed), "--keep", "16", "--out", out]) == 0
+                                  "--num-images", str(n), "--seed", str(seed), "--keep", "16", "--out", out,
+                                  "--overwrite"]) == 0                        # (6, 0) twice: the same file again
         table = torch.load(out, weights_only=True)
         labels, index = table["labels"].tolist(), table["image_index"].tolist()
         counts = [labels.count(c) for c in range(4)]

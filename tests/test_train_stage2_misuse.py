@@ -100,7 +100,9 @@ def test_no_output_replaces_an_input(f, tmp_path, capsys):
     ft = ["finetune-recovery", "--ckpt", str(tmp_path / "gen.pt"), "--codes", f["codes_a"], "--steps", "1",
           "--batch-size", "4"]
     assert "same file as --tokenizer" in error(capsys, *ft, "--tokenizer", tok, "--out", tok)
-    assert "same file as the generator's tokenizer" in error(capsys, *ft, "--out", tok)   # the stored default
+    assert "already exists and holds a PyTorch file" in error(capsys, *ft, "--out", tok)
+    # --overwrite replaces an existing file, never an input: here the generator's stored tokenizer
+    assert "same file as the generator's tokenizer" in error(capsys, *ft, "--out", tok, "--overwrite")
     assert "same file as --codes" in error(capsys, *ft, "--out", f["codes_a"])
     assert "same file as --ckpt" in error(capsys, "sample", "--ckpt", str(tmp_path / "gen.npz"), "--out",
                                           str(tmp_path / "gen"), "--num-per-class", "1")
