@@ -666,11 +666,16 @@ def train(args, rank, world, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# GPTConfig fields added after checkpoints were written, with the value that gives those checkpoints' behaviour.
+GPT_FIELDS_ADDED = {"intra_post_input": "pre", "position_head": False}
+
+
 def load_generator(path, device):
     """The generator of a `train` checkpoint, in eval mode, and the checkpoint dict."""
     ckpt = common.read_checkpoint(path, "generator checkpoint", required=("model", "gpt_config", "model_kind",
                                                                           "tokenizer", "tokenizer_config"))
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["gpt_config"].items()}
+    saved = {**{k: v for k, v in GPT_FIELDS_ADDED.items() if k not in saved}, **saved}
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     if set(saved) != fields:
         raise ValueError(f"generator checkpoint {path} was written by another version of gpt.py (config fields "
