@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -459,7 +460,8 @@ def sample_Ks(run):
 @torch.no_grad()
 def write_samples(model, x, path, Ks):
     """Rows, each captioned: originals, reconstructions at each K (MergeTok: discrete, then continuous), then the
-    merge groups at the first K drawn over the image. Assembled on the CPU (data.overlay's tensors live there)."""
+    merge groups at the first K drawn over the image. Assembled on the CPU (data.overlay's tensors live there);
+    images under 64 px enlarged (nearest neighbour) to at least 64, so that the groups' borders can be seen."""
     model.eval()
     outs = [model(x, K=K) for K in Ks]
     rows = [x.float().cpu()] + [out.recon.float().clamp(-1, 1).cpu() for out in outs]
@@ -469,7 +471,9 @@ def write_samples(model, x, path, Ks):
         labels = ["original"] + [f"K = {K} discrete" for K in Ks] + [f"K = {K} continuous" for K in Ks]
     source = model.encode(x, K=Ks[0]).source.cpu()                            # (B, N) merged token of each token
     g = model.cfg.grid
-    rows.append(torch.stack([data_lib.overlay(img, data_lib.colorize_groups(s, (g, g), x.shape[-1]))
+    zoom = max(1, -(-64 // x.shape[-1]))                                     # 32 px: 2x
+    rows = [F.interpolate(r, scale_factor=zoom, mode="nearest") if zoom > 1 else r for r in rows]
+    rows.append(torch.stack([data_lib.overlay(img, data_lib.colorize_groups(s, (g, g), img.shape[-1]))
                              for img, s in zip(rows[0], source)]))
     labels.append(f"groups, K = {Ks[0]}")
     data_lib.save_image_grid(torch.cat(rows), path, nrow=x.shape[0], row_labels=labels)

@@ -1,16 +1,14 @@
 """The tokenizer at CPU scale (docs/tokenizer_cpu.md): the README's quick start run and its table, in one command.
 
 For each --variant: the quick start's training, `torchrun --nproc_per_node=2 train_stage1.py --variant V --preset
-tiny` (1000 steps on the embedded shapes), then `evaluate.py recon --keep 16 36 64 100 256 --source both` on the
-1000 held-out images (Table 4's K sweep, Table 5's true and predicted source), and a markdown table of the results
-next to the thumbnail bar: the PSNR of an 8-bit thumbnail that stores the same K x d bits as the codes.
+tiny` (1000 steps on the embedded shapes), then `evaluate.py recon --keep 16 25 36 49 64 --source both` on the
+1000 held-out images (Table 4's K sweep up to N, Table 5's true and predicted source), and a markdown table of the
+results next to the thumbnail bar: the PSNR of an 8-bit thumbnail that stores the same K x d bits as the codes.
 
     # the quick start's table (the tiny preset, d = 10 LFQ bits)
     python experiments/tokenizer_cpu.py --out runs/tokenizer-cpu
-    # docs/tokenizer_cpu.md's table: the 18-bit preset of commit 0786991
-    python experiments/tokenizer_cpu.py --lfq-bits 18 --out runs/tokenizer-cpu-d18
-    # docs/mergetok.md's 1000-step comparison: G and MergeTok side by side (--seed 1: the second seed)
-    python experiments/tokenizer_cpu.py --variant g mergetok --lfq-bits 18 --out runs/g-vs-mergetok-d18
+    # G and MergeTok side by side (--seed 1: a second seed)
+    python experiments/tokenizer_cpu.py --variant g mergetok --out runs/g-vs-mergetok
 
 One variant prints K, PSNR with the true and the predicted source, recovery accuracy, the thumbnail's PSNR and
 codebook usage; several print the PSNRs side by side (MergeTok: its discrete and its continuous branch). Each run
@@ -21,6 +19,7 @@ docs' ones).
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,9 +27,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tokenizer import TokenizerConfig                                        # noqa: E402
+from tokenizer import TokenizerConfig, get_config                            # noqa: E402
 
-KS = [16, 36, 64, 100, 256]                    # the docs' sweep: the tiny preset trains on K = 64..144, N = 256
+def sweep_Ks(N):
+    """The K of the table: five perfect squares from 16 up to N, evenly spaced in sqrt(K) (N = 64: 16, 25, 36, 49,
+    64; N = 256: 16, 49, 100, 169, 256)."""
+    roots = sorted({round(4 + (math.isqrt(N) - 4) * i / 4) for i in range(5)})
+    return [r * r for r in roots]
 NAMES = {"g": "G", "gr": "G+R", "r": "R", "mergetok": "MergeTok"}
 
 
@@ -52,7 +55,8 @@ def train_and_evaluate(variant, out, args):
     train += ["--steps", str(args.steps)] if args.steps else []
     run(train, os.path.join(out, f"train-{variant}.log"))
     ckpt, result = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "recon.json")
-    recon = [sys.executable, "evaluate.py", "recon", "--ckpt", ckpt, "--keep", *map(str, KS), "--source", "both",
+    Ks = sweep_Ks(get_config(variant, "tiny").num_tokens)
+    recon = [sys.executable, "evaluate.py", "recon", "--ckpt", ckpt, "--keep", *map(str, Ks), "--source", "both",
              "--out", result]
     recon += ["--max-images", str(args.max_images)] if args.max_images else []
     run(recon, os.path.join(out, f"recon-{variant}.log"))
@@ -73,7 +77,7 @@ def pick(rows, K, source="true", branch="discrete"):
 def one_table(rows, cfg):
     lines = ["| K | PSNR, true source | PSNR, predicted source | recovery acc. | thumbnail PSNR | codebook usage |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for K in KS:
+    for K in sorted({r["K"] for r in rows}):
         t, p = pick(rows, K), pick(rows, K, "predicted")
         psnr = f"**{t['psnr']:.2f}**" if K == cfg["K"] else f"{t['psnr']:.2f}"
         lines.append(f"| {row_label(K, cfg)} | {psnr} | {p['psnr']:.2f} | {p['recovery_accuracy']:.2f} | "
@@ -89,7 +93,7 @@ def side_by_side(results, cfg):
             head.append("MergeTok continuous")
     head.append("thumbnail")
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
-    for K in KS:
+    for K in sorted({r["K"] for r in next(iter(results.values()))[0]}):
         cells = [row_label(K, cfg)]
         for variant, (rows, _) in results.items():
             cells.append(f"{pick(rows, K)['psnr']:.2f} / {pick(rows, K, 'predicted')['psnr']:.2f}")
@@ -104,7 +108,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", nargs="+", default=["g"], choices=list(NAMES), help="one table column each")
     p.add_argument("--out", default="runs/tokenizer-cpu", help="a new folder: one run folder per variant, logs")
-    p.add_argument("--lfq-bits", type=int, default=None, help="train_stage1.py --lfq-bits (18: commit 0786991's)")
+    p.add_argument("--lfq-bits", type=int, default=None, help="train_stage1.py --lfq-bits (the tiny preset: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=2, help="training processes (the quick start: 2)")
     p.add_argument("--steps", type=int, default=None, help="fewer steps, to check this script (default: 1000)")
