@@ -121,17 +121,12 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "paper": TrainConfig(),
-    # tiny: the CPU demo (experiments/stage2_cpu.py), each choice measured on the demo's codes (4000 shapes and
-    # their mirrors, K = 64, the d = 10 quick start; LlamaGen; 200 samples at cfg 3, `evaluate.py shapes`):
-    # - class_cond "add": with LlamaGen's class token alone the label is ignored (GPT tiny, 2000 steps: held-out NLL
-    #   with the true label 0.12 nats per image below the null class; samples at chance, 9-10% at cfg 1 and 3).
-    # - GPT tiny (width 64, 2 blocks), 1500 steps of batch 32 at lr 3e-3, no dropout: 22.0% (cfg 1: 12.5%; at step
-    #   750, before the x0.1 drop, 12.0%), 73.8 sequences/s on one quiet thread (about 11 min; bf16: 87, 9 min).
-    #   More steps or blocks do not help (bf16, 500 samples): 1500 / 2250 / 3000 steps 29.4% / 26.6% / 28.4%;
-    #   4 blocks or width 128 at 1500 steps 27.4% / 29.4% (docs/stage2_cpu.md). GPT small
-    #   (width 128, 4 blocks) is 4 times slower per step: 500 steps at lr 2e-3 (bf16), 10.5%.
-    # - No label smoothing: with sampling over the whole vocabulary its uniform floor draws invalid codes (the
-    #   review's toy: valid codes 0.99 -> 0.78 at 0.1). A short warm-up for the larger lr.
+    # tiny: the CPU demo (experiments/stage2_cpu.py); each choice is measured in docs/stage2_cpu.md:
+    # - class_cond "add": with LlamaGen's class token alone the label was ignored at this scale;
+    # - GPT tiny (width 64, 2 blocks), 1500 steps of batch 32 at lr 3e-3, no dropout: more steps or a wider model
+    #   did not draw the shapes better;
+    # - no label smoothing: with sampling over the whole vocabulary its uniform floor draws invalid codes; a short
+    #   warm-up for the larger lr.
     "tiny": dataclasses.replace(TrainConfig(), gpt="tiny", batch_size=32, epochs=0, steps=1500, lr=3e-3,
                                 warmup_steps=100, label_smoothing=0.0, dropout=0.0, class_cond="add",
                                 log_every=50, ckpt_every=250),
