@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data as data_lib
+from merge import anchors
 import evaluate as E
 import inception
 import lfq
@@ -555,7 +556,7 @@ ROW_KEYS = {"K", "source", "bits", "num_images", "psnr", "ssim", "lpips", "rfid"
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A stage-1 checkpoint of the tiny G tokenizer (64x64, N=256, target K=64), untrained: random weights."""
-    cfg = get_config("g", "tiny", z_channels=18)                            # the paper's d: 18 bits a token
+    cfg = get_config("g", "tiny", z_channels=18, image_size=64, K=64, K_high=4)   # the paper's d: 18 bits a token
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_tokenizer("g", config=cfg)
@@ -594,7 +595,7 @@ def test_evaluate_reconstruction_rows(tiny_ckpt):
     with torch.no_grad():
         enc = model.encode(x, K=16)                                             # source (6, 256)
         rec01 = (model.decode(enc.indices, enc.source).clamp(-1, 1) + 1) / 2
-        predicted = model.recovery.predict_source(enc.z_q)                      # (6, 256)
+        predicted = model.recovery.predict_source(enc.z_q, anchors(enc.source, 16))   # (6, 256)
     assert rows[0]["psnr"] == pytest.approx(E.psnr(rec01, x01).mean().item(), rel=1e-5)
     assert rows[0]["ssim"] == pytest.approx(E.ssim(rec01, x01).mean().item(), rel=1e-5, abs=1e-6)
     # recovery accuracy: the positions j whose predicted merged token is the true one, counted one by one
