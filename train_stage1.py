@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 import common
 import data as data_lib
 import losses
+import mergetok
 from merge import KeptTokenSampler
 from lfq import CodebookUsage
 from tokenizer import ALL_VARIANTS, build_tokenizer, count_parameters, get_config
@@ -314,12 +315,12 @@ MERGETOK_ACTIVATION_FACTOR = 1.62
 def memory_estimate(variant, tok_cfg, local_batch, amp, n_params):
     """Bytes one process needs, by part: "weights" (weights, gradients, Adam moments and EMA in fp32: 20 bytes per
     parameter), "activations" (what the forward keeps for backward, scaled from the measured G figure above) and,
-    for MergeTok, "collision" (its code-collision blocks, losses.collision_memory)."""
+    for MergeTok, "collision" (its code-collision blocks, mergetok.collision_memory)."""
     per_pixel = ACTIVATION_BYTES_PER_PIXEL * tok_cfg.ch / 64 * (BF16_ACTIVATION_FACTOR if amp == "bf16" else 1.0)
     parts = {"weights": 5 * 4 * n_params, "activations": local_batch * tok_cfg.image_size ** 2 * per_pixel}
     if variant == "mergetok":
         parts["activations"] *= MERGETOK_ACTIVATION_FACTOR
-        parts["collision"] = losses.collision_memory(local_batch, tok_cfg.num_tokens, tok_cfg.z_channels)
+        parts["collision"] = mergetok.collision_memory(local_batch, tok_cfg.num_tokens, tok_cfg.z_channels)
     return parts
 
 
@@ -359,15 +360,15 @@ def default_workers(cfg_workers):
 
 class Stage1Forward(torch.nn.Module):
     """The generator's forward for one step in one module call, so DistributedDataParallel sees every parameter:
-    reconstruction at K kept tokens, and the alignment prediction on the student's view."""
+    reconstruction at K kept tokens, and the alignment prediction on the student's view. noise: the generator
+    MergeTok's posterior samples are drawn from (None for MergeVQ, which draws none)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, noise=None):
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.noise = tokenizer, noise
 
-    def forward(self, x, K, align_view=None, generator=None):
-        noise = {"generator": generator} if generator is not None else {}   # MergeTok's posterior noise
-        out = self.tokenizer(x, K=K, **noise)
+    def forward(self, x, K, align_view=None):
+        out = self.tokenizer(x, K=K) if self.noise is None else self.tokenizer(x, K=K, generator=self.noise)
         pred = self.tokenizer.align(align_view, K=K) if align_view is not None else None
         return out, pred
 
@@ -511,21 +512,15 @@ def train_step(x, K, step, run):
         align_view = data_lib.random_resized_crop(x, cfg.align_size, generator=g)   # on x's device, no copy
         with torch.no_grad():
             align_target = run.teacher(losses.dinov2_preprocess(x, size=cfg.align_size)).float()
-    sem_teacher = None
-    if getattr(run.tok_cfg, "sem_target", None) == "dinov2":
-        # MergeTok's (i) toward DINOv2: the teacher's patch features of the whole image on the token grid
-        with torch.no_grad():
-            sem_teacher = run.teacher.patch_grid(losses.dinov2_preprocess(x, size=cfg.align_size),
-                                                 run.tok_cfg.grid).float()                 # (B, N, 768)
 
     # ---- the tokenizer: the discriminator is frozen, so the generator's loss never reaches it ----------------
     disc.requires_grad_(False)
     with run.autocast():
-        out, pred = run.forward(x, K, align_view, run.noise if run.tok_cfg.variant == "mergetok" else None)
+        out, pred = run.forward(x, K, align_view)
         total, terms = losses.generator_loss(
             x, out, cfg, lpips=run.lpips, disc=disc if gan_on else None,
             align_pair=None if pred is None else (pred.float(), align_target),
-            last_layer=model.decoder.last_layer_weight(), sem_teacher=sem_teacher)
+            last_layer=model.decoder.last_layer_weight(), extra=run.extra)
     disc.requires_grad_(True)
     terms["batch_usage"] = batch_usage(out.enc.indices, run.tok_cfg.z_channels)
     common.check_finite(terms, step)
@@ -538,7 +533,7 @@ def train_step(x, K, step, run):
     # ---- the discriminator on detached reconstructions: its loss never reaches the tokenizer -----------------
     if gan_on:
         with run.autocast():
-            fakes = out.recon if getattr(out, "recon_vae", None) is None else torch.cat([out.recon, out.recon_vae])
+            fakes = out.recon if run.extra is None else torch.cat([out.recon, run.extra.fakes(out)])
             d_total, d_terms, logits = losses.discriminator_loss(run.disc_ddp, x, fakes.detach().float(),
                                                                  run.lecam, cfg)
         common.check_finite(d_terms, step)
@@ -594,15 +589,17 @@ def setup(args, rank, world, device):
     # draws random numbers (a new DataLoader iterator at a resume) shifts it
     run.noise = torch.Generator(device).manual_seed(args.seed * world + rank)
     run.lpips, run.teacher = load_pretrained(args, model, run.ema, device)
+    # The fourth variant's one hook: MergeTok's own terms and second reconstruction (mergetok.py), which the step
+    # hands to losses.generator_loss, and its posterior noise; None and no noise for MergeVQ (G, G+R, R)
+    run.extra = mergetok.MergeTokObjective(cfg, tok_cfg, run.teacher) if args.variant == "mergetok" else None
 
     ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    run.forward = Stage1Forward(model)
+    run.forward = Stage1Forward(model, noise=None if run.extra is None else run.noise)
     run.disc_ddp = run.disc
     if world > 1:
         # Without a teacher the alignment head takes no part in the loss.
         # MergeTok's DINOv2 projection is unused with --sem-weight 0.
-        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None or args.variant == "mergetok",
-                          **ddp)
+        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None or run.extra is not None, **ddp)
         run.disc_ddp = DDP(run.disc, **ddp)
     run.opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     run.opt_d = torch.optim.AdamW(run.disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
