@@ -175,7 +175,7 @@ def test_gaussian_kl_closed_form():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_tokenizer("mergetok", "tiny", z_channels=18).eval()      # C = d = 18
+    return build_tokenizer("mergetok", "tiny", z_channels=18, image_size=64).eval()   # C = d = 18, N = 256
 
 
 def images(n=2, seed=0):
@@ -264,7 +264,7 @@ def test_mergetok_flags_are_checked(capsys):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A MergeTok checkpoint in train_stage1.py's format (random weights)."""
-    cfg = get_config("mergetok", "tiny", z_channels=18)
+    cfg = get_config("mergetok", "tiny", z_channels=18, image_size=64)                  # N = 256
     torch.manual_seed(0)
     sd = build_tokenizer("mergetok", config=cfg).state_dict()
     path = str(tmp_path_factory.mktemp("mergetok") / "tok.pt")
@@ -309,7 +309,7 @@ def test_semantic_alignment_toward_dinov2_features(tmp_path):
     assert mergetok.semantic_alignment_dinov2(pred, teacher, source, 2, margin=0.5).item() == pytest.approx(0.5 / 3)
     # one training step with the teacher's patch features: a small random DINOv2 (width 768, as the projection's)
     args = train_stage1.parse_args(["--variant", "mergetok", "--preset", "tiny", "--batch-size", "2",
-                                    "--sem-target", "dinov2", "--out", str(tmp_path / "o")])
+                                    "--image-size", "64", "--sem-target", "dinov2", "--out", str(tmp_path / "o")])
     run_ = train_stage1.setup(args, 0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     run_.teacher = run_.extra.teacher = losses.DINOv2(depth=1).eval().requires_grad_(False)
