@@ -47,6 +47,7 @@ import losses
 import mergetok
 from merge import KeptTokenSampler
 from lfq import CodebookUsage
+from resources import check_stage1 as check_resources, stage1_memory as memory_estimate  # noqa: F401
 from tokenizer import ALL_VARIANTS, build_tokenizer, count_parameters, get_config
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,52 +300,8 @@ def build_tokenizer_config(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resources: a run that cannot fit stops before it starts
+# Resources: a run that cannot fit stops before it starts (the memory estimate: resources.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-# Activation memory of one training image (forward + backward, fp32), per input pixel, for the paper's G (width 64):
-# measured on the CPU, 31 KB at 128 px and 39 KB at 64 px; scaled by the CNN width for other configs.
-ACTIVATION_BYTES_PER_PIXEL = 32e3
-# What autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks, distinct storages, the paper presets at
-# 128 px, the difference between 2 images and 1): G 41.7 KB per pixel in float32, 21.7 KB under bf16 autocast;
-# MergeTok 67.4 and 35.2 KB (its decoder runs on both branches). Hence these factors on the figure above.
-BF16_ACTIVATION_FACTOR = 0.52
-MERGETOK_ACTIVATION_FACTOR = 1.62
-
-
-def memory_estimate(variant, tok_cfg, local_batch, amp, n_params):
-    """Bytes one process needs, by part: "weights" (weights, gradients, Adam moments and EMA in fp32: 20 bytes per
-    parameter), "activations" (what the forward keeps for backward, scaled from the measured G figure above) and,
-    for MergeTok, "collision" (its code-collision blocks, mergetok.collision_memory)."""
-    per_pixel = ACTIVATION_BYTES_PER_PIXEL * tok_cfg.ch / 64 * (BF16_ACTIVATION_FACTOR if amp == "bf16" else 1.0)
-    parts = {"weights": 5 * 4 * n_params, "activations": local_batch * tok_cfg.image_size ** 2 * per_pixel}
-    if variant == "mergetok":
-        parts["activations"] *= MERGETOK_ACTIVATION_FACTOR
-        parts["collision"] = mergetok.collision_memory(local_batch, tok_cfg.num_tokens, tok_cfg.z_channels)
-    return parts
-
-
-def check_resources(args, cfg, tok_cfg, world, device, n_params, amp):
-    """Print the memory estimate of a run (memory_estimate); stop with one line when there is no GPU for the paper
-    preset or the estimate exceeds what the machine has."""
-    local_batch = cfg.batch_size // world
-    parts = memory_estimate(args.variant, tok_cfg, local_batch, amp, n_params)
-    need, have = sum(parts.values()), common.memory_available(device)
-    names = {"weights": "weights, gradients, Adam and EMA (fp32)",
-             "activations": f"activations (batch {local_batch} of {tok_cfg.image_size} px, {amp})",
-             "collision": "MergeTok's code-collision blocks"}
-    terms = " + ".join(f"{common.format_bytes(v)} {names[k]}" for k, v in parts.items())
-    common.rank0_print(f"memory estimate per process: {terms} = {common.format_bytes(need)}; {device} has "
-                       f"{common.format_bytes(have)}")
-    problems = []
-    if device.type != "cuda" and args.preset == "paper":
-        problems.append("no GPU: the paper preset trains for weeks even on 8 GPUs")
-    if need > have:
-        problems.append(f"it needs about {need / 2**30:.1f} GB per process (batch {local_batch} of "
-                        f"{tok_cfg.image_size} px), this machine has {have / 2**30:.1f} GB for each")
-    if problems and not args.run_anyway:
-        raise ValueError("; ".join(problems) + ". On a CPU: torchrun --nproc_per_node=2 train_stage1.py --variant "
-                         f"{args.variant} --preset tiny (--run-anyway starts this run regardless)")
 
 
 def default_workers(cfg_workers):

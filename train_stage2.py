@@ -81,6 +81,7 @@ from torch.utils.data import DataLoader
 
 import common
 import data as data_lib
+from resources import check_stage2 as check_memory                 # the memory estimate (resources.py)
 from codes_table import (check_codes_fit, check_tokenizer_identity, codes_hash, codes_identity, gather_codes,
                          merged_codes, read_codes, tokenizer_hash)
 from merge import KeptTokenSampler
@@ -350,76 +351,6 @@ def optimizer_groups(model, weight_decay):
 # ----------------------------------------------------------------------------------------------------------------
 # train: command line checks, setup, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-
-
-# Activation memory of GPT training, measured on the CPU with torch.autograd.graph.saved_tensors_hooks (the distinct
-# storages autograd keeps for backward; GPT-L's width, the differences between 1 and 2 blocks and between batches of
-# 2 and 4 sequences, at 64 and 144 positions alike): a block keeps 60 bytes per unit of width D and position under
-# bf16 autocast (100 in float32) - at 128 sequences of 257 positions GPT-L's 24 blocks keep 47 GB; the heads per
-# predicted position: plain 78 KB at 16384 codes (about 5 bytes per code), factorized 281 KB (its two intra-token
-# blocks on two slots, 4 x 60 D, and about 10 bytes per pre and post logit).
-BLOCK_BYTES_PER_WIDTH = {"bf16": 60, "none": 100}
-HEAD_BYTES_PER_LOGIT = {False: 5, True: 10}                  # plain, factorized
-
-
-def positions(kind, tokens, N, K):
-    """(positions the main stack runs on, positions the heads predict) of one training sequence."""
-    if kind == "randar":
-        L = N if tokens == "recovered" else K
-        return 1 + 2 * L, L                                      # [C, P_0, X_0, ..., P_{L-1}, X_{L-1}]
-    return (N + 1 if kind == "mergear" else N), N                # [C, M, x_0 .. x_{N-2}] or [C, x_0 .. x_{N-2}]
-
-
-def memory_estimate(c, kind, T, predicted, micro_batch, amp, world, checkpointed, n_params):
-    """Bytes one process needs to train, by part: "weights" (fp32 weights, gradients and the two AdamW moments;
-    bf16 copies under autocast; DDP's gradient buckets), "activations" (what one micro-batch keeps for backward:
-    the blocks, BLOCK_BYTES_PER_WIDTH, or with activation checkpointing each block's float32 input and one block
-    recomputed; the heads, HEAD_BYTES_PER_LOGIT) and for MergeAR "mask" (the (B, T, T) boolean mask, and per kept
-    block the 2-byte additive bias a GPU attention kernel makes of it and keeps for backward). c: the GPTConfig."""
-    D, w = c.dim, BLOCK_BYTES_PER_WIDTH[amp]
-    block = T * w * D                                                      # one block, one sequence
-    kept_blocks = 1 if checkpointed else c.n_layer
-    if c.factorized:
-        logits = 2 ** c.pre_bits + c.vocab_size // 2 ** c.pre_bits        # pre and post logits per position
-        head = predicted * (4 * w * D + HEAD_BYTES_PER_LOGIT[True] * logits)
-    else:
-        head = predicted * HEAD_BYTES_PER_LOGIT[False] * c.vocab_size
-    inputs = T * 4 * D * c.n_layer if checkpointed else 0                 # each block's input, float32
-    parts = {"weights": n_params * (16 + (2 if amp == "bf16" else 0) + (4 if world > 1 else 0)),
-             "activations": micro_batch * (kept_blocks * block + inputs + head)}
-    if kind == "mergear":
-        parts["mask"] = micro_batch * T * T * (1 + 2 * kept_blocks)
-    return parts
-
-
-def check_memory(args, run, device):
-    """Print the memory estimate of the run (memory_estimate) on rank 0; stop with one line, naming a --grad-accum
-    that fits, when it exceeds what the device has (--run-anyway starts regardless)."""
-    N, c = run.table["source"][int(run.Ks[0])].shape[1], run.model.cfg
-    T, predicted = positions(args.model, args.tokens, N, run.K)
-    local = run.cfg.batch_size // run.world
-
-    def need(A, checkpointed):
-        return memory_estimate(c, args.model, T, predicted, local // A, run.amp, run.world, checkpointed,
-                               count_parameters(run.model))
-
-    parts, have = need(run.grad_accum, args.checkpoint_activations), common.memory_available(device)
-    names = {"weights": "weights, gradients and AdamW", "mask": "MergeAR's masks",
-             "activations": f"activations ({local // run.grad_accum} sequences of {T} positions per micro-batch, "
-                            f"{run.amp}{', checkpointed' if args.checkpoint_activations else ''})"}
-    terms = " + ".join(f"{common.format_bytes(v)} {names[k]}" for k, v in parts.items())
-    common.rank0_print(f"memory estimate per process: {terms} = {common.format_bytes(sum(parts.values()))}; {device} "
-                       f"has {common.format_bytes(have)}")
-    if sum(parts.values()) <= have or args.run_anyway:
-        return
-    fits = [A for A in range(run.grad_accum, local + 1) if local % A == 0
-            and sum(need(A, args.checkpoint_activations).values()) <= have]
-    hint = (f"--grad-accum {fits[0]} (micro-batches of {local // fits[0]}, the same global batch)" if fits else
-            "a smaller --batch-size or GPT")
-    if not args.checkpoint_activations and sum(need(run.grad_accum, True).values()) <= have:
-        hint += " or --checkpoint-activations"
-    raise ValueError(f"the run needs about {common.format_bytes(sum(parts.values()))} per process, {device} has "
-                     f"{common.format_bytes(have)}: use {hint} (--run-anyway starts it regardless)")
 
 
 def build_train_config(args):
