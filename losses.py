@@ -468,7 +468,8 @@ def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_lay
     """The tokenizer's loss of one step. Returns (total, terms): the weighted sum and the unweighted terms by name.
 
       total = w_recon L_rec + w_perceptual LPIPS                                           (reconstruction, "nll")
-            + w_commit ||z - sg(q)||^2 + w_entropy (E[H(p(c|z))] - H(E[p(c|z)]))            (LFQ, Eq. (4))
+            + w_commit ||z - sg(q)||^2                                 (LFQ, Eq. (4); commitment: Appendix A.1)
+            + w_entropy (E[H(p(c|z))] - H(E[p(c|z)]))      (MAGVIT-v2's entropy penalty, Yu et al. 2024, Sec. 3.1)
             + w_recovery CE(recovery logits, source)                                       (Eq. (9))
             + w_align H(P_teacher, P_student)                                              (Eq. (10))
             + lambda w_gan L_G                 lambda = 1, or taming's adaptive weight (then logged as gan_lambda)
@@ -484,7 +485,7 @@ def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_lay
     if lpips is not None:
         terms["perceptual"] = lpips(recon, x).mean()
     terms["commit"] = lfq.commitment
-    terms["entropy"] = lfq.per_sample_entropy - lfq.codebook_entropy                   # Eq. (4)'s entropy loss
+    terms["entropy"] = lfq.per_sample_entropy - lfq.codebook_entropy                   # MAGVIT-v2's penalty
     terms["recovery"] = out.recovery_loss                                               # Eq. (9)
     if align_pair is not None:
         align = alignment_loss_ce if cfg.align_loss == "ce" else alignment_loss_kl

@@ -2,9 +2,10 @@
 
 One script for one process or many (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): nccl on GPUs, gloo on the CPU.
 The loop below follows the paper's training: a kept count K per step (Appendix A.3, Eq. (15)-(16)), the
-tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commitment and entropy (Eq. (4)), the
-source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
-generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
+tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, the commitment of LFQ (Eq. (4)) and
+MAGVIT-v2's entropy penalty, the source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2
+teacher (Eq. (10)), the PatchGAN generator loss) and the discriminator's (losses.discriminator_loss: hinge +
+LeCam), EMA weights, atomic checkpoints.
 Without pretrained weights (VGG16 + LPIPS, DINOv2) the terms that need them are dropped, loudly.
 `--variant mergetok` trains MergeTok (arXiv 2605.30904; mergetok.py) with the same loop: both of its
 reconstructions get the reconstruction, perceptual and GAN losses, plus its KL, (i) semantic alignment and
