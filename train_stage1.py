@@ -103,8 +103,9 @@ TRAIN_PRESETS = {
         "gr": TrainConfig(w_align=1.0),
         "r": TrainConfig(epochs=300, lr_schedule="cosine", w_recovery=1.0, w_align=1.0),
     },
-    # tiny: about 13 minutes on 2 CPU cores (the README quick start), the paper's losses at settings measured to learn
-    # in that budget (held-out PSNR at K = 64 after 250 steps, one process; the figures are in the README):
+    # tiny: the README's quick start on 2 CPU cores, the paper's losses at settings measured to learn in its budget
+    # (held-out PSNR at K = 64 after 250 steps, one process, on the 64-px 18-bit tiny preset of commit 6fbf62d, whose
+    # README gave these figures; today's preset, 32 px and d = 10, keeps the settings):
     #  - no discriminator (disc_start past the end): without pretrained LPIPS there is no perceptual loss, and the
     #    PatchGAN cost 40% of the step time and 1-2 dB (a fixed 0.8 weight wrecked the decoder: MSE 0.17 -> 0.51);
     #    its 40% buys 1000 steps instead of 600 in the same time;

@@ -13,7 +13,8 @@ The subcommands, in the order a run uses them:
                                built from code equality (--rep codes, the mask decoding mirrors) or from the true
                                source (--rep source, the paper's training reading), window W = one grid row unless
                                --window; K drawn per image among the extracted counts with the tokenizer's
-                               weights (Eq. (15) / (16)). Both defaults are measured (README, "Stage 2").
+                               weights (Eq. (15) / (16)). Both defaults were measured on the 18-bit preset of
+                               commit 0786991 (docs/stage2_cpu.md, "The previous recipe").
            Both models see the same sequence: the N recovered codes, recovered[j] = indices[source[j]] (Eq. (11)),
            so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
              --model randar    RandAR (Sec. 4.2, randar.py) on the K merged tokens of the target K, one random
@@ -236,7 +237,7 @@ def run_extract(args):
     source = {K: torch.empty(M, N, dtype=torch.int16) for K in Ks}         # values < K <= N
     labels = torch.empty(M, dtype=torch.int64)
     # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
-    # groups share a code: how often (README, "Stage 2"), summed batch by batch (no pass over the whole table)
+    # groups share a code: how often (docs/stage2_cpu.md), summed batch by batch (no pass over the whole table)
     disagreement = {K: torch.zeros(3, dtype=torch.float64) for K in Ks}
     amp = args.amp or common.default_amp(device)
     workers = common.loader_workers(args.workers, device)
