@@ -164,7 +164,9 @@ def matrix_to_source(matrix):
 
 
 def recover(z, source):
-    """Token recovery, Eq. (11): x_full = source_matrix^T z, i.e. x_full[:, j] = z[:, source[:, j]].
+    """Token recovery, Eq. (11): x_full = source_matrix^T z, i.e. x_full[:, j] = z[:, source[:, j]]: a gather
+    that reads a source, the encoder's or the one the Source Recovery Model (recovery.py) predicts. Its output on
+    codes are the "recovered codes" (codes_table.gather_codes; RandAR's --tokens grid runs over them).
 
     z: (B, K, C) merged tokens; source: (B, N) int64 index map with values in [0, K). Returns (B, N, C).
     """

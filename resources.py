@@ -82,7 +82,7 @@ HEAD_BYTES_PER_LOGIT = {False: 5, True: 10}                  # plain, factorized
 def stage2_positions(kind, tokens, N, K):
     """(positions the main stack runs on, positions the heads predict) of one training sequence."""
     if kind == "randar":
-        L = N if tokens == "recovered" else K
+        L = N if tokens == "grid" else K
         return 1 + 2 * L, L                                      # [C, P_0, X_0, ..., P_{L-1}, X_{L-1}]
     return (N + 1 if kind == "mergear" else N), N                # [C, M, x_0 .. x_{N-2}] or [C, x_0 .. x_{N-2}]
 
@@ -167,7 +167,7 @@ if __name__ == "__main__":
     with torch.device("meta"):
         model = build_gpt("L", vocab_size=2 ** 18, factorized=True, block_size=N)
     for kind in ["llamagen", "mergear"]:
-        T, predicted = stage2_positions(kind, "recovered", N, 256)
+        T, predicted = stage2_positions(kind, "grid", N, 256)
         parts = stage2_memory(model.cfg, kind, T, predicted, 1024 // 8, "bf16", 8, False, count(model))
         print(f"stage 2 paper GPT-L {kind:8s} batch {1024 // 8} bf16: "
               + ", ".join(f"{k} {common.format_bytes(v)}" for k, v in parts.items())

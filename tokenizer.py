@@ -531,7 +531,7 @@ class MergeVQTokenizer(nn.Module):
             if anchors is None:
                 raise ValueError("decoding without a source needs the merged tokens' anchors (B, K): the Source "
                                  "Recovery Model places each token at its anchor")
-            source = self.recovery.predict_source(z_q, anchors)
+            source = self.recovery.predict_source(z_q, anchors)                   # the Source Recovery Model
         if source.shape != (z_q.shape[0], self.cfg.num_tokens):
             raise ValueError(f"source {tuple(source.shape)} does not fit {z_q.shape[0]} images of "
                              f"N={self.cfg.num_tokens} tokens: expected ({z_q.shape[0]}, {self.cfg.num_tokens})")

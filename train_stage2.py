@@ -18,7 +18,9 @@ The subcommands, in the order a run uses them:
            Both models see the same sequence: the N recovered codes, recovered[j] = indices[source[j]] (Eq. (11)),
            so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
              --model randar    RandAR (Sec. 4.2, randar.py) on the K merged tokens of the target K, one random
-                               order per image (drawn from (seed, step), like K); no source is modelled.
+                               order per image (drawn from (seed, step), like K); no source is modelled (the Source
+                               Recovery Model predicts it). --tokens grid: RandAR over all N grid cells instead, each
+                               holding its recovered code (Table 3's baseline row; no Source Recovery Model).
   sample   Class-conditional samples of a trained generator, decoded by the tokenizer: a PNG grid (one row per
            class) and an ADM-format .npz (`arr_0` uint8 N x H x W x 3, `labels`) for `evaluate.py fid` or
            `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count K (--keep); RandAR decodes
@@ -382,7 +384,7 @@ def read_resume(path, args, cfg, codes, mmap=False):
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
     diff = common.config_mismatch({**saved, "rep": ckpt.get("rep"), "window": ckpt.get("window"),
                                    "keep": ckpt.get("keep"), "seed": ckpt.get("seed"),
-                                   "tokens": ckpt.get("tokens", "merged")},
+                                   "tokens": tokens_choice(ckpt.get("tokens", "merged"))},
                                   {**now, "rep": args.rep, "window": args.window, "keep": args.keep,
                                    "seed": args.seed, "tokens": args.tokens})
     if diff:
@@ -512,7 +514,7 @@ def train_step(rows, step, run, device):
     micro-batch's forward: a stop request ends a long step after one micro-batch, not after all of them."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
     labels, order, cells = run.table["labels"][rows], None, torch.empty(0)
-    if run.kind == "randar" and run.tokens == "recovered":                 # Table 3's baseline: the N grid cells
+    if run.kind == "randar" and run.tokens == "grid":                      # Table 3's baseline: the N grid cells
         codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
         cells = torch.arange(codes.shape[1]).expand_as(codes)               # (b, N): code j at cell j
         order = draw_orders(codes.shape[1], step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)
@@ -623,7 +625,7 @@ def randar_K(ckpt):
 
 
 def randar_length(ckpt):
-    """The tokens a RandAR checkpoint generates: its K merged tokens, or (--tokens recovered) the N grid cells."""
+    """The tokens a RandAR checkpoint generates: its K merged tokens, or (--tokens grid) the N grid cells."""
     return randar_K(ckpt) if ckpt.get("tokens", "merged") == "merged" else int(ckpt["gpt_config"]["block_size"])
 
 
@@ -641,7 +643,7 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
     llamagen / mergear generate the N recovered codes in raster order and decode them position by position (the
     identity source). randar generates the K merged tokens in --num-steps parallel steps; the Source Recovery Model
     predicts their source from them and their generated anchors, Eq. (11) recovers N tokens, and the decoder runs
-    (Sec. 4.2). randar on the recovered codes (tokens="recovered") generates the N codes of the grid cells in random
+    (Sec. 4.2). randar over the grid (tokens="grid") generates the N recovered codes of the grid cells in random
     order and decodes them in place."""
     N = tok.cfg.num_tokens
     sampling = dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
@@ -735,7 +737,7 @@ def run_sample(args):
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"sample | {kind} step {ckpt.get('step')} | {len(labels)} images ({args.num_per_class} per class) | cfg "
           f"{args.cfg} ({args.cfg_schedule}) temperature {args.temperature} top-k {args.top_k} top-p {args.top_p}"
-          + (f" | N={K}" if kind == "randar" and tokens == "recovered" else f" | K={K}" if kind != "llamagen" else "")
+          + (f" | N={K}" if kind == "randar" and tokens != "merged" else f" | K={K}" if kind != "llamagen" else "")
           + (f" in {args.num_steps} steps, source predicted" if kind == "randar" and tokens == "merged" else
              f" recovered codes in {args.num_steps} steps (no source to predict)" if kind == "randar" else "")
           + f" | tokenizer {tok_path}", flush=True)
@@ -881,8 +883,8 @@ def run_finetune_recovery(args):
         raise ValueError(f"{args.ckpt} is a {ckpt['model_kind']} checkpoint: the Source Recovery Model is fine-tuned "
                          f"with a RandAR generator (the raster models need no predicted source)")
     if ckpt.get("tokens", "merged") != "merged":
-        raise ValueError(f"{args.ckpt} is RandAR on the recovered codes (--tokens recovered): it needs no predicted "
-                         f"source; fine-tune the Source Recovery Model with a RandAR of the merged tokens")
+        raise ValueError(f"{args.ckpt} is RandAR over the grid's recovered codes (--tokens grid): it needs no "
+                         f"predicted source; fine-tune the Source Recovery Model with a RandAR of the merged tokens")
     tok_path = args.tokenizer or ckpt["tokenizer"]
     common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer" if args.tokenizer else
                                                            "the generator's tokenizer": tok_path})
@@ -986,6 +988,11 @@ def add_extract_args(sub):
     p.set_defaults(func=run_extract)
 
 
+def tokens_choice(value):
+    """--tokens, and the tokens a checkpoint records: "recovered" is the old spelling of "grid"."""
+    return "grid" if value == "recovered" else value
+
+
 def add_train_args(sub):
     p = sub.add_parser("train", help="train a generator on extracted codes (Table A2)")
     p.add_argument("--codes", required=True, help="the file `extract` wrote")
@@ -1014,9 +1021,10 @@ def add_train_args(sub):
                    help="mergear: the Eq. (12) mask from code equality (default: the mask decoding mirrors) or from "
                         "the true source (the paper's training reading)")
     p.add_argument("--window", type=int, default=None, help="mergear: the window W (default: one grid row)")
-    p.add_argument("--tokens", choices=["merged", "recovered"], default="merged",
-                   help="randar: the K merged tokens (Sec. 4.2, decoded through the Source Recovery Model), or "
-                        "Table 3's baseline, the N recovered codes on the grid cells (decoded in place)")
+    p.add_argument("--tokens", type=tokens_choice, choices=["merged", "grid"], default="merged",
+                   help="randar: the K merged tokens (Sec. 4.2, their source predicted by the Source Recovery Model), "
+                        "or grid: Table 3's baseline, all N grid cells, each holding its recovered code (Eq. (11); "
+                        "decoded in place). The old spelling of grid, recovered, is accepted")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
@@ -1210,8 +1218,8 @@ def check_train_folder(args):
 
 
 def train_out_dir(args):
-    recovered = "-recovered" if args.model == "randar" and args.tokens == "recovered" else ""
-    return args.out or os.path.join("runs", f"stage2-{args.model}{recovered}-{args.preset}")
+    grid = "-grid" if args.model == "randar" and args.tokens == "grid" else ""
+    return args.out or os.path.join("runs", f"stage2-{args.model}{grid}-{args.preset}")
 
 
 def main(argv=None):
