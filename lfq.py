@@ -1,10 +1,12 @@
-"""Lookup-free quantization (LFQ): the quantizer of MergeVQ (paper Sec. 3.1, Eq. (4); MAGVIT-v2 / Open-MAGVIT2).
+"""Lookup-free quantization (LFQ): the quantizer of MergeVQ (paper Sec. 3.1, Eq. (4); MAGVIT-v2 / Open-MAGVIT2),
+and MAGVIT-v2's entropy penalty that trains it (Yu et al. 2024, Sec. 3.1).
 
 Every channel of a d-dimensional latent is quantized on its own to its sign: the codebook is {-1, +1}^d
 (d = 18: 2^18 = 262144 codes) and needs no lookup. The index of a code is the binary number of its bits,
 index = sum_k 2^k [z_k > 0] with channel 0 the least significant bit.
 
-The entropy loss asks every token to be confident (low per-sample entropy) and the batch to use the whole codebook
+The entropy loss, MAGVIT-v2's entropy penalty E[H(p(c | z))] - H(E[p(c | z)]) (the MergeVQ paper's Eq. (4) is the
+quantizer alone), asks every token to be confident (low per-sample entropy) and the batch to use the whole codebook
 (high entropy of the mean code distribution), with p(c | z) = softmax_c(2 z.c / tau), tau = 1 / inv_temperature.
 Both terms are computed exactly without ever holding (tokens x 2^d) numbers:
   - p(c | z) factorises over the bits, p(c | z) = prod_k sigmoid(4 z_k c_k / tau), so the per-sample entropy is a
@@ -84,7 +86,8 @@ def _half_code_probs(logit_pos, logit_neg):
 
 
 def entropy_terms(z, inv_temperature=100.0, sync=True):
-    """Exact (per_sample_entropy, codebook_entropy) of p(c | z) = softmax_c(2 z.c * inv_temperature).
+    """Exact (per_sample_entropy, codebook_entropy) of p(c | z) = softmax_c(2 z.c * inv_temperature): the two terms
+    of MAGVIT-v2's entropy penalty (Yu et al. 2024, Sec. 3.1), per_sample_entropy - codebook_entropy.
 
     z: (..., d) latents; all leading dimensions are tokens. Returns two float32 scalars:
       per_sample_entropy = mean_t H(p(. | z_t)), codebook_entropy = H(mean_t p(. | z_t)).
@@ -127,8 +130,9 @@ def _entropy_terms(z, inv_temperature, sync):
 
 
 class LFQ(nn.Module):
-    """Lookup-free quantizer, Eq. (4): q = sign(z), straight-through gradient; returns the (unweighted) entropy
-    terms per_sample_entropy, codebook_entropy (the loss is their difference) and the commitment mse(z, q)."""
+    """Lookup-free quantizer, Eq. (4): q = sign(z), straight-through gradient. Also returns, unweighted, the terms
+    of MAGVIT-v2's entropy penalty (Yu et al. 2024, Sec. 3.1), per_sample_entropy and codebook_entropy (the loss is
+    their difference), and the commitment mse(z, q)."""
 
     def __init__(self, dim=18, inv_temperature=100.0):
         super().__init__()

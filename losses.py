@@ -9,10 +9,9 @@
     `dinov2_vitb14_pretrain.pth` key for key.
   - The global alignment losses: the paper's DINO-style cross-entropy (Eq. (10)) and the authors' release's
     temperature-scaled KL.
-  - MergeTok's terms (arXiv 2605.30904; mergetok.py): the per-token Gaussian KL, (i) merged-token semantic
-    alignment, and (ii) the group-wise code constraints from the collision probability k_ij of two tokens' soft codes.
   - The stage-1 objective: `generator_loss` (the tokenizer's named terms and their weighted sum) and
-    `discriminator_loss` (hinge + LeCam), the weights read from the training configuration in one place.
+    `discriminator_loss` (hinge + LeCam), the weights read from the training configuration in one place. MergeTok
+    (the fourth variant) adds its own terms through generator_loss's one hook, `extra` (mergetok.MergeTokObjective).
 
 No pretrained weight can be downloaded in a sandbox: every network here builds with random weights, says so loudly,
 and loads the published files (local path, state dict, or "download" from the official URL) with strict checks.
@@ -25,10 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from common import all_reduce_mean, all_reduce_sum_differentiable, load_strict, resolve_weights
-from merge import group_mean, recover
 from vit import Block, PatchEmbed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,196 +457,35 @@ def alignment_loss_kl(student, teacher, tau=4.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# MergeTok's terms (arXiv 2605.30904; mergetok.py has the model and the reasons for each choice)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def gaussian_kl(mu, logvar):
-    """KL(N(mu, diag(sigma^2)) || N(0, I)) per token, summed over its C channels and averaged over the tokens:
-    0.5 sum_c (mu_c^2 + sigma_c^2 - 1 - log sigma_c^2). mu, logvar (B, N, C) -> scalar, float32."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean()
-
-
-def semantic_alignment(mu, source, K):
-    """(i) Merged-token semantic alignment: every token's posterior mean is pulled toward the stop-gradient mean of
-    its merged group,
-
-        L_sem = mean_i (1 - cos(mu_i, sg(m_g(i)))),   m_k = mean_{j: g(j) = k} mu_j.
-
-    mu (B, N, C), source (B, N) in [0, K) -> scalar. A token alone in its group is its own mean (cos = 1, adds 0);
-    K = N gives 0. float32, autocast off."""
-    with torch.autocast(device_type=mu.device.type, enabled=False):
-        mu = mu.float()
-        target = recover(group_mean(mu.detach(), source, K), source)               # m_g(i), (B, N, C)
-        return (1.0 - F.cosine_similarity(mu, target, dim=-1, eps=1e-8)).mean()
-
-
-def semantic_alignment_dinov2(pred, teacher, source, K, margin=0.5):
-    """(i), the DINOv2 reading (--sem-target dinov2): a learned projection of every token's posterior mean,
-    pred_i = P mu_i, is pulled toward the DINOv2 patch features pooled over its merged group, with a margin:
-
-        L = mean_i relu(1 - margin - cos(pred_i, sg(f_g(i)))),   f_k = mean_{j: g(j) = k} DINOv2_j
-
-    (VA-VAE's margin cosine loss: pairs already closer than 1 - margin stop pulling). pred, teacher (B, N, D'),
-    teacher resampled to the tokenizer's grid (DINOv2.patch_grid) -> scalar, float32."""
-    if pred is None:
-        raise ValueError("semantic_alignment_dinov2: the model has no projection (build it with sem_target='dinov2')")
-    with torch.autocast(device_type=pred.device.type, enabled=False):
-        target = recover(group_mean(teacher.detach().float(), source, K), source)  # f_g(i), (B, N, D')
-        cos = F.cosine_similarity(pred.float(), target, dim=-1, eps=1e-8)           # (B, N)
-        return F.relu(1.0 - margin - cos).mean()
-
-
-def _log_collision(bits_i, bits_j):
-    """log k_ij for rows i against columns j: bits (log s, log (1 - s)), each (B, I, d) and (B, J, d) -> (B, I, J)."""
-    both_pos = bits_i[0][:, :, None, :] + bits_j[0][:, None, :, :]                # (B, I, J, d)
-    both_neg = bits_i[1][:, :, None, :] + bits_j[1][:, None, :, :]                # (B, I, J, d)
-    return torch.logaddexp(both_pos, both_neg).sum(dim=-1)                         # (B, I, J)
-
-
-def _soft_bits(u, tau):
-    """log s and log (1 - s) of the soft bits s = sigmoid(4 u / tau): (B, N, d) each, float32."""
-    a = 4.0 * u.float() / tau                                                       # bit logits (B, N, d)
-    return F.logsigmoid(a), F.logsigmoid(-a)
-
-
-def code_collision(u, tau):
-    """The probability that two tokens draw the same code, for every pair of tokens of an image: (B, N, d) -> (B, N, N).
-
-    LFQ's code distribution factorises over bits (lfq.py): p(c | u_i) = prod_b p_ib(c_b) with
-    p_ib(+1) = s_ib = sigmoid(4 u_ib / tau), p_ib(-1) = 1 - s_ib. Two tokens draw their codes independently, so
-
-        k_ij = P(c_i = c_j) = sum_c p(c | u_i) p(c | u_j) = prod_b sum_{c_b in +-1} p_ib(c_b) p_jb(c_b)
-             = prod_b [s_ib s_jb + (1 - s_ib)(1 - s_jb)]
-
-    (the sum over 2^d codes of a product of per-bit factors is the product of per-bit sums): O(N^2 d), no code is
-    ever enumerated. In log space, with log s = logsigmoid(a) and log(1 - s) = logsigmoid(-a), a = 4 u / tau,
-
-        log k_ij = sum_b logaddexp(log s_ib + log s_jb, log(1 - s_ib) + log(1 - s_jb)),
-
-    nothing underflows as tau -> 0 and no 1 - s loses its digits (hard bits: log k = 0 for equal codes, about
-    -min(|a_ib|, |a_jb|) per differing bit). float32, autocast off. Memory: two (B, N, N, d) tables - the losses
-    (group_constraints) never build them whole, they take k_ij a block of rows at a time.
-    """
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        bits = _soft_bits(u, tau)
-        return _log_collision(bits, bits).exp()                                     # (B, N, N)
-
-
-# The collision tables of one block of rows, (B, rows, N, d), hold at most this many elements (64 MB in float32).
-# At the paper's sizes (32 images per GPU, N = 1024, d = 18) the whole table would be 2.4 GB, and forward and
-# backward keep several of them (about 7 GB and 10-15 GB); in blocks of 28 rows each block's tables are recomputed
-# in the backward pass (activation checkpointing), so the loss needs about COLLISION_TABLES blocks at any time.
-COLLISION_CHUNK_ELEMENTS = 2 ** 24
-COLLISION_TABLES = 6                 # tables of one block alive at once (2 sums and the logaddexp, their gradients)
-
-
-def collision_rows(B, N, d, chunk_elements=COLLISION_CHUNK_ELEMENTS):
-    """Rows i of k_ij taken at once: the (B, rows, N, d) tables stay within chunk_elements (at least one row)."""
-    return max(1, min(N, chunk_elements // max(1, B * N * d)))
-
-
-def collision_memory(B, N, d, chunk_elements=COLLISION_CHUNK_ELEMENTS):
-    """Bytes group_constraints needs at most (B images of N tokens, d bits): COLLISION_TABLES float32 tables of
-    one block of rows. For the memory estimate of train_stage1.py."""
-    return COLLISION_TABLES * 4 * B * collision_rows(B, N, d, chunk_elements) * N * d
-
-
-def _block_pair_sums(log_s, log_not_s, source, start, rows):
-    """Sums of k_ij over rows i = start .. start + rows - 1 against all N columns: (sum over pairs i != j in one
-    group, sum over pairs in different groups), float32 0-dim tensors. log_s, log_not_s (B, N, d), source (B, N)."""
-    stop = min(start + rows, log_s.shape[1])
-    k = _log_collision((log_s[:, start:stop], log_not_s[:, start:stop]), (log_s, log_not_s)).exp()   # (B, I, N)
-    same = source[:, start:stop, None] == source[:, None, :]                        # (B, I, N) one group
-    i = torch.arange(start, stop, device=source.device)
-    other = i[:, None] != torch.arange(source.shape[1], device=source.device)[None, :]   # (I, N) i != j
-    return (k * (same & other)).sum(), (k * ~same).sum()
-
-
-def group_constraints(u, source, tau, chunk_elements=COLLISION_CHUNK_ELEMENTS):
-    """(ii) Group-wise constraints on the discrete branch, from k_ij (code_collision) and the merge groups g(i):
-
-        L_intra = mean of k_ij over ordered pairs i != j with g(i) = g(j)     intra-group diversity: members of a
-                  group may share most bits, not all
-        L_exc   = mean of k_ij over ordered pairs with g(i) != g(j)           inter-group exclusivity: different
-                  groups should not draw the same code
-
-    Pairs are taken inside each image and pooled over the batch (this process's share under torchrun). A batch
-    without such pairs (every group a single token, or a single group) gives 0 for that term.
-    u (B, N, d) per-token latents, source (B, N) -> (L_intra, L_exc), float32 scalars.
-
-    Memory: k_ij is summed a block of rows at a time (collision_rows: the block's (B, rows, N, d) tables within
-    chunk_elements); with more than one block and gradients on, each block is recomputed in the backward pass
-    (torch.utils.checkpoint) instead of kept, so no (B, N, N, d) table is ever whole.
-    """
-    if source.shape != u.shape[:2]:
-        raise ValueError(f"group_constraints: source {tuple(source.shape)} does not fit latents {tuple(u.shape)}")
-    B, N, d = u.shape
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        bits = _soft_bits(u, tau)                                                   # 2 x (B, N, d)
-        rows = collision_rows(B, N, d, chunk_elements)
-        recompute = rows < N and torch.is_grad_enabled() and u.requires_grad
-        sums = []
-        for start in range(0, N, rows):
-            args = (bits[0], bits[1], source, start, rows)
-            sums.append(checkpoint(_block_pair_sums, *args, use_reentrant=False) if recompute
-                        else _block_pair_sums(*args))
-        intra_sum, inter_sum = (torch.stack(t).sum() for t in zip(*sums))
-    sizes = torch.zeros(B, N, dtype=torch.long, device=u.device).scatter_add_(1, source, torch.ones_like(source))
-    same_pairs = sizes.pow(2).sum()                                     # ordered pairs in one group, i = j too
-    intra_pairs, inter_pairs = same_pairs - B * N, B * N * N - same_pairs
-    return intra_sum / intra_pairs.clamp_min(1), inter_sum / inter_pairs.clamp_min(1)
-
-
-def mergetok_terms(out, cfg, sem_teacher=None):
-    """MergeTok's own named terms from its MergeTokOutput: kl, sem ((i)), intra and exc ((ii)), unweighted. A term
-    whose weight is 0 is still computed, without a graph, so a run with it switched off logs what it would be.
-    sem_teacher: DINOv2 patch features on the token grid (B, N, D') for sem_target 'dinov2', else None."""
-    enc = out.enc
-    terms = {"kl": gaussian_kl(enc.mu, enc.logvar)}
-    grad = torch.is_grad_enabled()
-    with torch.set_grad_enabled(grad and cfg.w_sem > 0):
-        if sem_teacher is None:
-            terms["sem"] = semantic_alignment(enc.mu, enc.source, enc.K)
-        else:
-            terms["sem"] = semantic_alignment_dinov2(out.sem_pred, sem_teacher, enc.source, enc.K, cfg.sem_margin)
-    with torch.set_grad_enabled(grad and (cfg.w_intra > 0 or cfg.w_exc > 0)):
-        terms["intra"], terms["exc"] = group_constraints(enc.u, enc.source, cfg.group_tau)
-    return terms
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The stage-1 objective (Sec. 3, Table A1)
 # ----------------------------------------------------------------------------------------------------------------
 # `cfg` is the training configuration (train_stage1.TrainConfig): the one place where every weight is set.
 #   w_recon, w_perceptual, w_gan, w_lecam, w_commit, w_entropy, w_recovery, w_align   (Table A1)
 #   recon_loss ("l2" | "l1"), gan_loss ("hinge" | "non-saturating"), adaptive_gan_weight, align_loss ("ce" | "kl")
-#   MergeTok: w_kl, w_sem, w_intra, w_exc, group_tau, sem_margin
 
 
-def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_layer=None, sem_teacher=None):
+def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_layer=None, extra=None):
     """The tokenizer's loss of one step. Returns (total, terms): the weighted sum and the unweighted terms by name.
 
       total = w_recon L_rec + w_perceptual LPIPS                                           (reconstruction, "nll")
-            + w_commit ||z - sg(q)||^2 + w_entropy (E[H(p(c|z))] - H(E[p(c|z)]))            (LFQ, Eq. (4))
+            + w_commit ||z - sg(q)||^2                                 (LFQ, Eq. (4); commitment: Appendix A.1)
+            + w_entropy (E[H(p(c|z))] - H(E[p(c|z)]))      (MAGVIT-v2's entropy penalty, Yu et al. 2024, Sec. 3.1)
             + w_recovery CE(recovery logits, source)                                       (Eq. (9))
             + w_align H(P_teacher, P_student)                                              (Eq. (10))
             + lambda w_gan L_G                 lambda = 1, or taming's adaptive weight (then logged as gan_lambda)
-    MergeTok (out has recon_vae) adds its continuous reconstruction to the "nll" and to L_G (the discriminator
-    sees both reconstructions), and its own terms (mergetok_terms):
-            + w_recon L_rec(x_c) + w_perceptual LPIPS(x_c) + w_kl KL + w_sem L_sem + w_intra L_intra + w_exc L_exc
-    x: images; out: the tokenizer's TokenizerOutput (or MergeTokOutput); lpips: the perceptual metric or None (term
-    dropped); disc: the discriminator for a step with the GAN on, else None; align_pair: (student, teacher) CLS
-    features or None; last_layer: the decoder weight the adaptive weight differentiates against; sem_teacher:
-    MergeTok's DINOv2 patch features on the token grid for sem_target 'dinov2'.
+    x: images; out: the tokenizer's TokenizerOutput; lpips: the perceptual metric or None (term dropped); disc: the
+    discriminator for a step with the GAN on, else None; align_pair: (student, teacher) CLS features or None;
+    last_layer: the decoder weight the adaptive weight differentiates against.
+    extra: None for MergeVQ; for MergeTok its mergetok.MergeTokObjective, called once after the terms above: its
+    named terms join `terms`, its reconstruction loss the "nll", its weighted sum the total, and L_G judges its
+    second reconstruction beside out.recon.
     """
     recon, lfq = out.recon.float(), out.enc.lfq
     terms = {"recon": F.mse_loss(recon, x) if cfg.recon_loss == "l2" else F.l1_loss(recon, x)}
     if lpips is not None:
         terms["perceptual"] = lpips(recon, x).mean()
     terms["commit"] = lfq.commitment
-    terms["entropy"] = lfq.per_sample_entropy - lfq.codebook_entropy                   # Eq. (4)'s entropy loss
+    terms["entropy"] = lfq.per_sample_entropy - lfq.codebook_entropy                   # MAGVIT-v2's penalty
     terms["recovery"] = out.recovery_loss                                               # Eq. (9)
     if align_pair is not None:
         align = alignment_loss_ce if cfg.align_loss == "ce" else alignment_loss_kl
@@ -658,17 +494,11 @@ def generator_loss(x, out, cfg, lpips=None, disc=None, align_pair=None, last_lay
     total = (nll + cfg.w_commit * terms["commit"] + cfg.w_entropy * terms["entropy"]
              + cfg.w_recovery * terms["recovery"] + cfg.w_align * terms.get("align", 0.0))
     fakes = recon
-    if getattr(out, "recon_vae", None) is not None:                                    # MergeTok's second branch
-        recon_vae = out.recon_vae.float()
-        terms["recon_vae"] = F.mse_loss(recon_vae, x) if cfg.recon_loss == "l2" else F.l1_loss(recon_vae, x)
-        if lpips is not None:
-            terms["perceptual_vae"] = lpips(recon_vae, x).mean()
-        terms.update(mergetok_terms(out, cfg, sem_teacher))
-        nll_vae = cfg.w_recon * terms["recon_vae"] + cfg.w_perceptual * terms.get("perceptual_vae", 0.0)
-        nll = nll + nll_vae
-        total = (total + nll_vae + cfg.w_kl * terms["kl"] + cfg.w_sem * terms["sem"]
-                 + cfg.w_intra * terms["intra"] + cfg.w_exc * terms["exc"])
-        fakes = torch.cat([recon, recon_vae])                                          # (2B, 3, H, W)
+    if extra is not None:                                           # MergeTok's own terms (mergetok.py)
+        extra_terms, extra_nll, extra_total, extra_recon = extra(x, out, lpips)
+        terms.update(extra_terms)
+        nll, total = nll + extra_nll, total + extra_total
+        fakes = torch.cat([recon, extra_recon])                                        # (2B, 3, H, W)
     if disc is not None:
         logits_fake = disc(fakes)
         terms["gan_g"] = hinge_g_loss(logits_fake) if cfg.gan_loss == "hinge" else non_saturating_g_loss(logits_fake)

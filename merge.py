@@ -2,7 +2,7 @@
 
 Implements (paper Sec. 3.1-3.3, Appendix A.1 and A.3; ToMe, Bolya et al. 2023):
   - bipartite soft matching (A = even tokens, B = odd tokens, cosine scores, the r best edges merge)  Eq. (7)
-  - the size-weighted average of merged tokens and the proportional-attention bias log(size)          Eq. (14)
+  - the size-weighted average of merged tokens (A.1) and the proportional-attention bias log(size)     Eq. (14)
   - the source matrix that records which original tokens every merged token holds                     Eq. (2)
   - token recovery: x_full = source^T @ z                                                            Eq. (5), (11)
   - the group mean of original tokens per merged token (source @ x / size; MergeTok's groups, mergetok.py)
@@ -164,7 +164,9 @@ def matrix_to_source(matrix):
 
 
 def recover(z, source):
-    """Token recovery, Eq. (11): x_full = source_matrix^T z, i.e. x_full[:, j] = z[:, source[:, j]].
+    """Token recovery, Eq. (11): x_full = source_matrix^T z, i.e. x_full[:, j] = z[:, source[:, j]]: a gather
+    that reads a source, the encoder's or the one the Source Recovery Model (recovery.py) predicts. Its output on
+    codes are the "recovered codes" (codes_table.gather_codes; RandAR's --tokens grid runs over them).
 
     z: (B, K, C) merged tokens; source: (B, N) int64 index map with values in [0, K). Returns (B, N, C).
     """

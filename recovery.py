@@ -16,6 +16,7 @@ The source is merge.py's index map (B, N): source[b, j] = the merged token holdi
 column-wise argmax of the paper's K x N source matrix). The predicted source is the argmax of the logits, with
 every anchor's own position given to its token (a_k is held by k by definition): the same (B, N) map, usable
 wherever the true source is. Any K <= N works, in any order of the K tokens: the model reads (code, anchor) pairs.
+Token recovery itself, Eq. (11)'s gather of the merged tokens to the N positions by a source, is merge.recover.
 
 The anchors are our addition (the paper is silent, the authors' release ships an untrained stub): without a
 position, two merged tokens with the same code are indistinguishable cluster centres, and a token's place in the

@@ -7,9 +7,9 @@
       -> K merged indices (B, K), the source (B, N): the merged token holding each original token, i.e. the
          column-wise argmax of the paper's K x N source matrix (merge.py), the CLS feature (alignment head, Eq. (10))
       -> recovery of the N tokens: x_full[:, j] = z_q[:, source[:, j]]  (true source, or one predicted by
-         recovery.py)                                                                                  Eq. (11)
+         recovery.py)                                                                             Eq. (5), (11)
       -> decoder: conv_in, attention blocks with MixFFN and a depthwise-conv position term, CNN upsampling with
-         adaptive GroupNorm conditioned on the quantized latent, depth-to-space upsampling -> image
+         adaptive GroupNorm conditioned on the quantized latent, depth-to-space upsampling -> image   Eq. (6)
 
 Variants (Table A1):  g  - CNN [1,2,4,8], 32x32 = 1024 tokens, K 256   (encoder 62.3M, decoder 82.8M)
                       gr - CNN [1,1,2,4,8], 16x16 = 256 tokens, K 144  (encoder 62.7M, decoder 83.4M)
@@ -406,7 +406,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, d, h, w) quantized latent grid (all N tokens, after recovery) -> image (B, 3, H, W)."""
+    """Eq. (6), the decoder: (B, d, h, w) quantized latent grid (all N tokens, after recovery) -> image (B, 3, H, W)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -531,14 +531,14 @@ class MergeVQTokenizer(nn.Module):
             if anchors is None:
                 raise ValueError("decoding without a source needs the merged tokens' anchors (B, K): the Source "
                                  "Recovery Model places each token at its anchor")
-            source = self.recovery.predict_source(z_q, anchors)
+            source = self.recovery.predict_source(z_q, anchors)                   # the Source Recovery Model
         if source.shape != (z_q.shape[0], self.cfg.num_tokens):
             raise ValueError(f"source {tuple(source.shape)} does not fit {z_q.shape[0]} images of "
                              f"N={self.cfg.num_tokens} tokens: expected ({z_q.shape[0]}, {self.cfg.num_tokens})")
         z_full = recover(z_q, source)                                              # Eq. (11): (B, N, d)
         g = self.cfg.grid
         z_full = z_full.transpose(1, 2).reshape(z_q.shape[0], -1, g, g)            # (B, d, g, g)
-        return self.decoder(z_full)
+        return self.decoder(z_full)                                                # Eq. (6): (B, 3, H, W)
 
     def decode(self, indices, source=None, anchors=None):
         """Merged indices (B, K) + a source (true or predicted; None: predicted from the codes and their anchors

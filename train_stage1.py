@@ -2,9 +2,10 @@
 
 One script for one process or many (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): nccl on GPUs, gloo on the CPU.
 The loop below follows the paper's training: a kept count K per step (Appendix A.3, Eq. (15)-(16)), the
-tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, LFQ's commitment and entropy (Eq. (4)), the
-source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2 teacher (Eq. (10)), the PatchGAN
-generator loss) and the discriminator's (losses.discriminator_loss: hinge + LeCam), EMA weights, atomic checkpoints.
+tokenizer's objective (losses.generator_loss: reconstruction, LPIPS, the commitment of LFQ (Eq. (4)) and
+MAGVIT-v2's entropy penalty, the source recovery cross-entropy (Eq. (9)), the global alignment to a frozen DINOv2
+teacher (Eq. (10)), the PatchGAN generator loss) and the discriminator's (losses.discriminator_loss: hinge +
+LeCam), EMA weights, atomic checkpoints.
 Without pretrained weights (VGG16 + LPIPS, DINOv2) the terms that need them are dropped, loudly.
 `--variant mergetok` trains MergeTok (arXiv 2605.30904; mergetok.py) with the same loop: both of its
 reconstructions get the reconstruction, perceptual and GAN losses, plus its KL, (i) semantic alignment and
@@ -45,8 +46,10 @@ from torch.utils.data import DataLoader
 import common
 import data as data_lib
 import losses
+import mergetok
 from merge import KeptTokenSampler
 from lfq import CodebookUsage
+from resources import check_stage1 as check_resources, stage1_memory as memory_estimate  # noqa: F401
 from tokenizer import ALL_VARIANTS, build_tokenizer, count_parameters, get_config
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,8 +104,9 @@ TRAIN_PRESETS = {
         "gr": TrainConfig(w_align=1.0),
         "r": TrainConfig(epochs=300, lr_schedule="cosine", w_recovery=1.0, w_align=1.0),
     },
-    # tiny: about 13 minutes on 2 CPU cores (the README quick start), the paper's losses at settings measured to learn
-    # in that budget (held-out PSNR at K = 64 after 250 steps, one process; the figures are in the README):
+    # tiny: the README's quick start on 2 CPU cores, the paper's losses at settings measured to learn in its budget
+    # (held-out PSNR at K = 64 after 250 steps, one process, on the 64-px 18-bit tiny preset of commit 6fbf62d, whose
+    # README gave these figures; today's preset, 32 px and d = 10, keeps the settings):
     #  - no discriminator (disc_start past the end): without pretrained LPIPS there is no perceptual loss, and the
     #    PatchGAN cost 40% of the step time and 1-2 dB (a fixed 0.8 weight wrecked the decoder: MSE 0.17 -> 0.51);
     #    its 40% buys 1000 steps instead of 600 in the same time;
@@ -299,52 +303,8 @@ def build_tokenizer_config(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resources: a run that cannot fit stops before it starts
+# Resources: a run that cannot fit stops before it starts (the memory estimate: resources.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-# Activation memory of one training image (forward + backward, fp32), per input pixel, for the paper's G (width 64):
-# measured on the CPU, 31 KB at 128 px and 39 KB at 64 px; scaled by the CNN width for other configs.
-ACTIVATION_BYTES_PER_PIXEL = 32e3
-# What autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks, distinct storages, the paper presets at
-# 128 px, the difference between 2 images and 1): G 41.7 KB per pixel in float32, 21.7 KB under bf16 autocast;
-# MergeTok 67.4 and 35.2 KB (its decoder runs on both branches). Hence these factors on the figure above.
-BF16_ACTIVATION_FACTOR = 0.52
-MERGETOK_ACTIVATION_FACTOR = 1.62
-
-
-def memory_estimate(variant, tok_cfg, local_batch, amp, n_params):
-    """Bytes one process needs, by part: "weights" (weights, gradients, Adam moments and EMA in fp32: 20 bytes per
-    parameter), "activations" (what the forward keeps for backward, scaled from the measured G figure above) and,
-    for MergeTok, "collision" (its code-collision blocks, losses.collision_memory)."""
-    per_pixel = ACTIVATION_BYTES_PER_PIXEL * tok_cfg.ch / 64 * (BF16_ACTIVATION_FACTOR if amp == "bf16" else 1.0)
-    parts = {"weights": 5 * 4 * n_params, "activations": local_batch * tok_cfg.image_size ** 2 * per_pixel}
-    if variant == "mergetok":
-        parts["activations"] *= MERGETOK_ACTIVATION_FACTOR
-        parts["collision"] = losses.collision_memory(local_batch, tok_cfg.num_tokens, tok_cfg.z_channels)
-    return parts
-
-
-def check_resources(args, cfg, tok_cfg, world, device, n_params, amp):
-    """Print the memory estimate of a run (memory_estimate); stop with one line when there is no GPU for the paper
-    preset or the estimate exceeds what the machine has."""
-    local_batch = cfg.batch_size // world
-    parts = memory_estimate(args.variant, tok_cfg, local_batch, amp, n_params)
-    need, have = sum(parts.values()), common.memory_available(device)
-    names = {"weights": "weights, gradients, Adam and EMA (fp32)",
-             "activations": f"activations (batch {local_batch} of {tok_cfg.image_size} px, {amp})",
-             "collision": "MergeTok's code-collision blocks"}
-    terms = " + ".join(f"{common.format_bytes(v)} {names[k]}" for k, v in parts.items())
-    common.rank0_print(f"memory estimate per process: {terms} = {common.format_bytes(need)}; {device} has "
-                       f"{common.format_bytes(have)}")
-    problems = []
-    if device.type != "cuda" and args.preset == "paper":
-        problems.append("no GPU: the paper preset trains for weeks even on 8 GPUs")
-    if need > have:
-        problems.append(f"it needs about {need / 2**30:.1f} GB per process (batch {local_batch} of "
-                        f"{tok_cfg.image_size} px), this machine has {have / 2**30:.1f} GB for each")
-    if problems and not args.run_anyway:
-        raise ValueError("; ".join(problems) + ". On a CPU: torchrun --nproc_per_node=2 train_stage1.py --variant "
-                         f"{args.variant} --preset tiny (--run-anyway starts this run regardless)")
 
 
 def default_workers(cfg_workers):
@@ -360,15 +320,15 @@ def default_workers(cfg_workers):
 
 class Stage1Forward(torch.nn.Module):
     """The generator's forward for one step in one module call, so DistributedDataParallel sees every parameter:
-    reconstruction at K kept tokens, and the alignment prediction on the student's view."""
+    reconstruction at K kept tokens, and the alignment prediction on the student's view. noise: the generator
+    MergeTok's posterior samples are drawn from (None for MergeVQ, which draws none)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, noise=None):
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.noise = tokenizer, noise
 
-    def forward(self, x, K, align_view=None, generator=None):
-        noise = {"generator": generator} if generator is not None else {}   # MergeTok's posterior noise
-        out = self.tokenizer(x, K=K, **noise)
+    def forward(self, x, K, align_view=None):
+        out = self.tokenizer(x, K=K) if self.noise is None else self.tokenizer(x, K=K, generator=self.noise)
         pred = self.tokenizer.align(align_view, K=K) if align_view is not None else None
         return out, pred
 
@@ -515,21 +475,15 @@ def train_step(x, K, step, run):
         align_view = data_lib.random_resized_crop(x, cfg.align_size, generator=g)   # on x's device, no copy
         with torch.no_grad():
             align_target = run.teacher(losses.dinov2_preprocess(x, size=cfg.align_size)).float()
-    sem_teacher = None
-    if getattr(run.tok_cfg, "sem_target", None) == "dinov2":
-        # MergeTok's (i) toward DINOv2: the teacher's patch features of the whole image on the token grid
-        with torch.no_grad():
-            sem_teacher = run.teacher.patch_grid(losses.dinov2_preprocess(x, size=cfg.align_size),
-                                                 run.tok_cfg.grid).float()                 # (B, N, 768)
 
     # ---- the tokenizer: the discriminator is frozen, so the generator's loss never reaches it ----------------
     disc.requires_grad_(False)
     with run.autocast():
-        out, pred = run.forward(x, K, align_view, run.noise if run.tok_cfg.variant == "mergetok" else None)
+        out, pred = run.forward(x, K, align_view)
         total, terms = losses.generator_loss(
             x, out, cfg, lpips=run.lpips, disc=disc if gan_on else None,
             align_pair=None if pred is None else (pred.float(), align_target),
-            last_layer=model.decoder.last_layer_weight(), sem_teacher=sem_teacher)
+            last_layer=model.decoder.last_layer_weight(), extra=run.extra)
     disc.requires_grad_(True)
     terms["batch_usage"] = batch_usage(out.enc.indices, run.tok_cfg.z_channels)
     common.check_finite(terms, step)
@@ -542,7 +496,7 @@ def train_step(x, K, step, run):
     # ---- the discriminator on detached reconstructions: its loss never reaches the tokenizer -----------------
     if gan_on:
         with run.autocast():
-            fakes = out.recon if getattr(out, "recon_vae", None) is None else torch.cat([out.recon, out.recon_vae])
+            fakes = out.recon if run.extra is None else torch.cat([out.recon, run.extra.fakes(out)])
             d_total, d_terms, logits = losses.discriminator_loss(run.disc_ddp, x, fakes.detach().float(),
                                                                  run.lecam, cfg)
         common.check_finite(d_terms, step)
@@ -598,15 +552,17 @@ def setup(args, rank, world, device):
     # draws random numbers (a new DataLoader iterator at a resume) shifts it
     run.noise = torch.Generator(device).manual_seed(args.seed * world + rank)
     run.lpips, run.teacher = load_pretrained(args, model, run.ema, device)
+    # The fourth variant's one hook: MergeTok's own terms and second reconstruction (mergetok.py), which the step
+    # hands to losses.generator_loss, and its posterior noise; None and no noise for MergeVQ (G, G+R, R)
+    run.extra = mergetok.MergeTokObjective(cfg, tok_cfg, run.teacher) if args.variant == "mergetok" else None
 
     ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    run.forward = Stage1Forward(model)
+    run.forward = Stage1Forward(model, noise=None if run.extra is None else run.noise)
     run.disc_ddp = run.disc
     if world > 1:
         # Without a teacher the alignment head takes no part in the loss.
         # MergeTok's DINOv2 projection is unused with --sem-weight 0.
-        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None or args.variant == "mergetok",
-                          **ddp)
+        run.forward = DDP(run.forward, find_unused_parameters=run.teacher is None or run.extra is not None, **ddp)
         run.disc_ddp = DDP(run.disc, **ddp)
     run.opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     run.opt_d = torch.optim.AdamW(run.disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

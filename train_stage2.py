@@ -13,11 +13,14 @@ The subcommands, in the order a run uses them:
                                built from code equality (--rep codes, the mask decoding mirrors) or from the true
                                source (--rep source, the paper's training reading), window W = one grid row unless
                                --window; K drawn per image among the extracted counts with the tokenizer's
-                               weights (Eq. (15) / (16)). Both defaults are measured (README, "Stage 2").
+                               weights (Eq. (15) / (16)). Both defaults were measured on the 18-bit preset of
+                               commit 0786991 (docs/stage2_cpu.md, "The previous recipe").
            Both models see the same sequence: the N recovered codes, recovered[j] = indices[source[j]] (Eq. (11)),
            so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
              --model randar    RandAR (Sec. 4.2, randar.py) on the K merged tokens of the target K, one random
-                               order per image (drawn from (seed, step), like K); no source is modelled.
+                               order per image (drawn from (seed, step), like K); no source is modelled (the Source
+                               Recovery Model predicts it). --tokens grid: RandAR over all N grid cells instead, each
+                               holding its recovered code (Table 3's baseline row; no Source Recovery Model).
   sample   Class-conditional samples of a trained generator, decoded by the tokenizer: a PNG grid (one row per
            class) and an ADM-format .npz (`arr_0` uint8 N x H x W x 3, `labels`) for `evaluate.py fid` or
            `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count K (--keep); RandAR decodes
@@ -81,6 +84,7 @@ from torch.utils.data import DataLoader
 
 import common
 import data as data_lib
+from resources import check_stage2 as check_memory                 # the memory estimate (resources.py)
 from codes_table import (check_codes_fit, check_tokenizer_identity, codes_hash, codes_identity, gather_codes,
                          merged_codes, read_codes, tokenizer_hash)
 from merge import KeptTokenSampler
@@ -230,7 +234,7 @@ def run_extract(args):
     source = {K: torch.empty(M, N, dtype=torch.int16) for K in Ks}         # values < K <= N
     labels = torch.empty(M, dtype=torch.int64)
     # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
-    # groups share a code: how often (README, "Stage 2"), summed batch by batch (no pass over the whole table)
+    # groups share a code: how often (docs/stage2_cpu.md), summed batch by batch (no pass over the whole table)
     disagreement = {K: torch.zeros(3, dtype=torch.float64) for K in Ks}
     amp = args.amp or common.default_amp(device)
     workers = common.loader_workers(args.workers, device)
@@ -347,76 +351,6 @@ def optimizer_groups(model, weight_decay):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Activation memory of GPT training, measured on the CPU with torch.autograd.graph.saved_tensors_hooks (the distinct
-# storages autograd keeps for backward; GPT-L's width, the differences between 1 and 2 blocks and between batches of
-# 2 and 4 sequences, at 64 and 144 positions alike): a block keeps 60 bytes per unit of width D and position under
-# bf16 autocast (100 in float32) - at 128 sequences of 257 positions GPT-L's 24 blocks keep 47 GB; the heads per
-# predicted position: plain 78 KB at 16384 codes (about 5 bytes per code), factorized 281 KB (its two intra-token
-# blocks on two slots, 4 x 60 D, and about 10 bytes per pre and post logit).
-BLOCK_BYTES_PER_WIDTH = {"bf16": 60, "none": 100}
-HEAD_BYTES_PER_LOGIT = {False: 5, True: 10}                  # plain, factorized
-
-
-def positions(kind, tokens, N, K):
-    """(positions the main stack runs on, positions the heads predict) of one training sequence."""
-    if kind == "randar":
-        L = N if tokens == "recovered" else K
-        return 1 + 2 * L, L                                      # [C, P_0, X_0, ..., P_{L-1}, X_{L-1}]
-    return (N + 1 if kind == "mergear" else N), N                # [C, M, x_0 .. x_{N-2}] or [C, x_0 .. x_{N-2}]
-
-
-def memory_estimate(c, kind, T, predicted, micro_batch, amp, world, checkpointed, n_params):
-    """Bytes one process needs to train, by part: "weights" (fp32 weights, gradients and the two AdamW moments;
-    bf16 copies under autocast; DDP's gradient buckets), "activations" (what one micro-batch keeps for backward:
-    the blocks, BLOCK_BYTES_PER_WIDTH, or with activation checkpointing each block's float32 input and one block
-    recomputed; the heads, HEAD_BYTES_PER_LOGIT) and for MergeAR "mask" (the (B, T, T) boolean mask, and per kept
-    block the 2-byte additive bias a GPU attention kernel makes of it and keeps for backward). c: the GPTConfig."""
-    D, w = c.dim, BLOCK_BYTES_PER_WIDTH[amp]
-    block = T * w * D                                                      # one block, one sequence
-    kept_blocks = 1 if checkpointed else c.n_layer
-    if c.factorized:
-        logits = 2 ** c.pre_bits + c.vocab_size // 2 ** c.pre_bits        # pre and post logits per position
-        head = predicted * (4 * w * D + HEAD_BYTES_PER_LOGIT[True] * logits)
-    else:
-        head = predicted * HEAD_BYTES_PER_LOGIT[False] * c.vocab_size
-    inputs = T * 4 * D * c.n_layer if checkpointed else 0                 # each block's input, float32
-    parts = {"weights": n_params * (16 + (2 if amp == "bf16" else 0) + (4 if world > 1 else 0)),
-             "activations": micro_batch * (kept_blocks * block + inputs + head)}
-    if kind == "mergear":
-        parts["mask"] = micro_batch * T * T * (1 + 2 * kept_blocks)
-    return parts
-
-
-def check_memory(args, run, device):
-    """Print the memory estimate of the run (memory_estimate) on rank 0; stop with one line, naming a --grad-accum
-    that fits, when it exceeds what the device has (--run-anyway starts regardless)."""
-    N, c = run.table["source"][int(run.Ks[0])].shape[1], run.model.cfg
-    T, predicted = positions(args.model, args.tokens, N, run.K)
-    local = run.cfg.batch_size // run.world
-
-    def need(A, checkpointed):
-        return memory_estimate(c, args.model, T, predicted, local // A, run.amp, run.world, checkpointed,
-                               count_parameters(run.model))
-
-    parts, have = need(run.grad_accum, args.checkpoint_activations), common.memory_available(device)
-    names = {"weights": "weights, gradients and AdamW", "mask": "MergeAR's masks",
-             "activations": f"activations ({local // run.grad_accum} sequences of {T} positions per micro-batch, "
-                            f"{run.amp}{', checkpointed' if args.checkpoint_activations else ''})"}
-    terms = " + ".join(f"{common.format_bytes(v)} {names[k]}" for k, v in parts.items())
-    common.rank0_print(f"memory estimate per process: {terms} = {common.format_bytes(sum(parts.values()))}; {device} "
-                       f"has {common.format_bytes(have)}")
-    if sum(parts.values()) <= have or args.run_anyway:
-        return
-    fits = [A for A in range(run.grad_accum, local + 1) if local % A == 0
-            and sum(need(A, args.checkpoint_activations).values()) <= have]
-    hint = (f"--grad-accum {fits[0]} (micro-batches of {local // fits[0]}, the same global batch)" if fits else
-            "a smaller --batch-size or GPT")
-    if not args.checkpoint_activations and sum(need(run.grad_accum, True).values()) <= have:
-        hint += " or --checkpoint-activations"
-    raise ValueError(f"the run needs about {common.format_bytes(sum(parts.values()))} per process, {device} has "
-                     f"{common.format_bytes(have)}: use {hint} (--run-anyway starts it regardless)")
-
-
 def build_train_config(args):
     cfg = TRAIN_PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in ["gpt", "steps", "epochs", "batch_size", "lr", "label_smoothing",
@@ -445,7 +379,7 @@ def read_resume(path, args, cfg, codes, mmap=False):
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
     diff = common.config_mismatch({**saved, "rep": ckpt.get("rep"), "window": ckpt.get("window"),
                                    "keep": ckpt.get("keep"), "seed": ckpt.get("seed"),
-                                   "tokens": ckpt.get("tokens", "merged")},
+                                   "tokens": tokens_choice(ckpt.get("tokens", "merged"))},
                                   {**now, "rep": args.rep, "window": args.window, "keep": args.keep,
                                    "seed": args.seed, "tokens": args.tokens})
     if diff:
@@ -575,7 +509,7 @@ def train_step(rows, step, run, device):
     micro-batch's forward: a stop request ends a long step after one micro-batch, not after all of them."""
     K = draw_K(run.Ks, run.K_probs, step, run.seed, run.cfg.batch_size, run.rank, run.world)   # (b,)
     labels, order, cells = run.table["labels"][rows], None, torch.empty(0)
-    if run.kind == "randar" and run.tokens == "recovered":                 # Table 3's baseline: the N grid cells
+    if run.kind == "randar" and run.tokens == "grid":                      # Table 3's baseline: the N grid cells
         codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
         cells = torch.arange(codes.shape[1]).expand_as(codes)               # (b, N): code j at cell j
         order = draw_orders(codes.shape[1], step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)
@@ -686,7 +620,7 @@ def randar_K(ckpt):
 
 
 def randar_length(ckpt):
-    """The tokens a RandAR checkpoint generates: its K merged tokens, or (--tokens recovered) the N grid cells."""
+    """The tokens a RandAR checkpoint generates: its K merged tokens, or (--tokens grid) the N grid cells."""
     return randar_K(ckpt) if ckpt.get("tokens", "merged") == "merged" else int(ckpt["gpt_config"]["block_size"])
 
 
@@ -704,7 +638,7 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
     llamagen / mergear generate the N recovered codes in raster order and decode them position by position (the
     identity source). randar generates the K merged tokens in --num-steps parallel steps; the Source Recovery Model
     predicts their source from them and their generated anchors, Eq. (11) recovers N tokens, and the decoder runs
-    (Sec. 4.2). randar on the recovered codes (tokens="recovered") generates the N codes of the grid cells in random
+    (Sec. 4.2). randar over the grid (tokens="grid") generates the N recovered codes of the grid cells in random
     order and decodes them in place."""
     N = tok.cfg.num_tokens
     sampling = dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
@@ -798,7 +732,7 @@ def run_sample(args):
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"sample | {kind} step {ckpt.get('step')} | {len(labels)} images ({args.num_per_class} per class) | cfg "
           f"{args.cfg} ({args.cfg_schedule}) temperature {args.temperature} top-k {args.top_k} top-p {args.top_p}"
-          + (f" | N={K}" if kind == "randar" and tokens == "recovered" else f" | K={K}" if kind != "llamagen" else "")
+          + (f" | N={K}" if kind == "randar" and tokens != "merged" else f" | K={K}" if kind != "llamagen" else "")
           + (f" in {args.num_steps} steps, source predicted" if kind == "randar" and tokens == "merged" else
              f" recovered codes in {args.num_steps} steps (no source to predict)" if kind == "randar" else "")
           + f" | tokenizer {tok_path}", flush=True)
@@ -944,8 +878,8 @@ def run_finetune_recovery(args):
         raise ValueError(f"{args.ckpt} is a {ckpt['model_kind']} checkpoint: the Source Recovery Model is fine-tuned "
                          f"with a RandAR generator (the raster models need no predicted source)")
     if ckpt.get("tokens", "merged") != "merged":
-        raise ValueError(f"{args.ckpt} is RandAR on the recovered codes (--tokens recovered): it needs no predicted "
-                         f"source; fine-tune the Source Recovery Model with a RandAR of the merged tokens")
+        raise ValueError(f"{args.ckpt} is RandAR over the grid's recovered codes (--tokens grid): it needs no "
+                         f"predicted source; fine-tune the Source Recovery Model with a RandAR of the merged tokens")
     tok_path = args.tokenizer or ckpt["tokenizer"]
     common.refuse_output_over_inputs({"--out": args.out}, {"--tokenizer" if args.tokenizer else
                                                            "the generator's tokenizer": tok_path})
@@ -1049,6 +983,11 @@ def add_extract_args(sub):
     p.set_defaults(func=run_extract)
 
 
+def tokens_choice(value):
+    """--tokens, and the tokens a checkpoint records: "recovered" is the old spelling of "grid"."""
+    return "grid" if value == "recovered" else value
+
+
 def add_train_args(sub):
     p = sub.add_parser("train", help="train a generator on extracted codes (Table A2)")
     p.add_argument("--codes", required=True, help="the file `extract` wrote")
@@ -1077,9 +1016,10 @@ def add_train_args(sub):
                    help="mergear: the Eq. (12) mask from code equality (default: the mask decoding mirrors) or from "
                         "the true source (the paper's training reading)")
     p.add_argument("--window", type=int, default=None, help="mergear: the window W (default: one grid row)")
-    p.add_argument("--tokens", choices=["merged", "recovered"], default="merged",
-                   help="randar: the K merged tokens (Sec. 4.2, decoded through the Source Recovery Model), or "
-                        "Table 3's baseline, the N recovered codes on the grid cells (decoded in place)")
+    p.add_argument("--tokens", type=tokens_choice, choices=["merged", "grid"], default="merged",
+                   help="randar: the K merged tokens (Sec. 4.2, their source predicted by the Source Recovery Model), "
+                        "or grid: Table 3's baseline, all N grid cells, each holding its recovered code (Eq. (11); "
+                        "decoded in place). The old spelling of grid, recovered, is accepted")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
@@ -1273,8 +1213,8 @@ def check_train_folder(args):
 
 
 def train_out_dir(args):
-    recovered = "-recovered" if args.model == "randar" and args.tokens == "recovered" else ""
-    return args.out or os.path.join("runs", f"stage2-{args.model}{recovered}-{args.preset}")
+    grid = "-grid" if args.model == "randar" and args.tokens == "grid" else ""
+    return args.out or os.path.join("runs", f"stage2-{args.model}{grid}-{args.preset}")
 
 
 def main(argv=None):

@@ -39,7 +39,7 @@ small framework operations, the same for both caches, and attention a few percen
 cannot save more than that. At batch 16 the CPU attention streams L keys and values for every row and is a
 large share of the step, so shorter contexts save more than their FLOPs. In the first W + 1 steps MergeAR reads
 more keys than the plain cache: its W + 1 ring slots are always read, masked while empty. The PNG plots the
-entries per step of batch 1, plain vs. MergeAR (the README shows it: bench/mergear_entries.png).
+entries per step of batch 1, plain vs. MergeAR (docs/mergear_decoding.md shows it: bench/mergear_entries.png).
 
 Then what a GPU would see: a memory-traffic model of one decoding step (the weights read once, K and V of every
 key read for every row, bf16) for GPT-L at N = 1024, K = 256 and batch 1 to 256, its crossover batch and a check

@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATORS = {                      # name: (train arguments, what the table calls it)
     "llamagen": (["--model", "llamagen"], "LlamaGen, raster order over the N recovered codes"),
     "mergear": (["--model", "mergear"], "MergeAR, raster order, compacted KV cache"),
-    "randar-recovered": (["--model", "randar", "--tokens", "recovered"],
+    "randar-recovered": (["--model", "randar", "--tokens", "grid"],
                          "RandAR over the N recovered codes (grid cells), decoded in place"),
     "randar": (["--model", "randar"], "RandAR over the K merged tokens, Source Recovery Model"),
 }

@@ -74,18 +74,19 @@ def test_entropy_terms_scale_to_d18_without_materialising():
     assert codebook.item() == pytest.approx(13 * math.log(2), rel=1e-5)
 
 
-def test_straight_through_gradient_is_identity_and_commitment_value():
-    torch.manual_seed(0)
-    lfq = LFQ(dim=18)
-    z = torch.randn(2, 5, 18, requires_grad=True)
-    out = lfq(z)
-    assert torch.equal(out.z_q.detach(), torch.sign(z.detach()))
-    assert torch.equal(out.indices, codes_to_indices(z.detach()))
-    g = torch.randn_like(z)
-    (out.z_q * g).sum().backward()
-    torch.testing.assert_close(z.grad, g)
-    expected = ((z.detach() - torch.sign(z.detach())) ** 2).mean()
-    torch.testing.assert_close(out.commitment, expected)
+def test_straight_through_codes_and_commitment_by_hand():
+    # two tokens of d = 3, written out: codes q = +1 where z > 0, else -1 (z = 0 gives -1)
+    z = torch.tensor([[[0.5, -2.0, 0.0], [-0.75, 1.5, 0.25]]], requires_grad=True)       # (1, 2, 3)
+    out = LFQ(dim=3)(z)
+    assert out.z_q.tolist() == [[[1.0, -1.0, -1.0], [-1.0, 1.0, 1.0]]]
+    assert out.indices.tolist() == [[1, 2 + 4]]                                        # bits 100 and 011, LSB first
+    # (z - q)^2 = 0.25, 1, 1 and 0.0625, 0.25, 0.5625: 3.125 over 6 entries
+    assert out.commitment.item() == pytest.approx(3.125 / 6, rel=1e-7)
+    # q is a constant: d commitment / dz = 2 (z - q) / 6, and the straight-through z_q passes gradients unchanged
+    g = torch.tensor([[[1.0, 2.0, 3.0], [-4.0, 5.0, -6.0]]])
+    (out.commitment + (out.z_q * g).sum()).backward()
+    z_minus_q = torch.tensor([[[-0.5, -1.0, 1.0], [0.25, 0.5, -0.75]]])
+    torch.testing.assert_close(z.grad, z_minus_q / 3 + g)
 
 
 def test_commitment_closed_form():
@@ -95,14 +96,34 @@ def test_commitment_closed_form():
     assert out.indices.tolist() == [15, 15, 15]
 
 
-def test_bf16_autocast():
-    lfq = LFQ()
-    z = torch.randn(2, 16, 18, requires_grad=True)
+def test_bf16_latents_give_the_float64_answers():
+    """Latents computed under bf16 autocast (a Linear's bf16 output) quantize as in float64: the codes and the
+    commitment by hand, the entropy terms and their gradient against the enumeration of all 2^4 codes - every term
+    float32. The latents are multiples of 2^-9, exact in bf16, and small, so p(c | z) is far from one-hot."""
+    a = torch.tensor([[3, -5, 1, 0], [-2, 4, -6, 7], [5, 1, -1, -3]], dtype=torch.float64)   # (3, 4)
+    z = (a / 512).float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = lfq(torch.nn.functional.linear(z, torch.eye(18)))
-    loss = out.per_sample_entropy - out.codebook_entropy + out.commitment
+        h = torch.nn.functional.linear(z, torch.eye(4))                     # (3, 4) bf16, the same values
+        out = LFQ(dim=4)(h)
+    assert h.dtype == torch.bfloat16
+    assert out.commitment.dtype == out.per_sample_entropy.dtype == out.codebook_entropy.dtype == torch.float32
+    assert out.indices.tolist() == [1 + 4, 2 + 8, 1 + 2]                      # the signs' bits, LSB first
+    # every code differs from its latent by 1 - |z| in each channel (z = 0 -> -1 too): mean of (1 - |a| / 512)^2
+    want_commit = (12 - 2 * a.abs().sum() / 512 + (a ** 2).sum() / 512 ** 2) / 12
+    assert out.commitment.item() == pytest.approx(want_commit.item(), rel=1e-6)
+    ps_ref, cb_ref = brute_force_entropies(a / 512, 100.0)
+    assert out.per_sample_entropy.item() == pytest.approx(ps_ref, rel=1e-5)
+    assert out.codebook_entropy.item() == pytest.approx(cb_ref, rel=1e-5)
+    # the gradient of entropy loss + commitment, through the bf16 Linear (so to bf16's 3 digits)
+    (out.per_sample_entropy - out.codebook_entropy + out.commitment).backward()
+    z64 = (a / 512).requires_grad_()
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=4)), dtype=torch.float64)   # (16, 4)
+    p = torch.softmax(2 * z64 @ codes.T * 100.0, dim=-1)                                      # (3, 16)
+    avg = p.mean(0)
+    q = torch.where(z64 > 0, 1.0, -1.0).double()
+    loss = -(p * p.log()).sum(-1).mean() + (avg * avg.log()).sum() + ((z64 - q) ** 2).mean()
     loss.backward()
-    assert torch.isfinite(z.grad).all() and loss.dtype == torch.float32
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-2, atol=1e-4)
 
 
 def test_entropy_is_float32_under_bf16_autocast():

@@ -123,6 +123,28 @@ def test_size_sums_to_N_and_source_partitions():
     assert torch.equal(matrix_to_source(matrix), source)
 
 
+def test_multi_layer_merge_is_the_mean_of_each_groups_original_tokens():
+    """ToMe's size-weighted average over several layers: every final merged token is the plain mean of the original
+    tokens its group holds (read off the source, averaged here by a loop), and its size is their count. A merge that
+    averages merged tokens without their sizes gives a token of 1 + 2 originals the weights 1/2, 1/4, 1/4."""
+    torch.manual_seed(4)
+    B, N, C, K = 2, 64, 6, 10
+    x0 = torch.randn(B, N, C)                                              # the original tokens
+    x, size, source = x0, None, None
+    for r in merge_schedule(N, K, 6):
+        merge, _ = bipartite_soft_matching(x, r)                           # the tokens are their own metric
+        source = track_source(merge, source)
+        x, size = merge_wavg(merge, x, size)
+    assert x.shape == (B, K, C)
+    for b in range(B):
+        for k in range(K):
+            members = [j for j in range(N) if source[b, j] == k]
+            torch.testing.assert_close(x[b, k], x0[b, members].mean(dim=0))
+            assert size[b, k, 0].item() == len(members)
+    # the check has teeth: some group grew from merged tokens of unequal sizes (an odd size above 1)
+    assert any(s % 2 == 1 and s > 1 for s in size[..., 0].flatten().tolist())
+
+
 def test_recover_after_merge_is_exact_on_group_constant_input():
     torch.manual_seed(1)
     B, N, C, K = 2, 100, 8, 12

@@ -1,4 +1,4 @@
-"""MergeTok (mergetok.py, losses.py's MergeTok terms): the code collision probability k_ij against a brute-force
+"""MergeTok (mergetok.py: the model and its losses): the code collision probability k_ij against a brute-force
 enumeration of both tokens' code distributions, the group constraints' closed-form values (disjoint hard codes:
 exclusivity 0; a group sharing one hard code: collision 1), their invariance to relabelling the groups, finite
 gradients as tau -> 0, the semantic alignment and KL closed forms, the model's merged latents, one training step,
@@ -17,6 +17,7 @@ from PIL import Image
 import data as data_lib
 import evaluate as E
 import losses
+import mergetok
 import train_stage1
 import train_stage2
 from common import save_checkpoint
@@ -49,7 +50,7 @@ def test_code_collision_equals_brute_force_enumeration(d, tau):
     g = torch.Generator().manual_seed(d)
     u = torch.randn(2, 5, d, generator=g) * 0.5                              # 2 images of 5 tokens
     u[1, 3] = u[1, 1]                                                         # two tokens with one latent
-    k = losses.code_collision(u, tau)                                          # (2, 5, 5)
+    k = mergetok.code_collision(u, tau)                                        # (2, 5, 5)
     for b in range(2):
         torch.testing.assert_close(k[b].double(), brute_force_collision(u[b], tau), rtol=1e-5, atol=1e-7)
     assert torch.allclose(k, k.transpose(1, 2))                                # k_ij = k_ji
@@ -65,13 +66,13 @@ def test_disjoint_hard_codes_give_zero_exclusivity_and_shared_codes_full_collisi
     # groups {0, 1, 2} -> code 5, {3, 4} -> code 9, {5} -> code 12: every group one code, no code in two groups
     source = torch.tensor([[0, 0, 0, 1, 1, 2]])
     u = hard_latents([5, 5, 5, 9, 9, 12], d=4)
-    intra, exc = losses.group_constraints(u, source, tau=0.01)                # 4 u / tau = +-400: hard bits
+    intra, exc = mergetok.group_constraints(u, source, tau=0.01)              # 4 u / tau = +-400: hard bits
     assert exc.item() == 0.0
     assert intra.item() == 1.0                                                 # every pair in a group collides
     # group 0 shares one code (its 3 x 2 = 6 ordered pairs collide), group 1's two members differ (2 pairs, none):
     # intra = 6 / 8. Group 2 has group 0's code: 2 x 3 ordered pairs across groups collide, of 36 - 9 - 4 - 1 = 22
     u = hard_latents([5, 5, 5, 9, 10, 5], d=4)
-    intra, exc = losses.group_constraints(u, source, tau=0.01)
+    intra, exc = mergetok.group_constraints(u, source, tau=0.01)
     inter_pairs = 6 * 6 - (9 + 4 + 1)                                          # ordered pairs across groups
     assert intra.item() == pytest.approx(6 / 8, abs=1e-7)
     assert exc.item() == pytest.approx(6 / inter_pairs, abs=1e-7)
@@ -79,8 +80,8 @@ def test_disjoint_hard_codes_give_zero_exclusivity_and_shared_codes_full_collisi
 
 def test_single_member_groups_and_single_group_give_zero():
     u = torch.randn(1, 4, 3)
-    intra, _ = losses.group_constraints(u, torch.arange(4)[None], tau=1.0)    # K = N: no pair inside a group
-    _, exc = losses.group_constraints(u, torch.zeros(1, 4, dtype=torch.long), tau=1.0)   # K = 1: none across
+    intra, _ = mergetok.group_constraints(u, torch.arange(4)[None], tau=1.0)  # K = N: no pair inside a group
+    _, exc = mergetok.group_constraints(u, torch.zeros(1, 4, dtype=torch.long), tau=1.0)  # K = 1: none across
     assert intra.item() == 0.0 and exc.item() == 0.0
 
 
@@ -89,13 +90,14 @@ def test_group_losses_are_invariant_to_permuting_group_labels():
     u = torch.randn(3, 12, 6, generator=g)
     source = torch.randint(0, 5, (3, 12), generator=g)
     perm = torch.tensor([3, 0, 4, 1, 2])                                       # relabel group k as perm[k]
-    a = losses.group_constraints(u, source, 1.0)
-    b = losses.group_constraints(u, perm[source], 1.0)
+    a = mergetok.group_constraints(u, source, 1.0)
+    b = mergetok.group_constraints(u, perm[source], 1.0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
     # (i) too: the groups are what counts, not their names
     mu = torch.randn(3, 12, 4, generator=g)
-    torch.testing.assert_close(losses.semantic_alignment(mu, source, 5), losses.semantic_alignment(mu, perm[source], 5))
+    torch.testing.assert_close(mergetok.semantic_alignment(mu, source, 5),
+                               mergetok.semantic_alignment(mu, perm[source], 5))
 
 
 @pytest.mark.parametrize("tau", [1e-1, 1e-3, 1e-6])
@@ -106,7 +108,7 @@ def test_gradients_stay_finite_as_tau_gets_small(tau):
     u[:, 1] = u[:, 2]                                                          # identical tokens
     u.requires_grad_(True)
     source = torch.randint(0, 4, (2, 16), generator=g)
-    intra, exc = losses.group_constraints(u, source, tau)
+    intra, exc = mergetok.group_constraints(u, source, tau)
     (intra + exc).backward()
     assert torch.isfinite(u.grad).all()
     assert 0.0 <= exc.item() <= 1.0 and 0.0 <= intra.item() <= 1.0
@@ -128,9 +130,9 @@ def test_group_constraints_in_row_blocks_equal_the_pair_sums_written_out():
     want = [sum(k[p] for p in pairs) / len(pairs) for pairs in (intra_pairs, inter_pairs)]
     want_grad = torch.autograd.grad(want[0] + 2 * want[1], u64)[0]
     for chunk in (2 * 10 * 5 * 3, 10 ** 6):                                      # blocks of 3 rows; one block
-        assert losses.collision_rows(2, 10, 5, chunk) == (3 if chunk < 10 ** 6 else 10)
+        assert mergetok.collision_rows(2, 10, 5, chunk) == (3 if chunk < 10 ** 6 else 10)
         x = u.clone().requires_grad_(True)
-        intra, exc = losses.group_constraints(x, source, 0.7, chunk_elements=chunk)
+        intra, exc = mergetok.group_constraints(x, source, 0.7, chunk_elements=chunk)
         (intra + 2 * exc).backward()
         assert intra.item() == pytest.approx(want[0].item(), rel=1e-5)
         assert exc.item() == pytest.approx(want[1].item(), rel=1e-5)
@@ -149,20 +151,20 @@ def test_semantic_alignment_closed_form():
     mu = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 3.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]])
     source = torch.tensor([[0, 0, 1, 2, 2]])
     want = 2 * (1 - 1 / math.sqrt(2)) / 5
-    assert losses.semantic_alignment(mu, source, 3).item() == pytest.approx(want, rel=1e-6)
+    assert mergetok.semantic_alignment(mu, source, 3).item() == pytest.approx(want, rel=1e-6)
     # the group mean is a stop-gradient target c: d/dmu (1 - cos(mu, c)) = -(c / |c| - cos mu / |mu|) / |mu|, at
     # mu = e1, c / |c| = (e1 + e2) / sqrt 2, cos = 1 / sqrt 2: -e2 / sqrt 2, divided by the 5 tokens of the mean
     mu.requires_grad_(True)
-    losses.semantic_alignment(mu, source, 3).backward()
+    mergetok.semantic_alignment(mu, source, 3).backward()
     torch.testing.assert_close(mu.grad[0, 0], torch.tensor([0.0, -1 / math.sqrt(2) / 5, 0.0]), atol=1e-6, rtol=0)
 
 
 def test_gaussian_kl_closed_form():
     mu, logvar = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
-    assert losses.gaussian_kl(mu, logvar).item() == 0.0                         # the prior itself
+    assert mergetok.gaussian_kl(mu, logvar).item() == 0.0                       # the prior itself
     mu[..., 0] = 2.0                                                           # 0.5 * 2^2 per token
     logvar[..., 1] = math.log(4.0)                                             # 0.5 (4 - 1 - ln 4) per token
-    assert losses.gaussian_kl(mu, logvar).item() == pytest.approx(2.0 + 0.5 * (3 - math.log(4.0)), rel=1e-6)
+    assert mergetok.gaussian_kl(mu, logvar).item() == pytest.approx(2.0 + 0.5 * (3 - math.log(4.0)), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def test_gaussian_kl_closed_form():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_tokenizer("mergetok", "tiny", z_channels=18).eval()      # C = d = 18
+    return build_tokenizer("mergetok", "tiny", z_channels=18, image_size=64).eval()   # C = d = 18, N = 256
 
 
 def images(n=2, seed=0):
@@ -262,7 +264,7 @@ def test_mergetok_flags_are_checked(capsys):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A MergeTok checkpoint in train_stage1.py's format (random weights)."""
-    cfg = get_config("mergetok", "tiny", z_channels=18)
+    cfg = get_config("mergetok", "tiny", z_channels=18, image_size=64)                  # N = 256
     torch.manual_seed(0)
     sd = build_tokenizer("mergetok", config=cfg).state_dict()
     path = str(tmp_path_factory.mktemp("mergetok") / "tok.pt")
@@ -304,13 +306,13 @@ def test_semantic_alignment_toward_dinov2_features(tmp_path):
     teacher = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])            # tokens 0, 1 in group 0; 2 in group 1
     source = torch.tensor([[0, 0, 1]])
     pred = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]])                # token 1 orthogonal to its group's
-    assert losses.semantic_alignment_dinov2(pred, teacher, source, 2, margin=0.5).item() == pytest.approx(0.5 / 3)
+    assert mergetok.semantic_alignment_dinov2(pred, teacher, source, 2, margin=0.5).item() == pytest.approx(0.5 / 3)
     # one training step with the teacher's patch features: a small random DINOv2 (width 768, as the projection's)
     args = train_stage1.parse_args(["--variant", "mergetok", "--preset", "tiny", "--batch-size", "2",
-                                    "--sem-target", "dinov2", "--out", str(tmp_path / "o")])
+                                    "--image-size", "64", "--sem-target", "dinov2", "--out", str(tmp_path / "o")])
     run_ = train_stage1.setup(args, 0, 1, torch.device("cpu"))
     torch.manual_seed(0)
-    run_.teacher = losses.DINOv2(depth=1).eval().requires_grad_(False)
+    run_.teacher = run_.extra.teacher = losses.DINOv2(depth=1).eval().requires_grad_(False)
     assert run_.teacher.patch_grid(torch.zeros(1, 3, 56, 56), 16).shape == (1, 256, 768)
     x = torch.stack([ShapesDataset("train", 64)[i][0] for i in range(2)])
     terms = train_stage1.train_step(x, 64, 0, run_)

@@ -452,7 +452,7 @@ def test_unusable_output_paths_and_devices_are_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_sigterm_to_torchrun_saves_and_torchrun_reports_the_signal(tmp_path):
-    """What a scheduler sees (the README says it): the workers end their step, save and exit 0, and torchrun itself,
+    """What a scheduler sees (docs/runs.md says it): the workers end their step, save and exit 0, and torchrun itself,
     once signalled, exits 1 with a SignalException; the checkpoint holds every logged step."""
     out = str(tmp_path / "term")
     proc = subprocess.Popen(["torchrun", "--nproc_per_node=2", "--master_port=29547", SCRIPT, "--variant", "g",
