@@ -346,8 +346,13 @@ class Transformer(nn.Module):
     class_cond "add" (a flag, not the paper's) also adds the class embedding to every code's input: CLASS_COND.
     """
 
+    prefix_len = 1      # tokens before the codes, each on a zero RoPE row: the class token (MergeAR: [C, M])
+
     def __init__(self, cfg):
         super().__init__()
+        if cfg.merge_counts and self.prefix_len == 1:
+            raise ValueError("merge_counts are MergeAR's Merge Instruction rows: build the model with "
+                             "mergear.build_mergear")
         if cfg.class_cond not in CLASS_COND:
             raise ValueError(f"class_cond must be one of {', '.join(CLASS_COND)}, got {cfg.class_cond!r}")
         if cfg.intra_post_input not in INTRA_POST_INPUT:
@@ -377,13 +382,7 @@ class Transformer(nn.Module):
         else:
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-        # MergeAR (below): a Merge Instruction embedding per allowed K; the prefix is [C, M], two zero RoPE rows.
-        self.prefix_len = 1
-        if cfg.merge_counts:
-            if len(set(cfg.merge_counts)) != len(cfg.merge_counts) or min(cfg.merge_counts) < 1:
-                raise ValueError(f"merge_counts must be distinct positive kept counts K, got {cfg.merge_counts}")
-            self.merge_embedding = nn.Embedding(len(cfg.merge_counts), cfg.dim)
-            self.prefix_len = 2
+        self.add_prefix_embeddings(cfg)
 
         grid = math.isqrt(cfg.block_size)
         if grid * grid != cfg.block_size:
@@ -392,6 +391,10 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis_2d(grid, cfg.dim // cfg.n_head, cfg.rope_base,
                                                  cls_token_num=self.prefix_len)
         self.initialize_weights()
+
+    def add_prefix_embeddings(self, cfg):
+        """The embeddings of the prefix tokens after the class token, made here so that `initialize_weights` draws
+        them with every other weight: none for LlamaGen; MergeAR's Merge Instruction table (mergear.py)."""
 
     def initialize_weights(self):
         """Every Linear and Embedding weight ~ N(0, 0.02); LlamaGen's plain head zero (the first logits uniform).
@@ -506,8 +509,6 @@ class Transformer(nn.Module):
         Class labels are dropped to the null class with probability 0.1 in train mode. label_smoothing: Table A2
         says 0.1; LlamaGen's and the MergeVQ release's code use none (0.0, the default here).
         """
-        if self.cfg.merge_counts:
-            raise ValueError("this is a MergeAR model (prefix [C, M]): use mergear_logits / mergear_loss")
         cond = self.cls_embedding(cond_idx, train=self.training)             # (B, 1, D)
         inputs = idx[:, :-1] if self.cfg.factorized else idx                 # (B, T-1)
         h = torch.cat([cond, self.embed_codes(inputs, cond)], dim=1)         # (B, T, D): [class, codes]
@@ -649,7 +650,7 @@ def generate(model, cond, num_tokens, cfg_scale=1.0, cfg_schedule="constant", cf
     if cond.dim() != 1 or cond.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cond must be a 1D tensor of class labels, got {cond.dtype} {tuple(cond.shape)}")
     if model.cfg.merge_counts:
-        raise ValueError("this is a MergeAR model (prefix [C, M]): use generate_mergear")
+        raise ValueError("this is a MergeAR model (prefix [C, M]): use mergear.generate_mergear")
     if not 0 < num_tokens <= model.cfg.block_size:
         raise ValueError(f"num_tokens must lie in [1, block_size = {model.cfg.block_size}], got {num_tokens}")
     was_training = model.training

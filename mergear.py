@@ -59,16 +59,15 @@ Why the compacted cache gives the masked forward's logits (the invariant tests/t
   the sequence (how many distinct groups its codes form), not its class, and both branches share the codes and
   so the cache layout. Class dropout in training likewise replaces C only.
 
-Parts: representatives and the Eq. (12) mask, training / decoding with the compacted cache / demo. The
-transformer, its sampling and LlamaGen's loader live in gpt.py; the names an outside check reads from here
-(build_gpt, precompute_freqs_cis_2d, apply_rotary_emb, generate, ...) are re-exported below.
+Parts: representatives and the Eq. (12) mask, the model (gpt.py's Transformer with the Merge Instruction token, as
+randar.py builds RandAR on it), training / decoding with the compacted cache / demo.
 
     python mergear.py                      # a tiny MergeAR: 100 steps, greedy decoding through its compacted cache
     python -m pytest tests/test_mergear.py # MergeAR's mask (Fig. 6, brute force), the compacted cache == masked forward
     python bench/bench_mergear.py          # MergeAR's compacted cache vs. the plain KV cache: tokens/s, entries, PNG
 
-    from mergear import build_gpt, generate_mergear, mergear_loss, rep_from_source
-    model = build_gpt("L", factorized=True, merge_counts=tuple(range(1, 257)))   # MergeAR on 2^18 LFQ codes
+    from mergear import build_mergear, generate_mergear, mergear_loss, rep_from_source
+    model = build_mergear("L", factorized=True, merge_counts=range(1, 257))   # MergeAR on 2^18 LFQ codes
     loss = mergear_loss(model, codes, labels, K, rep_from_source(source), window=None)   # W = one grid row
     codes = generate_mergear(model.eval(), torch.tensor([207, 360]), 144, 256)           # K = 144, N = 256
 """
@@ -76,12 +75,10 @@ import math
 from collections import namedtuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt import build_gpt, cfg_scale_at, combine, sample_logits
-# Re-exported: the public names of the stage-2 transformer, so `from mergear import build_gpt, ...` keeps working.
-from gpt import (GPT_PRESETS, GPTConfig, Transformer, apply_rotary_emb, count_parameters,  # noqa: F401
-                 filter_logits, generate, load_llamagen, precompute_freqs_cis_2d)
+from gpt import Transformer, cfg_scale_at, combine, gpt_config, sample_logits
 from lfq import join_index, split_index
 
 
@@ -181,56 +178,78 @@ def merge_window(model, window=None):
     return int(window)
 
 
-def merge_instruction_index(model, K, batch, device):
-    """Kept counts K (an int, or (B,) ints) -> (B,) rows of the Merge Instruction table (model.cfg.merge_counts)."""
-    if not model.cfg.merge_counts:
-        raise ValueError("this model has no Merge Instruction token: build it with merge_counts=(K, ...)")
-    K = torch.as_tensor(K, device=device).long().reshape(-1).expand(batch)  # (B,)
-    allowed = torch.tensor(model.cfg.merge_counts, device=device)           # (n_K,)
-    hit = K[:, None] == allowed[None, :]                                    # (B, n_K)
-    if not hit.any(1).all():
-        bad = K[~hit.any(1)][0].item()
-        raise ValueError(f"K = {bad} has no Merge Instruction row; allowed: {list(model.cfg.merge_counts)}")
-    return hit.float().argmax(1)                                            # (B,)
+class MergeARTransformer(Transformer):
+    """gpt.py's Transformer (plain or factorized vocabulary, LlamaGen's keys) with the Merge Instruction token M:
+    `merge_embedding`, one row per allowed kept count K (cfg.merge_counts), N(0, 0.02) like every embedding. The
+    prefix is [C, M], two zero RoPE rows. forward(codes, cond, K, rep) gives the teacher-forced logits under the
+    Eq. (12) mask; `decode_mergear` decodes through the compacted cache. gpt.py's raster `generate` does not apply."""
+
+    prefix_len = 2                                                          # [C, M]
+
+    def add_prefix_embeddings(self, cfg):
+        Ks = cfg.merge_counts
+        if not Ks or len(set(Ks)) != len(Ks) or min(Ks) < 1:
+            raise ValueError(f"merge_counts must be distinct positive kept counts K (at least one), got {Ks}")
+        self.merge_embedding = nn.Embedding(len(Ks), cfg.dim)
+
+    def merge_instruction_index(self, K, batch, device):
+        """Kept counts K (an int, or (B,) ints) -> (B,) rows of the Merge Instruction table (cfg.merge_counts)."""
+        K = torch.as_tensor(K, device=device).long().reshape(-1).expand(batch)  # (B,)
+        allowed = torch.tensor(self.cfg.merge_counts, device=device)        # (n_K,)
+        hit = K[:, None] == allowed[None, :]                                # (B, n_K)
+        if not hit.any(1).all():
+            bad = K[~hit.any(1)][0].item()
+            raise ValueError(f"K = {bad} has no Merge Instruction row; allowed: {list(self.cfg.merge_counts)}")
+        return hit.float().argmax(1)                                        # (B,)
+
+    def prefix(self, labels, K, train=False):
+        """The prefix [C, M] (B, 2, D): class embedding (dropped to the null class with p = 0.1 in training) and the
+        Merge Instruction embedding of K. The null branch of CFG keeps M (only C becomes the null class)."""
+        c = self.cls_embedding(labels, train=train)                         # (B, 1, D)
+        m = self.merge_embedding(self.merge_instruction_index(K, labels.shape[0], labels.device))   # (B, D)
+        return torch.cat([c, m[:, None]], dim=1)                            # (B, 2, D)
+
+    def forward(self, codes, cond_idx, K, rep, window=None):
+        """Teacher-forced MergeAR: logits for all N codes (B, N) under the Eq. (12) mask.
+
+        Sequence [C, M, x_0, .., x_{N-2}] at positions 0 .. N; the output at M predicts x_0 and the output at x_t
+        predicts x_{t+1}. Image row t attends to C, M and the Eq. (12) set of rep (B, N) (training: rep_from_source
+        or rep_from_codes; the cache mirrors rep_from_codes). cond_idx (B,) labels, K an int or (B,).
+        Returns (B, N, vocab) float32, or (logits_pre, logits_post) for the factorized model.
+        """
+        B, N = codes.shape
+        if N > self.cfg.block_size:
+            raise ValueError(f"{N} codes exceed block_size {self.cfg.block_size}, the RoPE grid")
+        if rep.shape != codes.shape:
+            raise ValueError(f"rep {tuple(rep.shape)} must have the shape of codes {tuple(codes.shape)}")
+        W = merge_window(self, window)
+        prefix = self.prefix(cond_idx, K, train=self.training)              # (B, 2, D): [C, M]
+        h = torch.cat([prefix, self.embed_codes(codes[:, :-1], prefix[:, :1])], dim=1)   # (B, N + 1, D)
+        mask = prefixed_mask(merge_causal_mask(rep, W)[:, : N - 1, : N - 1], 2)    # (B, N + 1, N + 1), Eq. (12)
+        h = self.run_layers(self.tok_dropout(h), mask=mask)[:, 1:]          # (B, N, D): outputs at M, x_0 .. x_{N-2}
+        if not self.cfg.factorized:
+            return self.logits(h)                                           # (B, N, vocab)
+        return self.intra_logits(h, split_index(codes, self.cfg.pre_bits)[0])
 
 
-def merge_prefix(model, labels, K, train=False):
-    """The prefix [C, M] (B, 2, D): class embedding (dropped to the null class with p = 0.1 in training) and the
-    Merge Instruction embedding of K. The null branch of CFG keeps M (only C becomes the null class)."""
-    c = model.cls_embedding(labels, train=train)                            # (B, 1, D)
-    m = model.merge_embedding(merge_instruction_index(model, K, labels.shape[0], labels.device))   # (B, D)
-    return torch.cat([c, m[:, None]], dim=1)                                # (B, 2, D)
+def build_mergear(preset, vocab_size=None, factorized=False, num_classes=1000, merge_counts=(), **overrides):
+    """A MergeARTransformer from gpt.py's GPT_PRESETS, like `build_gpt` (vocab_size 16384 plain, 2^18 factorized);
+    merge_counts the allowed kept counts K, one Merge Instruction row each; overrides set GPTConfig fields
+    (merge_window: W, default one grid row)."""
+    return MergeARTransformer(gpt_config(preset, vocab_size, factorized, num_classes, merge_counts=tuple(merge_counts),
+                                         **overrides))
 
 
-def mergear_logits(model, codes, cond, K, rep, window=None):
-    """Teacher-forced MergeAR: logits for all N codes under the Eq. (12) mask.
-
-    Sequence [C, M, x_0, .., x_{N-2}] at positions 0 .. N; the output at M predicts x_0 and the output at x_t
-    predicts x_{t+1}. Image row t attends to C, M and the Eq. (12) set of rep (B, N) (training: rep_from_source;
-    the cache invariant: rep_from_codes). codes (B, N), cond (B,) labels, K an int or (B,).
-    Returns (B, N, vocab) float32, or (logits_pre, logits_post) for the factorized model.
-    """
-    if not model.cfg.merge_counts:
-        raise ValueError("this model has no Merge Instruction token: build it with merge_counts=(K, ...)")
-    B, N = codes.shape
-    if N > model.cfg.block_size:
-        raise ValueError(f"{N} codes exceed block_size {model.cfg.block_size}, the RoPE grid")
-    if rep.shape != codes.shape:
-        raise ValueError(f"rep {tuple(rep.shape)} must have the shape of codes {tuple(codes.shape)}")
-    W = merge_window(model, window)
-    prefix = merge_prefix(model, cond, K, train=model.training)             # (B, 2, D): [C, M]
-    h = torch.cat([prefix, model.embed_codes(codes[:, :-1], prefix[:, :1])], dim=1)   # (B, N + 1, D): [C, M, x_0 ..]
-    mask = prefixed_mask(merge_causal_mask(rep, W)[:, : N - 1, : N - 1], 2)    # (B, N + 1, N + 1), Eq. (12)
-    h = model.run_layers(model.tok_dropout(h), mask=mask)[:, 1:]            # (B, N, D): outputs at M, x_0 .. x_{N-2}
-    if not model.cfg.factorized:
-        return model.logits(h)                                              # (B, N, vocab)
-    return model.intra_logits(h, split_index(codes, model.cfg.pre_bits)[0])
+def check_mergear(model):
+    if not isinstance(model, MergeARTransformer):
+        raise ValueError(f"this needs a MergeAR model (mergear.build_mergear), got {type(model).__name__}")
 
 
 def mergear_loss(model, codes, cond, K, rep, window=None, label_smoothing=0.0):
     """Cross-entropy of all N codes (duplicates included: Fig. 6's target row) under the Eq. (12) mask; the
     factorized model's loss is CE(pre) + CE(post), the NLL of the 18-bit code."""
-    out = mergear_logits(model, codes, cond, K, rep, window)
+    check_mergear(model)
+    out = model(codes, cond, K, rep, window)
     if not model.cfg.factorized:
         return F.cross_entropy(out.flatten(0, 1), codes.flatten(), label_smoothing=label_smoothing)
     pre, post = split_index(codes, model.cfg.pre_bits)
@@ -429,6 +448,7 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     included), stored (B,) live entries at the end, cache_bytes: the K/V buffers of all layers at the end, their
     peak (they only grow)).
     """
+    check_mergear(model)
     if cond.dim() != 1 or cond.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cond must be a 1D tensor of class labels, got {cond.dtype} {tuple(cond.shape)}")
     if not 0 < num_tokens <= model.cfg.block_size:
@@ -454,7 +474,7 @@ def decode_mergear(model, cond, K, num_tokens, window=None, codes=None, compact=
     positions = torch.arange(num_tokens + 1, device=dev)                    # [C, M] at 0, 1; x_t at t + 2
     out, kept, computed = [], [], [2]                                       # step 0 reads C, M
     try:
-        prefix = merge_prefix(model, labels, K)                             # (B', 2, D): [C, M]
+        prefix = model.prefix(labels, K)                                    # (B', 2, D): [C, M]
         h = model.run_layers(prefix, positions[:2])                         # prefill [C, M]
         for t in range(num_tokens):
             if t > 0:                                                       # feed x_{t-1} at position t + 1
@@ -520,7 +540,7 @@ def generate_mergear(model, cond, K, N, window=None, cfg_scale=1.0, cfg_schedule
 
 def mergear_logits_cached(model, codes, cond, K, window=None, cfg_scale=1.0, cfg_schedule="constant"):
     """Feed the given codes (B, N) step by step through the compacted cache; every step's logits (B, N, vocab)
-    (guided when cfg_scale != 1). Equals mergear_logits with rep_from_codes(codes) (the module docstring's
+    (guided when cfg_scale != 1). Equals the model's teacher-forced forward with rep_from_codes(codes) (the module docstring's
     invariant)."""
     return decode_mergear(model, cond, K, codes.shape[1], window, codes=codes, cfg_scale=cfg_scale,
                           cfg_schedule=cfg_schedule).logits
@@ -535,7 +555,7 @@ if __name__ == "__main__":
     labels = torch.randint(0, 10, (8,))
     # A tiny MergeAR, 100 steps: 8 sequences of 16 codes in 4 merged groups (contiguous runs), K = 4, W = 2 (the
     # window of Fig. 6); then greedy decoding with CFG through the compacted cache.
-    model = build_gpt("tiny", vocab_size=256, num_classes=10, merge_counts=(4, 8, 16))
+    model = build_mergear("tiny", vocab_size=256, num_classes=10, merge_counts=(4, 8, 16))
     cuts = torch.stack([torch.randperm(15)[:3].sort().values + 1 for _ in range(8)])     # (8, 3) run boundaries
     source = (torch.arange(16)[None, :, None] >= cuts[:, None, :]).sum(-1)               # (8, 16) group index
     codes = torch.randint(0, 256, (8, 4)).gather(1, source)                             # one code per group

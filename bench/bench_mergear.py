@@ -61,8 +61,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt import build_gpt, ffn_hidden_size, gpt_config  # noqa: E402
-from mergear import (CompactKVCache, MergeCacheLayout, PlainCacheLayout, decode_mergear,  # noqa: E402
-                     decode_counts, merge_window, mergear_logits, mergear_loss, rep_from_codes)
+from mergear import (CompactKVCache, MergeCacheLayout, PlainCacheLayout, build_mergear, decode_mergear,  # noqa: E402
+                     decode_counts, merge_window, mergear_loss, rep_from_codes)
 
 CONFIGS = [(256, 64), (256, 144), (1024, 256)]                  # (N, K)
 BATCHES = [1, 16]
@@ -196,7 +196,7 @@ def train_step_times(threads, repeats):
         for N, K, B in TRAIN_CONFIGS:
             torch.manual_seed(0)
             plain = build_gpt("tiny", block_size=N, num_classes=1000, **WIDTH)
-            merge = build_gpt("tiny", block_size=N, num_classes=1000, merge_counts=(K,), **WIDTH)
+            merge = build_mergear("tiny", block_size=N, num_classes=1000, merge_counts=(K,), **WIDTH)
             codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
             cond = torch.randint(0, 1000, (B,), generator=gen)
             rep = rep_from_codes(codes)
@@ -341,7 +341,7 @@ def decode_rows(models, repeats, gen):
                 curves[(N, K)] = (Lp, Lm)
                 if N == 256 and K == 64:                                    # the cache is the masked forward
                     d = decode_mergear(model, cond, K, N, codes=codes)
-                    full = mergear_logits(model, codes, cond, K, rep_from_codes(codes))
+                    full = model(codes, cond, K, rep_from_codes(codes))
                     print(f"{'':>19}  (N = {N}, K = {K}: compacted-cache logits vs. Eq. (12) masked forward, "
                           f"max |diff| {(full - d.logits).abs().max().item():.1e})")
             if N == 1024 and B == 16:
@@ -363,8 +363,8 @@ def main():
     models = {}
     for N in sorted({N for N, _ in CONFIGS}):                               # one RoPE grid per N, same weights
         torch.manual_seed(0)
-        models[N] = build_gpt("tiny", block_size=N, num_classes=1000, merge_counts=tuple(K for _, K in CONFIGS),
-                              **WIDTH).eval()
+        models[N] = build_mergear("tiny", block_size=N, num_classes=1000, merge_counts=[K for _, K in CONFIGS],
+                                  **WIDTH).eval()
         models[N].output.weight.normal_(0, 0.02)
     print(f"GPT width {WIDTH['dim']}, {WIDTH['n_layer']} blocks, {WIDTH['n_head']} heads, vocab "
           f"{WIDTH['vocab_size']}; {args.threads} thread(s); W = one grid row; codes replayed (teacher forcing); "

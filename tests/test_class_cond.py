@@ -12,7 +12,7 @@ import torch
 
 from conftest import randomize_heads
 from gpt import build_gpt, generate
-from mergear import decode_mergear, mergear_logits, rep_from_codes
+from mergear import build_mergear, decode_mergear, rep_from_codes
 from randar import build_randar, decode_randar
 
 V, FV, C = 64, 2 ** 18, 10                        # plain vocabulary, factorized 2^18, classes
@@ -23,8 +23,10 @@ def add_model(kind, factorized, seed=0):
     args = dict(vocab_size=FV if factorized else V, factorized=factorized, num_classes=C, class_cond="add")
     if kind == "randar":
         model = build_randar("tiny", **args)
+    elif kind == "mergear":
+        model = build_mergear("tiny", merge_counts=(4, 8, 16), **args)
     else:
-        model = build_gpt("tiny", merge_counts=(4, 8, 16) if kind == "mergear" else (), **args)
+        model = build_gpt("tiny", **args)
     return randomize_heads(model).eval()
 
 
@@ -53,8 +55,8 @@ def test_mergear_compact_replay_equals_the_masked_forward(cfg):
     cached = decode_mergear(model, cond, K, 16, window=2, codes=codes, cfg_scale=cfg).logits   # (B, N, V)
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(model, codes, cond, K, rep, 2)
-        u = mergear_logits(model, codes, torch.full_like(cond, C), K, rep, 2)
+        c = model(codes, cond, K, rep, 2)
+        u = model(codes, torch.full_like(cond, C), K, rep, 2)
     torch.testing.assert_close(cached, u + cfg * (c - u), rtol=1e-4, atol=1e-4)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from gpt import build_gpt, generate
 from lfq import join_index, split_index
-from mergear import generate_mergear, mergear_loss, rep_from_codes
+from mergear import build_mergear, generate_mergear, mergear_loss, rep_from_codes
 from randar import build_randar, generate_randar, randar_loss
 
 GRID, CLASSES, BACKGROUND = 4, 10, 8
@@ -63,8 +63,10 @@ def train_generator(kind, factorized, steps=300, lr=2e-3, seed=0, codes=None):
     args = dict(vocab_size=vocab, factorized=factorized, num_classes=CLASSES, block_size=GRID * GRID)
     if kind == "randar":
         model = build_randar("tiny", **args)
+    elif kind == "mergear":
+        model = build_mergear("tiny", merge_counts=(16,), **args)
     else:
-        model = build_gpt("tiny", merge_counts=(16,) if kind == "mergear" else (), **args)
+        model = build_gpt("tiny", **args)
     background, class_block = synthetic_codes(vocab, seed) if codes is None else codes
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -137,8 +139,8 @@ def test_intra_token_blocks_read_zero_then_identity_rope_rows_in_every_model():
     those (slot 1's q and k would vanish) but the rows LlamaGen's one-class-token table has: zero, then the identity."""
     torch.manual_seed(0)
     plain = build_gpt("tiny", vocab_size=2 ** 18, factorized=True, num_classes=CLASSES, block_size=16)
-    mergear = build_gpt("tiny", vocab_size=2 ** 18, factorized=True, num_classes=CLASSES, block_size=16,
-                        merge_counts=(16,))
+    mergear = build_mergear("tiny", vocab_size=2 ** 18, factorized=True, num_classes=CLASSES, block_size=16,
+                            merge_counts=(16,))
     state = {k: v for k, v in plain.state_dict().items()}
     mergear.load_state_dict({**state, "merge_embedding.weight": mergear.merge_embedding.weight}, strict=True)
     half = 64 // 4 // 2

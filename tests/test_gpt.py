@@ -187,15 +187,16 @@ def test_a_cached_decoding_step_reads_nothing_back_from_the_device(plain, monkey
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind):
     """--checkpoint-activations recomputes each block in backward: loss and every gradient equal the plain
     backward's, dropout on (its masks are replayed from the saved RNG state)."""
-    from mergear import mergear_loss, rep_from_codes
+    from mergear import build_mergear, mergear_loss, rep_from_codes
     from randar import build_randar, randar_loss, random_orders
     vocab = FV if kind == "factorized" else V
     torch.manual_seed(0)
     if kind == "randar":
         model = build_randar("tiny", vocab_size=V, num_classes=C)
+    elif kind == "mergear":
+        model = build_mergear("tiny", vocab_size=V, num_classes=C, merge_counts=(4, 9))
     else:
-        model = build_gpt("tiny", vocab_size=vocab, factorized=kind == "factorized", num_classes=C,
-                          merge_counts=(4, 9) if kind == "mergear" else ())
+        model = build_gpt("tiny", vocab_size=vocab, factorized=kind == "factorized", num_classes=C)
     randomize_heads(model)
     model.train()
     g = torch.Generator().manual_seed(1)
@@ -302,7 +303,7 @@ def test_factorized_cfg_guides_both_heads(factorized):
 
 
 def test_linear_cfg_schedule():
-    from mergear import cfg_scale_at
+    from gpt import cfg_scale_at
     assert [cfg_scale_at(t, 4, 3.0, "linear") for t in range(4)] == [1.0, 1.5, 2.0, 2.5]
     assert cfg_scale_at(2, 4, 3.0) == 3.0
 

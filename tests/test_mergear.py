@@ -6,10 +6,8 @@ import math
 import pytest
 import torch
 
-import gpt
-import mergear
 from gpt import build_gpt, generate
-from mergear import (decode_mergear, generate_mergear, merge_causal_mask, mergear_logits, mergear_logits_cached,
+from mergear import (build_mergear, decode_mergear, generate_mergear, merge_causal_mask, mergear_logits_cached,
                      mergear_loss, rep_disagreement, rep_from_codes, rep_from_source)
 
 from conftest import randomize_heads
@@ -30,7 +28,7 @@ KS = (4, 6, 8, 16)                              # the tiny MergeAR model's allow
 @pytest.fixture(scope="module")
 def merge_model():
     torch.manual_seed(2)
-    model = build_gpt("tiny", vocab_size=V, num_classes=C, merge_counts=KS).eval()
+    model = build_mergear("tiny", vocab_size=V, num_classes=C, merge_counts=KS).eval()
     randomize_heads(model)
     return model
 
@@ -138,10 +136,10 @@ def test_compact_cache_replay_equals_the_masked_forward(merge_model, case, cfg):
     cached = mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=cfg)       # (B, N, V)
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(merge_model, codes, cond, K, rep, W)
+        c = merge_model(codes, cond, K, rep, W)
         full = c
         if cfg != 1.0:                                       # the null branch: class -> null, M kept
-            u = mergear_logits(merge_model, codes, torch.full_like(cond, C), K, rep, W)
+            u = merge_model(codes, torch.full_like(cond, C), K, rep, W)
             full = u + cfg * (c - u)
     assert cached.shape == (B, 16, V)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
@@ -149,7 +147,7 @@ def test_compact_cache_replay_equals_the_masked_forward(merge_model, case, cfg):
     evicted = (merge_causal_mask(rep, W) != torch.ones(16, 16, dtype=torch.bool).tril()).any()
     if evicted and cfg == 1.0:
         with torch.no_grad():
-            causal = mergear_logits(merge_model, codes, cond, K, torch.arange(16).expand(B, 16), W)
+            causal = merge_model(codes, cond, K, torch.arange(16).expand(B, 16), W)
         assert not torch.allclose(causal, full, atol=1e-3)
 
 
@@ -160,8 +158,8 @@ def test_mergear_linear_cfg_scales_every_step(merge_model):
     cached = mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=3.0, cfg_schedule="linear")
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(merge_model, codes, cond, K, rep, W)
-        u = mergear_logits(merge_model, codes, torch.full_like(cond, C), K, rep, W)
+        c = merge_model(codes, cond, K, rep, W)
+        u = merge_model(codes, torch.full_like(cond, C), K, rep, W)
     s = torch.tensor([1 + t / 8 for t in range(16)])[None, :, None]      # 1.0, 1.125, ..., 2.875
     torch.testing.assert_close(cached, u + s * (c - u), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cached[:, 0], c[:, 0], rtol=1e-4, atol=1e-4)   # s_0 = 1: the conditional logits
@@ -174,7 +172,7 @@ def test_plain_cache_replay_is_the_causal_model(merge_model):
     cond = torch.arange(4)
     d = decode_mergear(merge_model, cond, K, 16, 2, codes=codes, compact=False)
     with torch.no_grad():
-        causal = mergear_logits(merge_model, codes, cond, K, torch.arange(16).expand(4, 16), 2)   # rep = identity
+        causal = merge_model(codes, cond, K, torch.arange(16).expand(4, 16), 2)   # rep = identity
     torch.testing.assert_close(d.logits, causal, rtol=1e-4, atol=1e-4)
     assert d.computed.tolist() == list(range(2, 18))         # prefix + every earlier code
 
@@ -225,8 +223,8 @@ def test_compact_cache_grows_when_codes_outnumber_K(merge_model):
     d = decode_mergear(merge_model, cond, 4, 16, W, codes=codes, cfg_scale=2.0)   # K = 4, 16 distinct codes
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(merge_model, codes, cond, 4, rep, W)
-        u = mergear_logits(merge_model, codes, torch.full_like(cond, C), 4, rep, W)
+        c = merge_model(codes, cond, 4, rep, W)
+        u = merge_model(codes, torch.full_like(cond, C), 4, rep, W)
     torch.testing.assert_close(d.logits, u + 2.0 * (c - u), rtol=1e-4, atol=1e-4)
     layers, dim = len(merge_model.layers), merge_model.cfg.dim
     assert d.cache_bytes == 2 * layers * 4 * (2 + (W + 1) + 16) * dim * 4          # 2 x 2 rows with CFG
@@ -274,15 +272,15 @@ def test_generate_mergear_samples_what_the_masked_forward_predicts(merge_model):
     d = decode_mergear(merge_model, cond, 6, 16, 2, cfg_scale=s, top_k=1)
     rep = rep_from_codes(d.codes)
     with torch.no_grad():
-        c = mergear_logits(merge_model, d.codes, cond, 6, rep, 2)
-        u = mergear_logits(merge_model, d.codes, torch.full_like(cond, C), 6, rep, 2)
+        c = merge_model(d.codes, cond, 6, rep, 2)
+        u = merge_model(d.codes, torch.full_like(cond, C), 6, rep, 2)
     torch.testing.assert_close(d.logits, u + s * (c - u), rtol=1e-4, atol=1e-4)
     assert torch.equal(d.codes, d.logits.argmax(-1))
 
 
 def test_factorized_replay_equals_the_masked_forward():
     torch.manual_seed(3)
-    model = build_gpt("tiny", vocab_size=FV, factorized=True, num_classes=C, merge_counts=KS).eval()
+    model = build_mergear("tiny", vocab_size=FV, factorized=True, num_classes=C, merge_counts=KS).eval()
     randomize_heads(model)
     source = torch.stack([runs_source([2, 2, 3, 2, 1, 4, 2]), runs_source([5, 5, 6, 0])[:16]])
     codes = codes_from_groups(source, torch.randint(0, FV, (2, 7)))
@@ -290,8 +288,8 @@ def test_factorized_replay_equals_the_masked_forward():
     pre, post = decode_mergear(model, cond, 6, 16, 2, codes=codes, cfg_scale=2.0).logits
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(model, codes, cond, 6, rep, 2)
-        u = mergear_logits(model, codes, torch.full_like(cond, C), 6, rep, 2)
+        c = model(codes, cond, 6, rep, 2)
+        u = model(codes, torch.full_like(cond, C), 6, rep, 2)
     torch.testing.assert_close(pre, u[0] + 2.0 * (c[0] - u[0]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(post, u[1] + 2.0 * (c[1] - u[1]), rtol=1e-4, atol=1e-4)
 
@@ -300,16 +298,16 @@ def test_merge_instruction_token(merge_model):
     codes, cond = torch.randint(0, V, (2, 16)), torch.tensor([3, 4])
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        a = mergear_logits(merge_model, codes, cond, 4, rep, 2)
-        b = mergear_logits(merge_model, codes, cond, 16, rep, 2)
-        mixed = mergear_logits(merge_model, codes, cond, torch.tensor([4, 16]), rep, 2)
+        a = merge_model(codes, cond, 4, rep, 2)
+        b = merge_model(codes, cond, 16, rep, 2)
+        mixed = merge_model(codes, cond, torch.tensor([4, 16]), rep, 2)
     assert not torch.allclose(a, b, atol=1e-3)               # M carries K
     torch.testing.assert_close(mixed[0], a[0])
     torch.testing.assert_close(mixed[1], b[1])
     with pytest.raises(ValueError, match="K = 5 has no Merge Instruction row"):
-        mergear_logits(merge_model, codes, cond, 5, rep, 2)
-    with pytest.raises(ValueError, match="MergeAR model"):
-        merge_model(codes[:, :-1], cond)
+        merge_model(codes, cond, 5, rep, 2)
+    with pytest.raises(ValueError, match="build_mergear"):
+        build_gpt("tiny", merge_counts=(4,))
     with pytest.raises(ValueError, match="MergeAR model"):
         generate(merge_model, cond, 16)
     # the plain model's state dict is untouched; MergeAR adds one table, one row per allowed K, and zero RoPE rows
@@ -323,7 +321,7 @@ def test_merge_instruction_token(merge_model):
 
 def test_tiny_mergear_loss_falls_on_fixed_codes():
     torch.manual_seed(0)
-    model = build_gpt("tiny", vocab_size=256, num_classes=C, merge_counts=KS)
+    model = build_mergear("tiny", vocab_size=256, num_classes=C, merge_counts=KS)
     gen = torch.Generator().manual_seed(0)
     sources = torch.stack([scattered_source(16, 8, gen) for _ in range(8)])
     codes = codes_from_groups(sources, torch.randint(0, 256, (8, 8), generator=gen))
@@ -340,10 +338,3 @@ def test_tiny_mergear_loss_falls_on_fixed_codes():
     assert losses[0] == pytest.approx(math.log(256), rel=1e-3)          # zero heads: uniform logits
     assert losses[-1] < 0.5 * losses[0], losses
     assert model.merge_embedding.weight.grad is not None and model.merge_embedding.weight.grad.abs().sum() > 0
-
-
-def test_mergear_re_exports_the_transformers_public_names():
-    """Outside code reads LlamaGen's GPT through mergear's public names; they are gpt.py's objects."""
-    for name in ("build_gpt", "precompute_freqs_cis_2d", "apply_rotary_emb", "generate", "load_llamagen",
-                 "GPTConfig", "Transformer"):
-        assert getattr(mergear, name) is getattr(gpt, name), name
