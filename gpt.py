@@ -498,23 +498,23 @@ class Transformer(nn.Module):
     # ---- teacher forcing (training layout) ----
 
     def forward(self, idx, cond_idx, targets=None, label_smoothing=0.0):
-        """Teacher-forced logits for all T codes, in train and eval mode.
+        """Teacher-forced logits for all T codes idx (B, T), in train and eval mode; both heads take the same input.
 
-        plain:      idx (B, T-1), the first T-1 codes (LlamaGen's layout); returns GPTOutput(logits (B, T, vocab),
-                    loss), loss the cross-entropy against targets (B, T) when given.
-        factorized: idx (B, T), all T codes as 18-bit indices (the intra-token blocks read the pre sub-token of
-                    the code they predict); returns FactorizedOutput(logits_pre (B, T, 64), logits_post (B, T, 4096),
-                    loss) with loss = CE(pre) + CE(post) against targets (B, T) (usually idx itself).
-                    CE(pre) + CE(post) = -log p(pre) - log p(post | pre) is the NLL of the 18-bit code.
+        The sequence is [class, code_0, ..., code_{T-2}]: the last code is predicted and never read, so the main
+        stack drops it; the factorized head also reads the pre sub-token of every code it predicts (its
+        intra-token blocks), all T of them.
+        plain:      GPTOutput(logits (B, T, vocab), loss), loss the cross-entropy against targets (B, T) when given
+                    (usually idx itself).
+        factorized: FactorizedOutput(logits_pre (B, T, 64), logits_post (B, T, 4096), loss), idx 18-bit indices,
+                    loss = CE(pre) + CE(post) against targets (B, T): -log p(pre) - log p(post | pre), the NLL of
+                    the 18-bit code.
         Class labels are dropped to the null class with probability 0.1 in train mode. label_smoothing: Table A2
         says 0.1; LlamaGen's and the MergeVQ release's code use none (0.0, the default here).
         """
+        if idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"{idx.shape[1]} codes exceed block_size {self.cfg.block_size}, the RoPE grid")
         cond = self.cls_embedding(cond_idx, train=self.training)             # (B, 1, D)
-        inputs = idx[:, :-1] if self.cfg.factorized else idx                 # (B, T-1)
-        h = torch.cat([cond, self.embed_codes(inputs, cond)], dim=1)         # (B, T, D): [class, codes]
-        if h.shape[1] > self.cfg.block_size:
-            raise ValueError(f"{h.shape[1]} positions (class + {h.shape[1] - 1} input codes) exceed block_size "
-                             f"{self.cfg.block_size}, the RoPE grid: at most {self.cfg.block_size} codes are predicted")
+        h = torch.cat([cond, self.embed_codes(idx[:, :-1], cond)], dim=1)    # (B, T, D): [class, codes 0 .. T-2]
         h = self.run_layers(self.tok_dropout(h))                             # (B, T, D)
         if not self.cfg.factorized:
             logits = self.logits(h)                                          # (B, T, vocab)
@@ -778,7 +778,7 @@ if __name__ == "__main__":
     codes, labels = torch.randint(0, 256, (8, 16)), torch.randint(0, 10, (8,))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05)
     for step in range(30):
-        loss = model(codes[:, :-1], labels, targets=codes).loss
+        loss = model(codes, labels, targets=codes).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

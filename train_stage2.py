@@ -321,8 +321,7 @@ class Stage2Loss(nn.Module):
         if self.kind == "randar":
             return randar_loss(m, codes, labels, cells, order, label_smoothing=self.ls)
         if self.kind == "llamagen":
-            inputs = codes if m.cfg.factorized else codes[:, :-1]           # the factorized head reads all N
-            return m(inputs, labels, targets=codes, label_smoothing=self.ls).loss
+            return m(codes, labels, targets=codes, label_smoothing=self.ls).loss
         rep = rep_from_source(source) if self.rep == "source" else rep_from_codes(codes)   # (B, N)
         return mergear_loss(m, codes, labels, K, rep, self.window, self.ls)
 

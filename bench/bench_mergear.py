@@ -203,7 +203,7 @@ def train_step_times(threads, repeats):
 
             def step_plain():
                 plain.zero_grad(set_to_none=True)
-                plain(codes[:, :-1], cond, targets=codes).loss.backward()
+                plain(codes, cond, targets=codes).loss.backward()
 
             def step_merge():
                 merge.zero_grad(set_to_none=True)

@@ -73,7 +73,7 @@ def build(kind, head, vocab):
 def loss_of(kind, model, codes, labels):
     if kind == "mergear":
         return mergear_loss(model, codes, labels, G * G, rep_from_codes(codes))
-    return model(codes if model.cfg.factorized else codes[:, :-1], labels, targets=codes).loss
+    return model(codes, labels, targets=codes).loss
 
 
 def diagnose(model, background, class_codes):

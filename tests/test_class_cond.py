@@ -40,7 +40,7 @@ def test_llamagen_decoding_equals_teacher_forcing(factorized):
     cond = torch.tensor([1, 7, 3])
     codes, logits = generate(model, cond, 16, generator=torch.Generator().manual_seed(0), return_logits=True)
     with torch.no_grad():
-        out = model(codes if factorized else codes[:, :-1], cond)
+        out = model(codes, cond)
     ref = (out.logits_pre, out.logits_post) if factorized else (out.logits,)
     for got, want in zip(unpack(logits), ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -81,7 +81,7 @@ def test_randar_one_token_per_step_equals_teacher_forcing(factorized, cfg):
 def test_the_label_reaches_each_code_without_the_class_token():
     """Zero the class token's input (position 0) by hooking the first block: a prefix model's logits no longer
     depend on the label, an "add" model's still do."""
-    codes = torch.randint(0, V, (2, 15), generator=torch.Generator().manual_seed(4))
+    codes = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(4))
     for class_cond, depends in [("prefix", False), ("add", True)]:
         torch.manual_seed(0)
         model = randomize_heads(build_gpt("tiny", vocab_size=V, num_classes=C, class_cond=class_cond)).eval()

@@ -77,7 +77,7 @@ def train_generator(kind, factorized, steps=300, lr=2e-3, seed=0, codes=None):
     for _ in range(steps):
         codes, labels = draw_batch(background, class_block, 16, g)
         if kind == "llamagen":
-            loss = model(codes if factorized else codes[:, :-1], labels, targets=codes).loss
+            loss = model(codes, labels, targets=codes).loss
         elif kind == "mergear":
             loss = mergear_loss(model, codes, labels, 16, rep_from_codes(codes))
         else:

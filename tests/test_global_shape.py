@@ -65,7 +65,7 @@ def train(kind, labels_of, steps=800, seed=0):
         labels = labels_of(16, g)
         codes, source = draw_images(labels, g)
         if kind == "llamagen":
-            loss = model(codes[:, :-1], labels, targets=codes).loss
+            loss = model(codes, labels, targets=codes).loss
         elif kind == "mergear":
             loss = mergear_loss(model, codes, labels, 8, rep_from_codes(codes))
         else:
