@@ -17,8 +17,9 @@ from scratch, in two vocabularies:
               draws pre, then post given pre.
 
 The three generators of stage 2 share it: the plain raster model (Table 3's "LlamaGen" rows: `generate` here),
-MergeAR (mergear.py: a Merge Instruction row per kept count K, `merge_counts`, and the Eq. (12) mask) and RandAR
-(randar.py: random orders with position instructions).
+and two subclasses built the same way, each adding its own tokens and its own forward and decoding: MergeAR
+(mergear.py: the Merge Instruction token, the Eq. (12) mask, a compacted KV cache) and RandAR (randar.py: random
+orders with position instructions).
 
 Parts: 2D rotary position embedding / the transformer (RMSNorm, attention with a KV cache or an explicit mask,
 SwiGLU) / presets / training layout and cached decoding / sampling and generation (top-k, top-p, classifier-free
@@ -68,7 +69,7 @@ from lfq import join_index, split_index
 # give the same logit for the same q and k. Each rotation is orthogonal, so |q~| = |q|. The row half of the pairs
 # sees only the row offset, the column half only the column offset; within a half, theta_j = base^(-2j / (D_h/2))
 # runs from 1 down, fast to slow, as in 1D RoPE (Su et al. 2021, RoFormer Sec. 3.2) on a head of width D_h/2.
-# tests/test_mergear.py checks both properties.
+# tests/test_gpt.py checks both properties (test_rope_logit_depends_only_on_the_2d_offset, ..._preserves_norms).
 
 
 def precompute_freqs_cis_2d(grid_size, n_elem, base=10000, cls_token_num=1):
@@ -103,8 +104,7 @@ def apply_rotary_emb(x, freqs_cis):
 
     Each pair is a complex number x_{2j} + i x_{2j+1}, multiplied by cos + i sin: (a + ib)(cos + i sin) =
     (a cos - b sin) + i (b cos + a sin), LlamaGen's two real lines, in one complex multiply: the same float32
-    numbers, bit for bit, in a few operations instead of a dozen (the rotation alone, one thread: 2.5-3x faster per
-    call in a decoding step, 10x in a batch-32 training forward). Computed in float32, returned in x's dtype.
+    numbers, bit for bit, in a few operations instead of a dozen. Computed in float32, returned in x's dtype.
     """
     B, T, H, Dh = x.shape
     per_sample = freqs_cis.dim() == 4
@@ -174,8 +174,8 @@ class KVCache:
         """Write k, v (B, heads, S, D_h) at positions input_pos (S,); return the whole cache, (B, heads, max_seq, D_h).
         The positions after the last written one are zeros that `context`'s mask hides. Not sliced to
         max(input_pos) + 1: that length is a device value, and reading it (int(...)) would wait for the device in every
-        layer of every decoding step, to save attention over the unwritten keys (about 2% of a GPT-L step's work:
-        2 N D multiply-adds per token against 12 D^2 for its projections)."""
+        layer of every decoding step, to save attention over the unwritten keys (2 N D multiply-adds per token
+        against 12 D^2 for its projections: small beside them at GPT-L's width D = 1024)."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -298,9 +298,9 @@ class GPTConfig:
 # How the class label enters the model. "prefix" is LlamaGen's (and the paper's): one class token at position 0,
 # which every code reads through attention. "add" also adds the class embedding to each code's input embedding (the
 # null class's row where the label is dropped for CFG), as DiT-style models feed the label to every position. At CPU
-# scale the prefix alone is ignored: GPT tiny, 2000 steps of batch 32 on the demo's codes, held-out NLL with the
-# true label 0.12 nats per image below the null class's (LlamaGen GPT small, 500 steps: 0.01), and the samples
-# follow their class at chance (10%); with "add" the same run is 2.0 nats below after 250 steps.
+# scale a small model ignores the prefix alone (the held-out NLL with the true label about equals the null class's,
+# the samples follow their class at chance) and learns the label with "add": measured in docs/stage2_cpu.md
+# (`train_stage2.py train --class-cond prefix|add`, then `nll`).
 CLASS_COND = ("prefix", "add")
 
 # What the post slot (slot 1) of the intra-token blocks starts from. "pre" is the MergeVQ release's and
@@ -320,7 +320,7 @@ INTRA_POST_INPUT = ("state+pre", "pre")
 # LlamaGen's class-conditional sizes (its gpt.py's GPT_models: B 111M, L 343M, XL 775M, XXL 1.4B) and two CPU toys.
 GPT_PRESETS = {
     "tiny": dict(dim=64, n_layer=2, n_head=4, block_size=16),                # the tests
-    "small": dict(dim=128, n_layer=4, n_head=4),                              # 4x tiny's step cost (train_stage2.py)
+    "small": dict(dim=128, n_layer=4, n_head=4),                              # train_stage2.py's CPU preset
     "B": dict(dim=768, n_layer=12, n_head=12),
     "L": dict(dim=1024, n_layer=24, n_head=16),
     "XL": dict(dim=1280, n_layer=36, n_head=20),
@@ -399,12 +399,9 @@ class Transformer(nn.Module):
     def initialize_weights(self):
         """Every Linear and Embedding weight ~ N(0, 0.02); LlamaGen's plain head zero (the first logits uniform).
 
-        The factorized heads keep N(0, 0.02): zero-initialised, they stall the factorized model. Measured on
-        tests/test_conditioning.py's toy (10 classes, a class-dependent 2 x 2 block in a 4 x 4 grid, GPT tiny,
-        150 steps of batch 16, lr 2e-3, seeds 0 / 1 / 2): the fraction of samples whose block follows the label was
-        0.31 / 0.21 / 0.25 with zero heads against 0.65 / 0.57 / 0.56 with N(0, 0.02) heads (the plain 256-code
-        model: 0.71 with its zero head, seed 0). Those figures are of the release's post slot (intra_post_input
-        "pre", before INTRA_POST_INPUT's default), where the class also lived in the pre sub-token."""
+        The factorized heads keep N(0, 0.02): zero-initialised (the release's init), they stall the factorized model
+        on tests/test_conditioning.py's toy, whose samples then follow their label far less often
+        (docs/factorized_head.md)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
