@@ -230,14 +230,24 @@ def test_compact_cache_grows_when_codes_outnumber_K(merge_model):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_decoding_under_bf16_autocast(merge_model):
-    """Under autocast the activations are bf16: the cache and its additive mask take their dtype (a float32 cache
-    refuses the bf16 keys), and the logits stay close to float32's."""
+def test_decoding_under_bf16_autocast(merge_model, monkeypatch):
+    """Under autocast the activations are bf16: every layer's cache and the additive mask it returns take their
+    dtype (half the bytes of float32; a float32 cache refuses the bf16 keys), and the logits stay close to
+    float32's."""
     codes, K, W = decoding_batches()[0]
     cond = torch.arange(4) % C
     full = decode_mergear(merge_model, cond, K, 16, W, codes=codes)
+    dtypes = set()
+    real_context = mergear.CompactKVCache.context
+
+    def spy(cache, input_pos, k, v):
+        keys, values, mask = real_context(cache, input_pos, k, v)
+        dtypes.update({cache.k.dtype, cache.v.dtype, mask.dtype})
+        return keys, values, mask
+    monkeypatch.setattr(mergear.CompactKVCache, "context", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = decode_mergear(merge_model, cond, K, 16, W, codes=codes)
+    assert dtypes == {torch.bfloat16}
     torch.testing.assert_close(half.logits.float(), full.logits, rtol=0.05, atol=0.2)   # bf16: 8 mantissa bits
 
 
