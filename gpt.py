@@ -17,8 +17,9 @@ from scratch, in two vocabularies:
               draws pre, then post given pre.
 
 The three generators of stage 2 share it: the plain raster model (Table 3's "LlamaGen" rows: `generate` here),
-MergeAR (mergear.py: a Merge Instruction row per kept count K, `merge_counts`, and the Eq. (12) mask) and RandAR
-(randar.py: random orders with position instructions).
+and two subclasses built the same way, each adding its own tokens and its own forward and decoding: MergeAR
+(mergear.py: the Merge Instruction token, the Eq. (12) mask, a compacted KV cache) and RandAR (randar.py: random
+orders with position instructions).
 
 Parts: 2D rotary position embedding / the transformer (RMSNorm, attention with a KV cache or an explicit mask,
 SwiGLU) / presets / training layout and cached decoding / sampling and generation (top-k, top-p, classifier-free
@@ -68,7 +69,7 @@ from lfq import join_index, split_index
 # give the same logit for the same q and k. Each rotation is orthogonal, so |q~| = |q|. The row half of the pairs
 # sees only the row offset, the column half only the column offset; within a half, theta_j = base^(-2j / (D_h/2))
 # runs from 1 down, fast to slow, as in 1D RoPE (Su et al. 2021, RoFormer Sec. 3.2) on a head of width D_h/2.
-# tests/test_mergear.py checks both properties.
+# tests/test_gpt.py checks both properties (test_rope_logit_depends_only_on_the_2d_offset, ..._preserves_norms).
 
 
 def precompute_freqs_cis_2d(grid_size, n_elem, base=10000, cls_token_num=1):
@@ -103,8 +104,7 @@ def apply_rotary_emb(x, freqs_cis):
 
     Each pair is a complex number x_{2j} + i x_{2j+1}, multiplied by cos + i sin: (a + ib)(cos + i sin) =
     (a cos - b sin) + i (b cos + a sin), LlamaGen's two real lines, in one complex multiply: the same float32
-    numbers, bit for bit, in a few operations instead of a dozen (the rotation alone, one thread: 2.5-3x faster per
-    call in a decoding step, 10x in a batch-32 training forward). Computed in float32, returned in x's dtype.
+    numbers, bit for bit, in a few operations instead of a dozen. Computed in float32, returned in x's dtype.
     """
     B, T, H, Dh = x.shape
     per_sample = freqs_cis.dim() == 4
@@ -174,8 +174,8 @@ class KVCache:
         """Write k, v (B, heads, S, D_h) at positions input_pos (S,); return the whole cache, (B, heads, max_seq, D_h).
         The positions after the last written one are zeros that `context`'s mask hides. Not sliced to
         max(input_pos) + 1: that length is a device value, and reading it (int(...)) would wait for the device in every
-        layer of every decoding step, to save attention over the unwritten keys (about 2% of a GPT-L step's work:
-        2 N D multiply-adds per token against 12 D^2 for its projections)."""
+        layer of every decoding step, to save attention over the unwritten keys (2 N D multiply-adds per token
+        against 12 D^2 for its projections: small beside them at GPT-L's width D = 1024)."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -298,9 +298,9 @@ class GPTConfig:
 # How the class label enters the model. "prefix" is LlamaGen's (and the paper's): one class token at position 0,
 # which every code reads through attention. "add" also adds the class embedding to each code's input embedding (the
 # null class's row where the label is dropped for CFG), as DiT-style models feed the label to every position. At CPU
-# scale the prefix alone is ignored: GPT tiny, 2000 steps of batch 32 on the demo's codes, held-out NLL with the
-# true label 0.12 nats per image below the null class's (LlamaGen GPT small, 500 steps: 0.01), and the samples
-# follow their class at chance (10%); with "add" the same run is 2.0 nats below after 250 steps.
+# scale a small model ignores the prefix alone (the held-out NLL with the true label about equals the null class's,
+# the samples follow their class at chance) and learns the label with "add": measured in docs/stage2_cpu.md
+# (`train_stage2.py train --class-cond prefix|add`, then `nll`).
 CLASS_COND = ("prefix", "add")
 
 # What the post slot (slot 1) of the intra-token blocks starts from. "pre" is the MergeVQ release's and
@@ -320,7 +320,7 @@ INTRA_POST_INPUT = ("state+pre", "pre")
 # LlamaGen's class-conditional sizes (its gpt.py's GPT_models: B 111M, L 343M, XL 775M, XXL 1.4B) and two CPU toys.
 GPT_PRESETS = {
     "tiny": dict(dim=64, n_layer=2, n_head=4, block_size=16),                # the tests
-    "small": dict(dim=128, n_layer=4, n_head=4),                              # 4x tiny's step cost (train_stage2.py)
+    "small": dict(dim=128, n_layer=4, n_head=4),                              # train_stage2.py's CPU preset
     "B": dict(dim=768, n_layer=12, n_head=12),
     "L": dict(dim=1024, n_layer=24, n_head=16),
     "XL": dict(dim=1280, n_layer=36, n_head=20),
@@ -346,8 +346,13 @@ class Transformer(nn.Module):
     class_cond "add" (a flag, not the paper's) also adds the class embedding to every code's input: CLASS_COND.
     """
 
+    prefix_len = 1      # tokens before the codes, each on a zero RoPE row: the class token (MergeAR: [C, M])
+
     def __init__(self, cfg):
         super().__init__()
+        if cfg.merge_counts and self.prefix_len == 1:
+            raise ValueError("merge_counts are MergeAR's Merge Instruction rows: build the model with "
+                             "mergear.build_mergear")
         if cfg.class_cond not in CLASS_COND:
             raise ValueError(f"class_cond must be one of {', '.join(CLASS_COND)}, got {cfg.class_cond!r}")
         if cfg.intra_post_input not in INTRA_POST_INPUT:
@@ -377,13 +382,7 @@ class Transformer(nn.Module):
         else:
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-        # MergeAR (below): a Merge Instruction embedding per allowed K; the prefix is [C, M], two zero RoPE rows.
-        self.prefix_len = 1
-        if cfg.merge_counts:
-            if len(set(cfg.merge_counts)) != len(cfg.merge_counts) or min(cfg.merge_counts) < 1:
-                raise ValueError(f"merge_counts must be distinct positive kept counts K, got {cfg.merge_counts}")
-            self.merge_embedding = nn.Embedding(len(cfg.merge_counts), cfg.dim)
-            self.prefix_len = 2
+        self.add_prefix_embeddings(cfg)
 
         grid = math.isqrt(cfg.block_size)
         if grid * grid != cfg.block_size:
@@ -393,15 +392,16 @@ class Transformer(nn.Module):
                                                  cls_token_num=self.prefix_len)
         self.initialize_weights()
 
+    def add_prefix_embeddings(self, cfg):
+        """The embeddings of the prefix tokens after the class token, made here so that `initialize_weights` draws
+        them with every other weight: none for LlamaGen; MergeAR's Merge Instruction table (mergear.py)."""
+
     def initialize_weights(self):
         """Every Linear and Embedding weight ~ N(0, 0.02); LlamaGen's plain head zero (the first logits uniform).
 
-        The factorized heads keep N(0, 0.02): zero-initialised, they stall the factorized model. Measured on
-        tests/test_conditioning.py's toy (10 classes, a class-dependent 2 x 2 block in a 4 x 4 grid, GPT tiny,
-        150 steps of batch 16, lr 2e-3, seeds 0 / 1 / 2): the fraction of samples whose block follows the label was
-        0.31 / 0.21 / 0.25 with zero heads against 0.65 / 0.57 / 0.56 with N(0, 0.02) heads (the plain 256-code
-        model: 0.71 with its zero head, seed 0). Those figures are of the release's post slot (intra_post_input
-        "pre", before INTRA_POST_INPUT's default), where the class also lived in the pre sub-token."""
+        The factorized heads keep N(0, 0.02): zero-initialised (the release's init), they stall the factorized model
+        on tests/test_conditioning.py's toy, whose samples then follow their label far less often
+        (docs/factorized_head.md)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
@@ -495,25 +495,23 @@ class Transformer(nn.Module):
     # ---- teacher forcing (training layout) ----
 
     def forward(self, idx, cond_idx, targets=None, label_smoothing=0.0):
-        """Teacher-forced logits for all T codes, in train and eval mode.
+        """Teacher-forced logits for all T codes idx (B, T), in train and eval mode; both heads take the same input.
 
-        plain:      idx (B, T-1), the first T-1 codes (LlamaGen's layout); returns GPTOutput(logits (B, T, vocab),
-                    loss), loss the cross-entropy against targets (B, T) when given.
-        factorized: idx (B, T), all T codes as 18-bit indices (the intra-token blocks read the pre sub-token of
-                    the code they predict); returns FactorizedOutput(logits_pre (B, T, 64), logits_post (B, T, 4096),
-                    loss) with loss = CE(pre) + CE(post) against targets (B, T) (usually idx itself).
-                    CE(pre) + CE(post) = -log p(pre) - log p(post | pre) is the NLL of the 18-bit code.
+        The sequence is [class, code_0, ..., code_{T-2}]: the last code is predicted and never read, so the main
+        stack drops it; the factorized head also reads the pre sub-token of every code it predicts (its
+        intra-token blocks), all T of them.
+        plain:      GPTOutput(logits (B, T, vocab), loss), loss the cross-entropy against targets (B, T) when given
+                    (usually idx itself).
+        factorized: FactorizedOutput(logits_pre (B, T, 64), logits_post (B, T, 4096), loss), idx 18-bit indices,
+                    loss = CE(pre) + CE(post) against targets (B, T): -log p(pre) - log p(post | pre), the NLL of
+                    the 18-bit code.
         Class labels are dropped to the null class with probability 0.1 in train mode. label_smoothing: Table A2
         says 0.1; LlamaGen's and the MergeVQ release's code use none (0.0, the default here).
         """
-        if self.cfg.merge_counts:
-            raise ValueError("this is a MergeAR model (prefix [C, M]): use mergear_logits / mergear_loss")
+        if idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"{idx.shape[1]} codes exceed block_size {self.cfg.block_size}, the RoPE grid")
         cond = self.cls_embedding(cond_idx, train=self.training)             # (B, 1, D)
-        inputs = idx[:, :-1] if self.cfg.factorized else idx                 # (B, T-1)
-        h = torch.cat([cond, self.embed_codes(inputs, cond)], dim=1)         # (B, T, D): [class, codes]
-        if h.shape[1] > self.cfg.block_size:
-            raise ValueError(f"{h.shape[1]} positions (class + {h.shape[1] - 1} input codes) exceed block_size "
-                             f"{self.cfg.block_size}, the RoPE grid: at most {self.cfg.block_size} codes are predicted")
+        h = torch.cat([cond, self.embed_codes(idx[:, :-1], cond)], dim=1)    # (B, T, D): [class, codes 0 .. T-2]
         h = self.run_layers(self.tok_dropout(h))                             # (B, T, D)
         if not self.cfg.factorized:
             logits = self.logits(h)                                          # (B, T, vocab)
@@ -649,7 +647,7 @@ def generate(model, cond, num_tokens, cfg_scale=1.0, cfg_schedule="constant", cf
     if cond.dim() != 1 or cond.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cond must be a 1D tensor of class labels, got {cond.dtype} {tuple(cond.shape)}")
     if model.cfg.merge_counts:
-        raise ValueError("this is a MergeAR model (prefix [C, M]): use generate_mergear")
+        raise ValueError("this is a MergeAR model (prefix [C, M]): use mergear.generate_mergear")
     if not 0 < num_tokens <= model.cfg.block_size:
         raise ValueError(f"num_tokens must lie in [1, block_size = {model.cfg.block_size}], got {num_tokens}")
     was_training = model.training
@@ -777,7 +775,7 @@ if __name__ == "__main__":
     codes, labels = torch.randint(0, 256, (8, 16)), torch.randint(0, 10, (8,))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05)
     for step in range(30):
-        loss = model(codes[:, :-1], labels, targets=codes).loss
+        loss = model(codes, labels, targets=codes).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -89,7 +89,8 @@ from codes_table import (check_codes_fit, check_tokenizer_identity, codes_hash, 
                          merged_codes, read_codes, tokenizer_hash)
 from merge import KeptTokenSampler
 from gpt import CLASS_COND, GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
-from mergear import generate_mergear, merge_window, mergear_loss, rep_disagreement, rep_from_codes, rep_from_source
+from mergear import (MergeARTransformer, build_mergear, generate_mergear, merge_window, mergear_loss, rep_disagreement,
+                     rep_from_codes, rep_from_source)
 from randar import (RandARTransformer, build_randar, decode_with_recovery, generate_randar, randar_loss,
                     randar_losses, random_orders, teacher_forced_samples)
 from tokenizer import load_tokenizer
@@ -319,8 +320,7 @@ class Stage2Loss(nn.Module):
         if self.kind == "randar":
             return randar_loss(m, codes, labels, cells, order, label_smoothing=self.ls)
         if self.kind == "llamagen":
-            inputs = codes if m.cfg.factorized else codes[:, :-1]           # the factorized head reads all N
-            return m(inputs, labels, targets=codes, label_smoothing=self.ls).loss
+            return m(codes, labels, targets=codes, label_smoothing=self.ls).loss
         rep = rep_from_source(source) if self.rep == "source" else rep_from_codes(codes)   # (B, N)
         return mergear_loss(m, codes, labels, K, rep, self.window, self.ls)
 
@@ -335,8 +335,9 @@ def build_generator(kind, cfg, table, K=None, tokens="merged"):
                        class_dropout_prob=cfg.class_dropout, class_cond=cfg.class_cond)
     if kind == "randar":
         return build_randar(cfg.gpt, block_size=N, position_head=tokens == "merged", **common_args)
-    return build_gpt(cfg.gpt, block_size=N, merge_counts=tuple(table["Ks"].tolist()) if kind == "mergear" else (),
-                     **common_args)
+    if kind == "mergear":
+        return build_mergear(cfg.gpt, block_size=N, merge_counts=table["Ks"].tolist(), **common_args)
+    return build_gpt(cfg.gpt, block_size=N, **common_args)
 
 
 def optimizer_groups(model, weight_decay):
@@ -609,7 +610,8 @@ def load_generator(path, device):
     if set(saved) != fields:
         raise ValueError(f"generator checkpoint {path} was written by another version of gpt.py (config fields "
                          f"differ: {', '.join(sorted(set(saved) ^ fields))})")
-    model = (RandARTransformer if ckpt["model_kind"] == "randar" else Transformer)(GPTConfig(**saved))
+    model = {"mergear": MergeARTransformer, "randar": RandARTransformer}.get(ckpt["model_kind"], Transformer)(
+        GPTConfig(**saved))
     common.load_strict(model, ckpt["model"], f"generator checkpoint {path}")
     return model.to(device).eval(), ckpt
 

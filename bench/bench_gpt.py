@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt import build_gpt, generate, guide  # noqa: E402
@@ -25,7 +26,8 @@ def generate_without_cache(model, cond, num_tokens, cfg_scale=1.0):
     labels = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if use_cfg else cond
     codes = torch.zeros(labels.shape[0], 0, dtype=torch.long)
     for _ in range(num_tokens):
-        logits = model(codes, labels).logits[:, -1]                      # (B', vocab) at the newest position
+        # the forward takes the codes it predicts, the last one never read: a placeholder for the code to come
+        logits = model(F.pad(codes, (0, 1)), labels).logits[:, -1]       # (B', vocab) at the newest position
         logits = guide(logits, cfg_scale) if use_cfg else logits
         nxt = logits.argmax(-1)                                          # (B,)
         codes = torch.cat([codes, nxt.repeat(labels.shape[0] // B)[:, None]], dim=1)

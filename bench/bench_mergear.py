@@ -3,11 +3,11 @@ per step, a memory-traffic model of GPT-L's step, and the caches' memory; same w
 
 Both decoders replay the same codes through `mergear.decode_mergear` (teacher forcing through the cache,
 codes=...), so they take the same N steps and run the same matmuls per token, through the same cache code
-(preallocated buffers, in-place writes, an additive mask); they differ only in the keys each step's attention
-reads: every earlier position (plain, PlainCacheLayout: 2 + t keys at step t, the length known on the host) or
+(mergear.CacheSlots and CompactKVCache: in-place writes, an additive mask); they differ only in the keys each
+step's attention reads: every earlier position (plain: the window W = N evicts nothing, 2 + t keys at step t) or
 the prefix, the first member of every group so far and the window (MergeAR: at most K + W + 3, padded to the
-batch's largest count, one host sync per step for that count). gpt.py's `generate` has its own KVCache, which
-attends over all N positions (masked) at every step: it is not the baseline here.
+batch's largest count). gpt.py's `generate` has its own KVCache, which attends over all N positions (masked) at
+every step: it is not the baseline here.
 
 Model: a small LlamaGen-style GPT (width 128, 4 blocks, 4 heads, vocab 4096), W = one grid row (the default).
 Codes: synthetic recovered codes with a realistic duplicate pattern: the sqrt(N) x sqrt(N) grid is cut into
@@ -18,15 +18,16 @@ Table 3: N = 256 with K = 64 and 144 (G+R), N = 1024 with K = 256 (G); batch 1 a
 Timing: the decoders run interleaved, plain, MergeAR, attention-free, plain, MergeAR, ... for --repeats rounds on
 the same sequences; each round gives one ratio (plain time / MergeAR time, the runs seconds apart under about the
 same load), and the table prints the median ratio and its min-max spread. tok/s are from the median times. The
-attention-free decoder (the same step, its attention over 3 keys) bounds what any shorter context can gain.
+attention-free decoder (the same step, its attention over at most 4 keys: W = 0 on a sequence of one repeated
+code, so every row reads C, M, the first code and itself) bounds what any shorter context can gain.
 
 Columns:
   entries/step  mean number of keys the attention computes per step (MergeAR: padding included; plain: 2 + t)
   last          the same at the last step
   tok/s         codes decoded per second, batch x N / median wall time (one thread by default)
   speed-up      plain time / MergeAR time per round: median (min-max)
-  bound         plain time / attention-free time per round (median): the same step with a 3-key attention
-                (AttentionFreeLayout), the most any shorter context can save here
+  bound         plain time / attention-free time per round (median): the same step with a 4-key attention,
+                the most any shorter context can save here
   of bound      MergeAR's saving as a share of that most: (plain - MergeAR) / (plain - attention-free), median
                 ("-" where the bound is within 5% of 1: the saving there is in the timing noise)
   FLOP pred.    the speed-up FLOP counting predicts from the per-step entries: sum_t (F + A L_plain(t)) /
@@ -37,14 +38,13 @@ Reading the numbers: at this width attention is about a quarter of the FLOPs at 
 percent, so FLOP counting predicts a few percent for GPT-L. At batch 1 the step is the matmuls and a thousand
 small framework operations, the same for both caches, and attention a few percent of it: shorter contexts
 cannot save more than that. At batch 16 the CPU attention streams L keys and values for every row and is a
-large share of the step, so shorter contexts save more than their FLOPs. In the first W + 1 steps MergeAR reads
-more keys than the plain cache: its W + 1 ring slots are always read, masked while empty. The PNG plots the
-entries per step of batch 1, plain vs. MergeAR (docs/mergear_decoding.md shows it: bench/mergear_entries.png).
+large share of the step, so shorter contexts save more than their FLOPs. The PNG plots the entries per step of
+batch 1, plain vs. MergeAR (docs/mergear_decoding.md shows it: bench/mergear_entries.png).
 
 Then what a GPU would see: a memory-traffic model of one decoding step (the weights read once, K and V of every
 key read for every row, bf16) for GPT-L at N = 1024, K = 256 and batch 1 to 256, its crossover batch and a check
-against this CPU at batch 16; and the KV-cache peak memory of GPT-L at batch 64, the decoder's own cache classes
-allocated on the meta device.
+against this CPU at batch 16; and the KV-cache memory of GPT-L at batch 64: the slots the decoder's CacheSlots
+holds on these codes, times the bytes of a slot.
 
 Last, the training-step time of both (forward + backward, about 4096 codes per step): the plain model runs the
 fused causal attention, MergeAR an explicit Eq. (12) mask, which the fused causal kernels cannot take.
@@ -61,8 +61,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt import build_gpt, ffn_hidden_size, gpt_config  # noqa: E402
-from mergear import (CompactKVCache, MergeCacheLayout, PlainCacheLayout, decode_mergear,  # noqa: E402
-                     decode_counts, merge_window, mergear_logits, mergear_loss, rep_from_codes)
+from mergear import (CacheSlots, build_mergear, decode_mergear, merge_window, mergear_loss,  # noqa: E402
+                     rep_from_codes)
 
 CONFIGS = [(256, 64), (256, 144), (1024, 256)]                  # (N, K)
 BATCHES = [1, 16]
@@ -116,27 +116,34 @@ def interleaved(fns, repeats):
     return [torch.tensor(t, dtype=torch.float64) for t in times], results
 
 
-class AttentionFreeLayout(PlainCacheLayout):
-    """The bound: the same decoding step with an attention of constant length. Every image position is written into
-    one slot, so each step reads [C, M, x_t] (3 keys) whatever t is: the matmuls, the cache writes and the framework
-    operations of a step stay, the context's cost goes. No cache layout can decode faster, so plain time / this
-    time bounds any speed-up a shorter context can give (its logits and counts are not the model's). batch: the
-    rows of the forward (2 x the samples under CFG; the bench runs without)."""
+def live_entries(codes, window):
+    """The keys Eq. (12) lets each row read, counted from the codes (rep_from_codes' reading): (B, N) -> (B, N),
+    entry t = C, M, the first members among positions 0 .. t and the other positions among t - W .. t (itself
+    included). Two running sums, no (N, N) mask."""
+    B, N = codes.shape
+    first = (rep_from_codes(codes) == torch.arange(N, device=codes.device)).long()   # (B, N)
+    zero = first.new_zeros(B, 1)
+    n_first = first.cumsum(1)                                               # (B, N) first members in 0 .. t
+    n_dup = torch.cat([zero, (1 - first).cumsum(1)], dim=1)                 # (B, N + 1) others before t
+    start = (torch.arange(N, device=codes.device) - window).clamp(min=0)   # (N,) t - W, clipped
+    return 2 + n_first + n_dup[:, 1:] - n_dup[:, start]                     # (B, N)
 
-    def __init__(self, batch, heads, device):
-        super().__init__(batch, heads, 2, device)                           # capacity 3: C, M, x_t
 
-    def plan(self, t, x):
-        super().plan(0, x)                                                  # slot 2 again, the read stays 3 keys
-
-
-def padded_entries(codes, window):
-    """Keys the batched compacted attention computes per step (N,), from the codes (B, N) alone: the prefix at
-    step 0, then C, M, the ring's W + 1 slots and the batch's largest count of first members so far."""
-    N = codes.shape[1]
-    first = rep_from_codes(codes) == torch.arange(N)                       # (B, N)
-    n_max = first.long().cumsum(1).max(0).values                           # (N,) after position j
-    return torch.cat([torch.tensor([2]), 2 + (window + 1) + n_max[: N - 1]])
+def read_lengths(codes, window, K):
+    """What the batched compacted cache does on codes (B, N), from mergear's CacheSlots driven by the codes alone
+    (no model), as decode_mergear drives it: the keys each step's attention computes (N,) (step 0: C, M; step t:
+    row t - 1's read, padded to the batch's largest), and the slots it holds at the end (its capacity)."""
+    B, N = codes.shape
+    slots = CacheSlots(B, window, min(2 + K + (window + 1) + 1, 2 + N), torch.float32, codes.device)
+    for p in range(2):                                                      # C, M
+        slots.add(p - 2, torch.full((B,), -1), torch.ones(B, dtype=torch.bool))
+    lengths = [2]
+    for t in range(1, N):
+        x = codes[:, t - 1]
+        slots.add(t - 1, x, slots.is_new(x))
+        lengths.append(slots.length)
+        slots.evict(t)
+    return torch.tensor(lengths), slots.capacity
 
 
 def streamed_weight_bytes(model, bytes_per_param):
@@ -196,14 +203,14 @@ def train_step_times(threads, repeats):
         for N, K, B in TRAIN_CONFIGS:
             torch.manual_seed(0)
             plain = build_gpt("tiny", block_size=N, num_classes=1000, **WIDTH)
-            merge = build_gpt("tiny", block_size=N, num_classes=1000, merge_counts=(K,), **WIDTH)
+            merge = build_mergear("tiny", block_size=N, num_classes=1000, merge_counts=(K,), **WIDTH)
             codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
             cond = torch.randint(0, 1000, (B,), generator=gen)
             rep = rep_from_codes(codes)
 
             def step_plain():
                 plain.zero_grad(set_to_none=True)
-                plain(codes[:, :-1], cond, targets=codes).loss.backward()
+                plain(codes, cond, targets=codes).loss.backward()
 
             def step_merge():
                 merge.zero_grad(set_to_none=True)
@@ -247,20 +254,20 @@ def traffic_model(check, gen, N=1024, K=256):
     print(f"  assumptions: the weights are read once per step ({weights / 1e6:.0f} MB: {cfg.n_layer} blocks, "
           f"{cfg.n_intra_layer} intra-token blocks, heads; embedding tables read one row); K and V of every key the "
           f"attention computes are read for every row ({kv_per_key / 1e3:.1f} kB per key: 2 x {cfg.n_layer} layers x "
-          f"{cfg.dim} x 2 B); the compacted attention reads the batch-padded slots (the ring's W + 1 and the "
-          f"batch's largest first-member count); activations, the intra-token blocks' 2-slot attention and launch "
+          f"{cfg.dim} x 2 B); the compacted attention reads the batch-padded slots (mergear.CacheSlots' length); "
+          f"activations, the intra-token blocks' 2-slot attention and launch "
           f"latency ignored; time ~ bytes. Batch = rows of the forward (CFG's [cond; null] doubles the images). "
           f"Codes: Voronoi blobs as below.")
     print(f"  {'batch':>5} | {'keys/step plain':>15} | {'MergeAR padded (live)':>21} | {'KV MB/step plain':>16} | "
           f"{'MergeAR':>7} | {'predicted speed-up':>18}")
     for b in TRAFFIC_BATCHES:
-        L_merge = padded_entries(codes[:b], W)
-        live = decode_counts(codes[:b], W, True)[0].double().mean()
+        L_merge = read_lengths(codes[:b], W, K)[0]
+        live = reads(codes[:b], W).double().mean()
         ratio = step_bytes(weights, kv_per_key, b, L_plain).sum() / step_bytes(weights, kv_per_key, b, L_merge).sum()
         print(f"  {b:5d} | {L_plain.double().mean():15.1f} | {L_merge.double().mean():12.1f} ({live:6.1f}) | "
               f"{b * kv_per_key * L_plain.double().mean() / 1e6:16.0f} | "
               f"{b * kv_per_key * L_merge.double().mean() / 1e6:7.0f} | {ratio:17.2f}x")
-    L_merge = padded_entries(codes[:16], W)
+    L_merge = read_lengths(codes[:16], W, K)[0]
     cross_p = weights / (kv_per_key * L_plain.double().mean())
     cross_m = weights / (kv_per_key * L_merge.double().mean())
     print(f"  crossover (the KV reads equal the weight reads, averaged over the N steps): batch {cross_p:.1f} for "
@@ -275,28 +282,26 @@ def traffic_model(check, gen, N=1024, K=256):
           f"matmuls' arithmetic and a thousand small framework operations per step take most of it)")
 
 
-def cache_memory(measured, N=1024, K=256, batch=64):
-    """Peak bytes of the plain and the compacted KV cache of GPT-L, allocated on the meta device (no memory used)
-    by the decoder's own classes; measured: (plain, MergeAR) cache_bytes of this bench's model at batch 16."""
+def cache_memory(gen, N=1024, K=256, batch=64):
+    """KV-cache bytes of GPT-L, plain and compacted: the slots the decoder's CacheSlots holds at the end of these
+    codes (window N: every position; window one grid row: MergeAR), times the bytes of a slot (K and V, every
+    layer, bf16)."""
     cfg = gpt_config("L", factorized=True, block_size=N)
     H, D_h, W = cfg.n_head, cfg.dim // cfg.n_head, math.isqrt(N)
-    sizes = {}
-    for name, layout in (("plain", PlainCacheLayout(batch, H, N, "meta")),
-                         ("MergeAR", MergeCacheLayout(batch, H, W, K, N, cfg.vocab_size, "meta"))):
-        layout.allocate(torch.bfloat16)
-        caches = [CompactKVCache(layout) for _ in range(cfg.n_layer)]
-        for c in caches:
-            c.allocate(H, D_h, torch.bfloat16)
-        extra = sum(t.nbytes for t in (layout.mask, getattr(layout, "unseen", layout.mask[:0])))
-        sizes[name] = (layout.capacity, sum(c.nbytes() for c in caches), extra)
-    (cp, bp, ep), (cm, bm, em) = sizes["plain"], sizes["MergeAR"]
-    print(f"\nKV-cache peak memory, GPT-L ({cfg.n_layer} layers, {H} heads x {D_h}), N = {N}, K = {K}, W = {W}, "
-          f"batch {batch}, bf16, allocated on the meta device:")
-    print(f"  plain   {cp:5d} slots per row: {bp / 2 ** 30:6.2f} GiB of K/V (+ {ep / 2 ** 20:.2f} MiB mask)")
-    print(f"  MergeAR {cm:5d} slots per row: {bm / 2 ** 30:6.2f} GiB of K/V (+ {em / 2 ** 20:.2f} MiB mask and "
-          f"table of seen codes), {bp / bm:.2f}x less (grows only if sampling yields more than K distinct codes)")
-    print(f"  measured on this bench's model (N = {N}, K = {K}, batch 16, float32): plain {measured[0] / 2 ** 20:.1f} "
-          f"MiB, MergeAR {measured[1] / 2 ** 20:.1f} MiB, {measured[0] / measured[1]:.2f}x less")
+    codes = blob_codes(N, K, batch, 4096, gen)
+    per_slot = 2 * cfg.n_layer * batch * H * D_h * 2                       # bytes of one slot of every row
+    cp, cm = read_lengths(codes, N, K)[1], read_lengths(codes, W, K)[1]
+    print(f"\nKV-cache memory, GPT-L ({cfg.n_layer} layers, {H} heads x {D_h}), N = {N}, K = {K}, W = {W}, "
+          f"batch {batch}, bf16, the slots CacheSlots holds on Voronoi-blob codes:")
+    print(f"  plain   {cp:5d} slots per row: {cp * per_slot / 2 ** 30:6.2f} GiB of K/V")
+    print(f"  MergeAR {cm:5d} slots per row: {cm * per_slot / 2 ** 30:6.2f} GiB of K/V, {cp / cm:.2f}x less (grows "
+          f"only if sampling yields more than K distinct codes)")
+
+
+def reads(codes, window):
+    """The live keys each decoding step's attention reads, per sample (B, N): C, M at step 0, then Eq. (12)'s row
+    of the fed position (itself included)."""
+    return torch.cat([torch.full_like(codes[:, :1], 2), live_entries(codes, window)[:, :-1]], dim=1)
 
 
 def decode_rows(models, repeats, gen):
@@ -316,18 +321,16 @@ def decode_rows(models, repeats, gen):
         for B in BATCHES:
             codes = blob_codes(N, K, B, WIDTH["vocab_size"], gen)
             cond = torch.randint(0, 1000, (B,), generator=gen)
-            free = lambda: AttentionFreeLayout(len(cond), model.cfg.n_head, cond.device)    # noqa: E731 (no CFG)
-            for compact, layout in ((False, None), (True, None), (True, free())):   # warm-up, all three decoders
-                decode_mergear(model, cond, K, 16, codes=codes[:, :16], compact=compact, return_logits=False,
-                               layout=layout)
-            (tp, tm, tb), (plain, merge, _) = interleaved(
-                [lambda: decode_mergear(model, cond, K, N, codes=codes, compact=False, return_logits=False),
-                 lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False),
-                 lambda: decode_mergear(model, cond, K, N, codes=codes, return_logits=False, layout=free())],
-                repeats)
-            assert torch.equal(plain.codes, merge.codes) and (merge.stored <= K + W + 2).all()
-            Lp, Lm = plain.computed, merge.computed
-            assert torch.equal(Lm, padded_entries(codes, W))                # the traffic model's count
+            one = codes[:, :1].expand(B, N)                                 # the bound: one repeated code, W = 0
+            decoders = [lambda w=N, c=codes: decode_mergear(model, cond, K, N, w, codes=c, return_logits=False),
+                        lambda w=W, c=codes: decode_mergear(model, cond, K, N, w, codes=c, return_logits=False),
+                        lambda w=0, c=one: decode_mergear(model, cond, K, N, w, codes=c, return_logits=False)]
+            for decode in decoders:                                         # warm-up
+                decode()
+            (tp, tm, tb), (plain, merge, _) = interleaved(decoders, repeats)
+            assert torch.equal(plain.codes, merge.codes) and (live_entries(codes, W) <= K + W + 3).all()
+            Lp, Lm = read_lengths(codes, N, K)[0], read_lengths(codes, W, K)[0]
+            assert torch.equal(Lp, torch.arange(2, N + 2))                  # W = N: the plain cache, 2 + t keys
             ratio = tp / tm                                                 # (repeats,) paired
             bound = (tp / tb).median()
             share = f"{100 * ((tp - tm) / (tp - tb)).median():7.0f}%" if bound > 1.05 else f"{'-':>8}"  # in the noise
@@ -341,12 +344,11 @@ def decode_rows(models, repeats, gen):
                 curves[(N, K)] = (Lp, Lm)
                 if N == 256 and K == 64:                                    # the cache is the masked forward
                     d = decode_mergear(model, cond, K, N, codes=codes)
-                    full = mergear_logits(model, codes, cond, K, rep_from_codes(codes))
+                    full = model(codes, cond, K, rep_from_codes(codes))
                     print(f"{'':>19}  (N = {N}, K = {K}: compacted-cache logits vs. Eq. (12) masked forward, "
                           f"max |diff| {(full - d.logits).abs().max().item():.1e})")
             if N == 1024 and B == 16:
-                check = (streamed_weight_bytes(model, 4), 2 * WIDTH["n_layer"] * WIDTH["dim"] * 4, Lp, Lm, ratio,
-                         (plain.cache_bytes, merge.cache_bytes))
+                check = (streamed_weight_bytes(model, 4), 2 * WIDTH["n_layer"] * WIDTH["dim"] * 4, Lp, Lm, ratio)
     return curves, check
 
 
@@ -363,8 +365,8 @@ def main():
     models = {}
     for N in sorted({N for N, _ in CONFIGS}):                               # one RoPE grid per N, same weights
         torch.manual_seed(0)
-        models[N] = build_gpt("tiny", block_size=N, num_classes=1000, merge_counts=tuple(K for _, K in CONFIGS),
-                              **WIDTH).eval()
+        models[N] = build_mergear("tiny", block_size=N, num_classes=1000, merge_counts=[K for _, K in CONFIGS],
+                                  **WIDTH).eval()
         models[N].output.weight.normal_(0, 0.02)
     print(f"GPT width {WIDTH['dim']}, {WIDTH['n_layer']} blocks, {WIDTH['n_head']} heads, vocab "
           f"{WIDTH['vocab_size']}; {args.threads} thread(s); W = one grid row; codes replayed (teacher forcing); "
@@ -373,8 +375,8 @@ def main():
     curves, check = decode_rows(models, args.repeats, gen)
     plot(curves, args.png)
     print(f"entries per step plotted to {args.png}")
-    traffic_model(check[:5], gen)
-    cache_memory(check[5])
+    traffic_model(check, gen)
+    cache_memory(gen)
     train_step_times(args.threads, args.repeats)
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt import build_gpt, generate  # noqa: E402
 from lfq import join_index, split_index  # noqa: E402
-from mergear import generate_mergear, mergear_loss, rep_from_codes  # noqa: E402
+from mergear import build_mergear, generate_mergear, mergear_loss, rep_from_codes  # noqa: E402
 
 G, CLASSES, BACKGROUND = 8, 10, 16
 BLOCK = torch.tensor([r * G + c for r in range(2, 6) for c in range(2, 6)])   # the central 4 x 4, raster order
@@ -64,14 +64,16 @@ def draw(background, class_codes, B, g):
 
 def build(kind, head, vocab):
     extra = {"intra_post_input": "pre"} if head == "release" else {}
-    return build_gpt("tiny", vocab_size=vocab, factorized=head != "plain", num_classes=CLASSES, block_size=G * G,
-                     merge_counts=(G * G,) if kind == "mergear" else (), **extra)
+    args = dict(vocab_size=vocab, factorized=head != "plain", num_classes=CLASSES, block_size=G * G, **extra)
+    if kind == "mergear":
+        return build_mergear("tiny", merge_counts=(G * G,), **args)
+    return build_gpt("tiny", **args)
 
 
 def loss_of(kind, model, codes, labels):
     if kind == "mergear":
         return mergear_loss(model, codes, labels, G * G, rep_from_codes(codes))
-    return model(codes if model.cfg.factorized else codes[:, :-1], labels, targets=codes).loss
+    return model(codes, labels, targets=codes).loss
 
 
 def diagnose(model, background, class_codes):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import randomize_heads
 from gpt import build_gpt, generate
-from mergear import decode_mergear, mergear_logits, rep_from_codes
+from mergear import build_mergear, decode_mergear, rep_from_codes
 from randar import build_randar, decode_randar
 
 V, FV, C = 64, 2 ** 18, 10                        # plain vocabulary, factorized 2^18, classes
@@ -23,8 +23,10 @@ def add_model(kind, factorized, seed=0):
     args = dict(vocab_size=FV if factorized else V, factorized=factorized, num_classes=C, class_cond="add")
     if kind == "randar":
         model = build_randar("tiny", **args)
+    elif kind == "mergear":
+        model = build_mergear("tiny", merge_counts=(4, 8, 16), **args)
     else:
-        model = build_gpt("tiny", merge_counts=(4, 8, 16) if kind == "mergear" else (), **args)
+        model = build_gpt("tiny", **args)
     return randomize_heads(model).eval()
 
 
@@ -38,7 +40,7 @@ def test_llamagen_decoding_equals_teacher_forcing(factorized):
     cond = torch.tensor([1, 7, 3])
     codes, logits = generate(model, cond, 16, generator=torch.Generator().manual_seed(0), return_logits=True)
     with torch.no_grad():
-        out = model(codes if factorized else codes[:, :-1], cond)
+        out = model(codes, cond)
     ref = (out.logits_pre, out.logits_post) if factorized else (out.logits,)
     for got, want in zip(unpack(logits), ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -53,8 +55,8 @@ def test_mergear_compact_replay_equals_the_masked_forward(cfg):
     cached = decode_mergear(model, cond, K, 16, window=2, codes=codes, cfg_scale=cfg).logits   # (B, N, V)
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(model, codes, cond, K, rep, 2)
-        u = mergear_logits(model, codes, torch.full_like(cond, C), K, rep, 2)
+        c = model(codes, cond, K, rep, 2)
+        u = model(codes, torch.full_like(cond, C), K, rep, 2)
     torch.testing.assert_close(cached, u + cfg * (c - u), rtol=1e-4, atol=1e-4)
 
 
@@ -79,7 +81,7 @@ def test_randar_one_token_per_step_equals_teacher_forcing(factorized, cfg):
 def test_the_label_reaches_each_code_without_the_class_token():
     """Zero the class token's input (position 0) by hooking the first block: a prefix model's logits no longer
     depend on the label, an "add" model's still do."""
-    codes = torch.randint(0, V, (2, 15), generator=torch.Generator().manual_seed(4))
+    codes = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(4))
     for class_cond, depends in [("prefix", False), ("add", True)]:
         torch.manual_seed(0)
         model = randomize_heads(build_gpt("tiny", vocab_size=V, num_classes=C, class_cond=class_cond)).eval()

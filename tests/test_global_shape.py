@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gpt import build_gpt, generate
-from mergear import generate_mergear, mergear_loss, rep_from_codes
+from mergear import build_mergear, generate_mergear, mergear_loss, rep_from_codes
 from merge import anchors
 from randar import build_randar, generate_randar, randar_loss
 
@@ -54,8 +54,10 @@ def train(kind, labels_of, steps=800, seed=0):
     args = dict(vocab_size=2 * KINDS, num_classes=CLASSES, block_size=G * G, class_cond="add")   # the CPU preset's
     if kind == "randar":
         model = build_randar("tiny", position_head=True, **args)
+    elif kind == "mergear":
+        model = build_mergear("tiny", merge_counts=(8,), **args)
     else:
-        model = build_gpt("tiny", merge_counts=(8,) if kind == "mergear" else (), **args)
+        model = build_gpt("tiny", **args)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     model.train()
@@ -63,7 +65,7 @@ def train(kind, labels_of, steps=800, seed=0):
         labels = labels_of(16, g)
         codes, source = draw_images(labels, g)
         if kind == "llamagen":
-            loss = model(codes[:, :-1], labels, targets=codes).loss
+            loss = model(codes, labels, targets=codes).loss
         elif kind == "mergear":
             loss = mergear_loss(model, codes, labels, 8, rep_from_codes(codes))
         else:

@@ -131,7 +131,8 @@ def test_rope_class_rows_and_the_first_cell():
 
 
 def test_forward_shapes_in_train_and_eval_mode(plain, factorized):
-    idx, cond = torch.randint(0, V, (2, 15)), torch.randint(0, C, (2,))
+    """Both heads take the same input, all T codes (B, T), and give logits for all T."""
+    idx, cond = torch.randint(0, V, (2, 16)), torch.randint(0, C, (2,))
     for mode in (True, False):
         plain.train(mode)
         assert plain(idx, cond).logits.shape == (2, 16, V)
@@ -144,10 +145,24 @@ def test_forward_shapes_in_train_and_eval_mode(plain, factorized):
     factorized.eval()
 
 
+def test_the_last_code_is_read_only_where_it_is_predicted(plain, factorized):
+    """Code T-1 is a target, not an input of the main stack: changing it moves no plain logit and no pre logit;
+    only the factorized post logits of code T-1 move (post is predicted given its own pre sub-token)."""
+    cond = torch.tensor([2, 5])
+    idx = torch.randint(0, FV, (2, 16), generator=torch.Generator().manual_seed(0))
+    other = idx.clone()
+    other[:, -1] = (idx[:, -1] + 1) % 64                                 # another pre sub-token of the last code
+    with torch.no_grad():
+        assert torch.equal(plain(idx % V, cond).logits, plain(other % V, cond).logits)
+        a, b = factorized(idx, cond), factorized(other, cond)
+    assert torch.equal(a.logits_pre, b.logits_pre) and torch.equal(a.logits_post[:, :-1], b.logits_post[:, :-1])
+    assert not torch.allclose(a.logits_post[:, -1], b.logits_post[:, -1])
+
+
 def test_kv_cache_decoding_equals_the_full_causal_forward(plain):
     torch.manual_seed(0)
     B, T = 3, 16
-    idx, cond = torch.randint(0, V, (B, T - 1)), torch.randint(0, C, (B,))
+    idx, cond = torch.randint(0, V, (B, T)), torch.randint(0, C, (B,))
     with torch.no_grad():
         full = plain(idx, cond).logits                                   # (B, T, V)
         plain.setup_caches(B, T)
@@ -187,15 +202,16 @@ def test_a_cached_decoding_step_reads_nothing_back_from_the_device(plain, monkey
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind):
     """--checkpoint-activations recomputes each block in backward: loss and every gradient equal the plain
     backward's, dropout on (its masks are replayed from the saved RNG state)."""
-    from mergear import mergear_loss, rep_from_codes
+    from mergear import build_mergear, mergear_loss, rep_from_codes
     from randar import build_randar, randar_loss, random_orders
     vocab = FV if kind == "factorized" else V
     torch.manual_seed(0)
     if kind == "randar":
         model = build_randar("tiny", vocab_size=V, num_classes=C)
+    elif kind == "mergear":
+        model = build_mergear("tiny", vocab_size=V, num_classes=C, merge_counts=(4, 9))
     else:
-        model = build_gpt("tiny", vocab_size=vocab, factorized=kind == "factorized", num_classes=C,
-                          merge_counts=(4, 9) if kind == "mergear" else ())
+        model = build_gpt("tiny", vocab_size=vocab, factorized=kind == "factorized", num_classes=C)
     randomize_heads(model)
     model.train()
     g = torch.Generator().manual_seed(1)
@@ -207,7 +223,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind):
             return randar_loss(model, codes, labels, order)
         if kind == "mergear":
             return mergear_loss(model, codes, labels, torch.tensor([4, 9, 4]), rep_from_codes(codes))
-        return model(codes if kind == "factorized" else codes[:, :-1], labels, targets=codes).loss
+        return model(codes, labels, targets=codes).loss
 
     results, kept = [], []
     for on in (False, True):
@@ -235,7 +251,7 @@ def test_generate_logits_equal_teacher_forcing_on_its_samples(plain, factorized,
     assert codes.shape == (3, 16) and codes.dtype == torch.int64 and not model.training
     with torch.no_grad():
         if which == "plain":
-            torch.testing.assert_close(logits, model(codes[:, :-1], cond).logits, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits, model(codes, cond).logits, rtol=1e-4, atol=1e-5)
         else:
             out = model(codes, cond)
             torch.testing.assert_close(logits[0], out.logits_pre, rtol=1e-4, atol=1e-5)
@@ -257,7 +273,7 @@ def test_generate_under_bf16_autocast(plain, factorized, which):
         codes, logits = generate(model, cond, 16, generator=torch.Generator().manual_seed(0), return_logits=True)
     assert cache_dtype == torch.bfloat16 and codes.shape == (2, 16)
     with torch.no_grad():
-        out = model(codes[:, :-1] if which == "plain" else codes, cond)
+        out = model(codes, cond)
     pairs = [(logits, out.logits)] if which == "plain" else [(logits[0], out.logits_pre), (logits[1], out.logits_post)]
     for got, want in pairs:
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
@@ -270,7 +286,7 @@ def test_cfg_scale_one_equals_the_conditional_logits(plain):
     codes, logits = generate(plain, cond, 16, cfg_scale=1.0, cfg_schedule="linear", generator=gen,
                              return_logits=True)
     with torch.no_grad():
-        torch.testing.assert_close(logits, plain(codes[:, :-1], cond).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits, plain(codes, cond).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_cfg_combines_conditional_and_null_logits(plain):
@@ -279,13 +295,13 @@ def test_cfg_combines_conditional_and_null_logits(plain):
     s = 3.0
     codes, logits = generate(plain, cond, 16, cfg_scale=s, top_k=1, return_logits=True)
     with torch.no_grad():
-        c, u = plain(codes[:, :-1], cond).logits, plain(codes[:, :-1], null).logits
+        c, u = plain(codes, cond).logits, plain(codes, null).logits
     torch.testing.assert_close(logits, u + s * (c - u), rtol=1e-4, atol=1e-4)
     assert torch.equal(codes, logits.argmax(-1))
     # cfg interval 3: codes 0 .. 4 guided (LlamaGen's count of decode steps), the rest conditional only
     codes, logits = generate(plain, cond, 16, cfg_scale=s, cfg_interval=3, top_k=1, return_logits=True)
     with torch.no_grad():
-        c, u = plain(codes[:, :-1], cond).logits, plain(codes[:, :-1], null).logits
+        c, u = plain(codes, cond).logits, plain(codes, null).logits
     torch.testing.assert_close(logits[:, :5], (u + s * (c - u))[:, :5], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[:, 5:], c[:, 5:], rtol=1e-4, atol=1e-5)
 
@@ -302,7 +318,7 @@ def test_factorized_cfg_guides_both_heads(factorized):
 
 
 def test_linear_cfg_schedule():
-    from mergear import cfg_scale_at
+    from gpt import cfg_scale_at
     assert [cfg_scale_at(t, 4, 3.0, "linear") for t in range(4)] == [1.0, 1.5, 2.0, 2.5]
     assert cfg_scale_at(2, 4, 3.0) == 3.0
 
@@ -351,7 +367,7 @@ def test_top_k_one_is_greedy(plain):
     cond = torch.tensor([3, 8])
     codes = generate(plain, cond, 16, top_k=1)
     with torch.no_grad():
-        assert torch.equal(codes, plain(codes[:, :-1], cond).logits.argmax(-1))
+        assert torch.equal(codes, plain(codes, cond).logits.argmax(-1))
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
@@ -509,7 +525,7 @@ def test_tiny_model_loss_falls_on_fixed_codes(which):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05)
     losses = []
     for _ in range(30):
-        out = model(codes if which == "factorized" else codes[:, :-1], labels, targets=codes)
+        out = model(codes, labels, targets=codes)
         opt.zero_grad()
         out.loss.backward()
         opt.step()

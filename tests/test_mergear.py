@@ -1,36 +1,30 @@
-"""mergear.py: the Eq. (12) mask against Fig. 6 and a brute force, the two readings of the representatives, the
-compacted cache against the masked forward (with CFG), its size, a tiny MergeAR that learns, and the public names
-mergear.py re-exports from gpt.py."""
+"""mergear.py: the two readings of the representatives and the Eq. (12) mask against loops that apply the rule as
+written, Sec. 4.1's property of the mask, the compacted cache against the masked forward (K < N, repeated codes,
+with CFG), what the cache holds after every step against the rule applied by brute force, the Merge Instruction
+token, and a tiny MergeAR that learns."""
 import math
 
 import pytest
 import torch
 
-import gpt
 import mergear
 from gpt import build_gpt, generate
-from mergear import (decode_mergear, generate_mergear, merge_causal_mask, mergear_logits, mergear_logits_cached,
-                     mergear_loss, rep_disagreement, rep_from_codes, rep_from_source)
+from mergear import (build_mergear, decode_mergear, generate_mergear, merge_causal_mask, merge_window, mergear_loss,
+                     rep_disagreement, rep_from_codes, rep_from_source)
 
 from conftest import randomize_heads
 
 V, C = 64, 10                                   # tiny vocabulary and number of classes
 FV = 2 ** 10                                    # tiny factorized vocabulary: pre 6 bits (64), post 4 bits (16)
+KS = (4, 6, 8, 16)                              # the tiny MergeAR model's allowed kept counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py: tiny models run fastest on one thread
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# MergeAR: representatives, the Eq. (12) mask, the compacted cache, training
-# ----------------------------------------------------------------------------------------------------------------
-
-KS = (4, 6, 8, 16)                              # the tiny MergeAR model's allowed kept counts
 
 
 @pytest.fixture(scope="module")
 def merge_model():
     torch.manual_seed(2)
-    model = build_gpt("tiny", vocab_size=V, num_classes=C, merge_counts=KS).eval()
+    model = build_mergear("tiny", vocab_size=V, num_classes=C, merge_counts=KS).eval()
     randomize_heads(model)
     return model
 
@@ -46,7 +40,13 @@ def scattered_source(N, K, gen):
     return src[torch.randperm(N, generator=gen)]
 
 
+def codes_from_groups(source, group_codes):
+    """The recovered codes of one tokenization: every member of group k carries group k's code."""
+    return group_codes.gather(-1, source)
+
+
 def brute_rep(labels):
+    """rep[j] = the first position holding j's label, by search."""
     return [min(i for i in range(len(labels)) if labels[i] == labels[j]) for j in range(len(labels))]
 
 
@@ -56,23 +56,9 @@ def brute_mask(rep, W):
     return torch.tensor([[j <= t and (rep[j] == j or t - j <= W) for j in range(N)] for t in range(N)])
 
 
-def test_fig6_mask_is_the_papers_example():
-    # Fig. 6: 9 tokens, groups {1,2}, {3,4}, {5,6,7}, {8,9} (1-based), window 2
-    source = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 3, 3]])
-    rep = rep_from_source(source)
-    assert rep.tolist() == [[0, 0, 2, 2, 4, 4, 4, 7, 7]]
-    expected = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0, 0, 0, 0, 0],
-                             [1, 1, 1, 0, 0, 0, 0, 0, 0],
-                             [1, 1, 1, 1, 0, 0, 0, 0, 0],
-                             [1, 0, 1, 1, 1, 0, 0, 0, 0],
-                             [1, 0, 1, 1, 1, 1, 0, 0, 0],
-                             [1, 0, 1, 0, 1, 1, 1, 0, 0],
-                             [1, 0, 1, 0, 1, 1, 1, 1, 0],
-                             [1, 0, 1, 0, 1, 0, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(merge_causal_mask(rep, 2)[0], expected)
-    # the recovered codes: one code per group, all distinct -> the same reading
-    assert torch.equal(rep_from_codes(torch.tensor([[5, 5, 9, 9, 1, 1, 1, 7, 7]])), rep)
+# ----------------------------------------------------------------------------------------------------------------
+# Representatives and the Eq. (12) mask
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("W", [0, 1, 2, 5])
@@ -92,6 +78,25 @@ def test_merge_causal_mask_equals_brute_force(W):
     assert torch.equal(merge_causal_mask(rep, N)[0], torch.ones(N, N, dtype=torch.bool).tril())
 
 
+@pytest.mark.parametrize("W", [0, 2, 4])
+def test_outside_the_window_each_group_is_one_token(W):
+    """Sec. 4.1: "each original token is represented by at most one merged token in the context". Beyond the window,
+    row t sees exactly one token of every group begun before it (so no group twice, none missing); within the
+    window, every earlier token. Groups of scattered members, as ToMe merges them."""
+    gen = torch.Generator().manual_seed(W)
+    N = 24
+    for K in (3, 8, 15):
+        source = scattered_source(N, K, gen)
+        mask = merge_causal_mask(rep_from_source(source[None]), W)[0]      # (N, N)
+        for t in range(N):
+            old = [j for j in range(t + 1) if t - j > W]
+            seen = [source[j].item() for j in old if mask[t, j]]
+            begun = {source[j].item() for j in old if source[j] not in source[:j]}   # first member beyond window
+            assert sorted(seen) == sorted(begun), (K, t)
+            assert all(mask[t, j] for j in range(max(0, t - W), t + 1))      # the window: every token
+            assert not mask[t, t + 1:].any()                                # causal
+
+
 def test_source_and_code_readings_disagree_where_groups_share_a_code():
     source = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3],
                            [0, 0, 1, 1, 2, 2, 3, 3]])
@@ -104,13 +109,13 @@ def test_source_and_code_readings_disagree_where_groups_share_a_code():
     assert d.token_rate == pytest.approx(2 / 16) and d.sequence_rate == 0.5 and d.folded_groups == 0.5
 
 
-def codes_from_groups(source, group_codes):
-    """The recovered codes of one tokenization: every member of group k carries group k's code."""
-    return group_codes.gather(-1, source)
+# ----------------------------------------------------------------------------------------------------------------
+# The compacted cache
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def decoding_batches():
-    """Batches of (codes, K, W) with different duplicate and eviction patterns, N = 16."""
+    """Batches of (codes, K, W) with different duplicate and eviction patterns, N = 16, K < N except one."""
     gen = torch.Generator().manual_seed(0)
     runs = torch.stack([runs_source(L) for L in ([2, 2, 3, 2, 1, 4, 2], [4, 4, 4, 4], [1] * 8 + [8],
                                                 [8] + [1] * 8)])           # (4, 16)
@@ -129,138 +134,120 @@ def decoding_batches():
     ]
 
 
+def guided_masked_forward(model, codes, cond, K, W, s):
+    """The masked forward's logits with CFG u + s (c - u): the null branch is [null class, M] (M kept)."""
+    rep = rep_from_codes(codes)
+    with torch.no_grad():
+        c = model(codes, cond, K, rep, W)
+        if s == 1.0:
+            return c
+        u = model(codes, torch.full_like(cond, C), K, rep, W)
+    if isinstance(c, tuple):
+        return tuple(ui + s * (ci - ui) for ci, ui in zip(c, u))
+    return u + s * (c - u)
+
+
 @pytest.mark.parametrize("case", range(7))
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_compact_cache_replay_equals_the_masked_forward(merge_model, case, cfg):
     codes, K, W = decoding_batches()[case]
     B = codes.shape[0]
     cond = torch.arange(B) % C
-    cached = mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=cfg)       # (B, N, V)
-    rep = rep_from_codes(codes)
-    with torch.no_grad():
-        c = mergear_logits(merge_model, codes, cond, K, rep, W)
-        full = c
-        if cfg != 1.0:                                       # the null branch: class -> null, M kept
-            u = mergear_logits(merge_model, codes, torch.full_like(cond, C), K, rep, W)
-            full = u + cfg * (c - u)
+    cached = decode_mergear(merge_model, cond, K, 16, W, codes=codes, cfg_scale=cfg).logits   # (B, N, V)
     assert cached.shape == (B, 16, V)
-    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, guided_masked_forward(merge_model, codes, cond, K, W, cfg),
+                               rtol=1e-4, atol=1e-4)
     # the mask matters: the plain causal forward gives other logits wherever a duplicate was evicted
+    rep = rep_from_codes(codes)
     evicted = (merge_causal_mask(rep, W) != torch.ones(16, 16, dtype=torch.bool).tril()).any()
     if evicted and cfg == 1.0:
         with torch.no_grad():
-            causal = mergear_logits(merge_model, codes, cond, K, torch.arange(16).expand(B, 16), W)
-        assert not torch.allclose(causal, full, atol=1e-3)
+            causal = merge_model(codes, cond, K, torch.arange(16).expand(B, 16), W)
+        assert not torch.allclose(causal, cached, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_the_cache_holds_exactly_what_the_next_row_may_read(merge_model, case, monkeypatch):
+    """After each decoding step t (x_{t-1} fed), the live slots of every sample hold exactly C, M and the image
+    positions j <= t - 1 that row t may read: j the first position of its code, or t - j <= W (brute force). And
+    the slots attention reads never outgrow the largest live count so far: freed slots are reused."""
+    codes, K, W = decoding_batches()[case]
+    B, N = codes.shape
+    held, lengths = [], []
+    real_evict = mergear.CacheSlots.evict
+
+    def spy(slots, t):
+        real_evict(slots, t)
+        held.append([sorted(slots.pos[b][slots.live[b]].tolist()) for b in range(B)])
+        lengths.append(slots.length)
+    monkeypatch.setattr(mergear.CacheSlots, "evict", spy)
+    decode_mergear(merge_model, torch.arange(B) % C, K, N, W, codes=codes, return_logits=False)
+    assert len(held) == N - 1
+    def readable(seq, t):                                                   # C, M and Eq. (12)'s row t
+        return [-2, -1] + [j for j in range(min(t + 1, N)) if seq.index(seq[j]) == j or t - j <= W]
+
+    most = 2                                                                # the largest live count so far
+    for t in range(1, N):
+        for b in range(B):
+            seq = codes[b].tolist()
+            assert held[t - 1][b] == [j for j in readable(seq, t) if j < t], (t, b)   # x_t is not fed yet
+            most = max(most, len(readable(seq, t - 1)))                     # live while x_{t-1} was read
+        assert lengths[t - 1] <= most, t
+
+
+def test_a_window_as_long_as_the_sequence_is_the_causal_model(merge_model):
+    codes, K, _ = decoding_batches()[0]
+    cond = torch.arange(4)
+    d = decode_mergear(merge_model, cond, K, 16, 16, codes=codes)        # W = N: nothing is ever evicted
+    with torch.no_grad():
+        causal = merge_model(codes, cond, K, torch.arange(16).expand(4, 16), 2)   # rep = identity: causal
+    torch.testing.assert_close(d.logits, causal, rtol=1e-4, atol=1e-4)
 
 
 def test_mergear_linear_cfg_scales_every_step(merge_model):
     """Linear CFG on the compacted cache: code t is guided with s_t = 1 + (s - 1) t / N, here 1 + 2 t / 16."""
     codes, K, W = decoding_batches()[0]
     cond = torch.arange(4) % C
-    cached = mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=3.0, cfg_schedule="linear")
+    cached = decode_mergear(merge_model, cond, K, 16, W, codes=codes, cfg_scale=3.0, cfg_schedule="linear").logits
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        c = mergear_logits(merge_model, codes, cond, K, rep, W)
-        u = mergear_logits(merge_model, codes, torch.full_like(cond, C), K, rep, W)
+        c = merge_model(codes, cond, K, rep, W)
+        u = merge_model(codes, torch.full_like(cond, C), K, rep, W)
     s = torch.tensor([1 + t / 8 for t in range(16)])[None, :, None]      # 1.0, 1.125, ..., 2.875
     torch.testing.assert_close(cached, u + s * (c - u), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cached[:, 0], c[:, 0], rtol=1e-4, atol=1e-4)   # s_0 = 1: the conditional logits
     with pytest.raises(ValueError, match="cfg schedule"):
-        mergear_logits_cached(merge_model, codes, cond, K, W, cfg_scale=3.0, cfg_schedule="cosine")
-
-
-def test_plain_cache_replay_is_the_causal_model(merge_model):
-    codes, K, _ = decoding_batches()[0]
-    cond = torch.arange(4)
-    d = decode_mergear(merge_model, cond, K, 16, 2, codes=codes, compact=False)
-    with torch.no_grad():
-        causal = mergear_logits(merge_model, codes, cond, K, torch.arange(16).expand(4, 16), 2)   # rep = identity
-    torch.testing.assert_close(d.logits, causal, rtol=1e-4, atol=1e-4)
-    assert d.computed.tolist() == list(range(2, 18))         # prefix + every earlier code
-
-
-def test_cache_holds_at_most_K_plus_W_plus_2_entries(merge_model):
-    W = 2
-    # K = 4 groups; the last group's run is long, so the sequence ends with W live duplicates: exactly K + W + 2
-    source = torch.stack([runs_source([3, 2, 1, 10]), runs_source([2, 2, 2, 10]), runs_source([4, 4, 4, 4])])
-    codes = codes_from_groups(source, torch.tensor([11, 22, 33, 44]).expand(3, 4))
-    d = decode_mergear(merge_model, torch.tensor([0, 1, 2]), 4, 16, W, codes=codes)
-    K, N = 4, 16
-    for b in range(3):
-        rep = brute_rep(codes[b].tolist())                                  # first position of each code
-        rows = brute_mask(rep, W)                                           # Eq. (12) written out, (N, N)
-        # step 0 reads the prefix C, M; step t >= 1 feeds x_{t-1} and reads C, M and Eq. (12)'s row t - 1
-        assert d.reads[b].tolist() == [2] + [2 + int(rows[t].sum()) for t in range(N - 1)], b
-        # live at the end (x_0 .. x_{N-2} fed; row N - 1 reads next): C, M, every first member, and the
-        # duplicates j with (N - 1) - j <= W
-        live = 2 + sum(rep[j] == j or (N - 1) - j <= W for j in range(N - 1))
-        assert d.stored[b] == live, b
-    assert d.stored.tolist() == [K + W + 2] * 3                              # the bound, reached by each sample
-    # every step reads at most the live entries + the fed token; the batched attention pads to the batch maximum
-    assert (d.reads <= K + W + 3).all() and (d.computed <= K + W + 3).all()
-    assert (d.computed >= d.reads.max(0).values).all()
-    # every step's reads: the prefix, Eq. (12)'s row of the fed position (brute force); the batched attention
-    # computes the ring's W + 1 slots and the batch's largest count of distinct codes so far
-    for t in range(1, 16):
-        for b in range(3):
-            assert d.reads[b, t] == 2 + brute_mask(brute_rep(codes[b].tolist()), W)[t - 1].sum()
-        assert d.computed[t] == 2 + (W + 1) + max(len(set(codes[b, :t].tolist())) for b in range(3))
-    # the buffers: 2 + (W + 1) + K slots per sample, K and V, every layer (float32, width 64)
-    layers, dim = len(merge_model.layers), merge_model.cfg.dim
-    assert d.cache_bytes == 2 * layers * 3 * (2 + (W + 1) + K) * dim * 4
-    # W = 0: no ring, the prefix and the K first members only
-    assert decode_mergear(merge_model, torch.tensor([0]), 4, 16, 0, codes=codes[:1]).stored.item() == K + 2
-    # the plain cache of the same sequence keeps every position: N + 1 entries, N + 1 keys at the last step
-    plain = decode_mergear(merge_model, torch.tensor([0]), 4, 16, W, codes=codes[:1], compact=False)
-    assert plain.stored.item() == 17 and plain.computed[-1] == 17
-    assert plain.cache_bytes == 2 * layers * 1 * 17 * dim * 4
+        decode_mergear(merge_model, cond, K, 16, W, codes=codes, cfg_scale=3.0, cfg_schedule="cosine")
 
 
 def test_compact_cache_grows_when_codes_outnumber_K(merge_model):
-    """Sampling may produce more distinct codes than K: the first-member region grows (4 -> 8 -> 16 slots here)
-    and the logits stay the masked forward's."""
+    """Sampling may produce more distinct codes than K: the slots grow and the logits stay the masked forward's."""
     gen = torch.Generator().manual_seed(5)
     codes = torch.stack([torch.randperm(V, generator=gen)[:16], torch.randint(0, 3, (16,), generator=gen)])
     cond, W = torch.tensor([1, 2]), 2
     d = decode_mergear(merge_model, cond, 4, 16, W, codes=codes, cfg_scale=2.0)   # K = 4, 16 distinct codes
-    rep = rep_from_codes(codes)
-    with torch.no_grad():
-        c = mergear_logits(merge_model, codes, cond, 4, rep, W)
-        u = mergear_logits(merge_model, codes, torch.full_like(cond, C), 4, rep, W)
-    torch.testing.assert_close(d.logits, u + 2.0 * (c - u), rtol=1e-4, atol=1e-4)
-    layers, dim = len(merge_model.layers), merge_model.cfg.dim
-    assert d.cache_bytes == 2 * layers * 4 * (2 + (W + 1) + 16) * dim * 4          # 2 x 2 rows with CFG
-    assert d.stored.tolist() == [2 + 15, 2 + 3 + W]                                 # 15 fed firsts; 3 codes + window
+    torch.testing.assert_close(d.logits, guided_masked_forward(merge_model, codes, cond, 4, W, 2.0),
+                               rtol=1e-4, atol=1e-4)
 
 
-def test_a_compacted_decoding_step_reads_back_one_value(merge_model, monkeypatch):
-    """A MergeAR step waits for the device once: the batch's largest slot count (the read's length), read after the
-    duplicate test; nothing in the layers. Setup reads K's maximum (the first capacity). The plain layout's length
-    is known on the host: it reads only what both share (the check of K in merge_instruction_index)."""
-    codes, K, W = decoding_batches()[3]
-    reads = []
-    for name in ("__int__", "item", "tolist", "__bool__", "__index__"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (reads.append(_name),
-                                                                                          _real(self, *a))[1])
-    decode_mergear(merge_model, torch.arange(3), K, 16, W, codes=codes, compact=False, return_logits=False)
-    shared = list(reads)
-    reads.clear()
-    decode_mergear(merge_model, torch.arange(3), K, 16, W, codes=codes, return_logits=False)
-    assert len(reads) == len(shared) + 1 + 15               # K's maximum + one per fed token x_0 .. x_14
-    assert len(shared) <= 1
-
-
-@pytest.mark.parametrize("compact", [True, False])
-def test_decoding_under_bf16_autocast(merge_model, compact):
-    """Under autocast the activations are bf16: the cache takes their dtype (half the bytes), not the model's
-    float32 (an index write of bf16 keys into a float32 cache fails), and the logits stay close."""
+def test_decoding_under_bf16_autocast(merge_model, monkeypatch):
+    """Under autocast the activations are bf16: every layer's cache and the additive mask it returns take their
+    dtype (half the bytes of float32; a float32 cache refuses the bf16 keys), and the logits stay close to
+    float32's."""
     codes, K, W = decoding_batches()[0]
     cond = torch.arange(4) % C
-    full = decode_mergear(merge_model, cond, K, 16, W, codes=codes, compact=compact)
+    full = decode_mergear(merge_model, cond, K, 16, W, codes=codes)
+    dtypes = set()
+    real_context = mergear.CompactKVCache.context
+
+    def spy(cache, input_pos, k, v):
+        keys, values, mask = real_context(cache, input_pos, k, v)
+        dtypes.update({cache.k.dtype, cache.v.dtype, mask.dtype})
+        return keys, values, mask
+    monkeypatch.setattr(mergear.CompactKVCache, "context", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = decode_mergear(merge_model, cond, K, 16, W, codes=codes, compact=compact)
-    assert half.cache_bytes * 2 == full.cache_bytes
+        half = decode_mergear(merge_model, cond, K, 16, W, codes=codes)
+    assert dtypes == {torch.bfloat16}
     torch.testing.assert_close(half.logits.float(), full.logits, rtol=0.05, atol=0.2)   # bf16: 8 mantissa bits
 
 
@@ -270,60 +257,61 @@ def test_generate_mergear_samples_what_the_masked_forward_predicts(merge_model):
     codes = generate_mergear(merge_model, cond, 6, 16, 2, temperature=1.0, generator=gen)
     assert codes.shape == (3, 16) and codes.dtype == torch.int64 and not merge_model.training
     # greedy with CFG: the codes are the argmax of the guided masked forward on them (its rep from its own codes)
-    s = 3.0
-    d = decode_mergear(merge_model, cond, 6, 16, 2, cfg_scale=s, top_k=1)
-    rep = rep_from_codes(d.codes)
-    with torch.no_grad():
-        c = mergear_logits(merge_model, d.codes, cond, 6, rep, 2)
-        u = mergear_logits(merge_model, d.codes, torch.full_like(cond, C), 6, rep, 2)
-    torch.testing.assert_close(d.logits, u + s * (c - u), rtol=1e-4, atol=1e-4)
+    d = decode_mergear(merge_model, cond, 6, 16, 2, cfg_scale=3.0, top_k=1)
+    torch.testing.assert_close(d.logits, guided_masked_forward(merge_model, d.codes, cond, 6, 2, 3.0),
+                               rtol=1e-4, atol=1e-4)
     assert torch.equal(d.codes, d.logits.argmax(-1))
 
 
 def test_factorized_replay_equals_the_masked_forward():
     torch.manual_seed(3)
-    model = build_gpt("tiny", vocab_size=FV, factorized=True, num_classes=C, merge_counts=KS).eval()
+    model = build_mergear("tiny", vocab_size=FV, factorized=True, num_classes=C, merge_counts=KS).eval()
     randomize_heads(model)
     source = torch.stack([runs_source([2, 2, 3, 2, 1, 4, 2]), runs_source([5, 5, 6, 0])[:16]])
     codes = codes_from_groups(source, torch.randint(0, FV, (2, 7)))
     cond = torch.tensor([2, 5])
     pre, post = decode_mergear(model, cond, 6, 16, 2, codes=codes, cfg_scale=2.0).logits
-    rep = rep_from_codes(codes)
-    with torch.no_grad():
-        c = mergear_logits(model, codes, cond, 6, rep, 2)
-        u = mergear_logits(model, codes, torch.full_like(cond, C), 6, rep, 2)
-    torch.testing.assert_close(pre, u[0] + 2.0 * (c[0] - u[0]), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(post, u[1] + 2.0 * (c[1] - u[1]), rtol=1e-4, atol=1e-4)
+    want_pre, want_post = guided_masked_forward(model, codes, cond, 6, 2, 2.0)
+    torch.testing.assert_close(pre, want_pre, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(post, want_post, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Merge Instruction token, the model, training
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_merge_instruction_token(merge_model):
     codes, cond = torch.randint(0, V, (2, 16)), torch.tensor([3, 4])
     rep = rep_from_codes(codes)
     with torch.no_grad():
-        a = mergear_logits(merge_model, codes, cond, 4, rep, 2)
-        b = mergear_logits(merge_model, codes, cond, 16, rep, 2)
-        mixed = mergear_logits(merge_model, codes, cond, torch.tensor([4, 16]), rep, 2)
+        a = merge_model(codes, cond, 4, rep, 2)
+        b = merge_model(codes, cond, 16, rep, 2)
+        mixed = merge_model(codes, cond, torch.tensor([4, 16]), rep, 2)
     assert not torch.allclose(a, b, atol=1e-3)               # M carries K
     torch.testing.assert_close(mixed[0], a[0])
     torch.testing.assert_close(mixed[1], b[1])
     with pytest.raises(ValueError, match="K = 5 has no Merge Instruction row"):
-        mergear_logits(merge_model, codes, cond, 5, rep, 2)
-    with pytest.raises(ValueError, match="MergeAR model"):
-        merge_model(codes[:, :-1], cond)
+        merge_model(codes, cond, 5, rep, 2)
+    with pytest.raises(ValueError, match="build_mergear"):
+        build_gpt("tiny", merge_counts=(4,))
     with pytest.raises(ValueError, match="MergeAR model"):
         generate(merge_model, cond, 16)
-    # the plain model's state dict is untouched; MergeAR adds one table, one row per allowed K, and zero RoPE rows
-    assert "merge_embedding.weight" not in build_gpt("tiny").state_dict()
-    assert merge_model.merge_embedding.weight.shape == (len(KS), 64)
+    with pytest.raises(ValueError, match="MergeAR model"):
+        decode_mergear(build_gpt("tiny", vocab_size=V, num_classes=C), cond, 4, 16)
+    # the plain model's keys and shapes plus one table, one row per allowed K; the prefix [C, M] on zero RoPE rows
+    plain = build_gpt("tiny", vocab_size=V, num_classes=C).state_dict()
+    ours = merge_model.state_dict()
+    assert list(ours) == list(plain) + ["merge_embedding.weight"]
+    assert all(ours[k].shape == plain[k].shape for k in plain)
+    assert ours["merge_embedding.weight"].shape == (len(KS), 64)
     assert torch.count_nonzero(merge_model.freqs_cis[:2]) == 0
-    # the default window is one grid row
-    from mergear import merge_window
-    assert merge_window(merge_model) == 4
+    assert merge_window(merge_model) == 4                    # the default window: one grid row of the 4 x 4 grid
 
 
 def test_tiny_mergear_loss_falls_on_fixed_codes():
     torch.manual_seed(0)
-    model = build_gpt("tiny", vocab_size=256, num_classes=C, merge_counts=KS)
+    model = build_mergear("tiny", vocab_size=256, num_classes=C, merge_counts=KS)
     gen = torch.Generator().manual_seed(0)
     sources = torch.stack([scattered_source(16, 8, gen) for _ in range(8)])
     codes = codes_from_groups(sources, torch.randint(0, 256, (8, 8), generator=gen))
@@ -340,10 +328,3 @@ def test_tiny_mergear_loss_falls_on_fixed_codes():
     assert losses[0] == pytest.approx(math.log(256), rel=1e-3)          # zero heads: uniform logits
     assert losses[-1] < 0.5 * losses[0], losses
     assert model.merge_embedding.weight.grad is not None and model.merge_embedding.weight.grad.abs().sum() > 0
-
-
-def test_mergear_re_exports_the_transformers_public_names():
-    """Outside code reads LlamaGen's GPT through mergear's public names; they are gpt.py's objects."""
-    for name in ("build_gpt", "precompute_freqs_cis_2d", "apply_rotary_emb", "generate", "load_llamagen",
-                 "GPTConfig", "Transformer"):
-        assert getattr(mergear, name) is getattr(gpt, name), name

@@ -19,7 +19,7 @@ import train_stage2
 from common import save_checkpoint
 from data import ShapesDataset, tensor_to_uint8
 from merge import recover
-from mergear import mergear_logits, rep_from_codes
+from mergear import build_mergear, rep_from_codes
 from tokenizer import build_tokenizer, get_config, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,7 +225,7 @@ def test_label_smoothing_is_the_closed_form(kind, factorized):
     from randar import build_randar
     V, B, N = (2 ** 10 if factorized else 64), 3, 16
     torch.manual_seed(0)
-    build = build_randar if kind == "randar" else build_gpt
+    build = {"randar": build_randar, "mergear": build_mergear}.get(kind, build_gpt)
     extra = {"merge_counts": (4, 16)} if kind == "mergear" else {"position_head": True} if kind == "randar" else {}
     model = randomize_heads(build("tiny", vocab_size=V, factorized=factorized, num_classes=10, **extra).eval())
     codes, labels = torch.randint(0, V, (B, N)), torch.tensor([0, 3, 9])
@@ -237,9 +237,9 @@ def test_label_smoothing_is_the_closed_form(kind, factorized):
         if kind == "randar":
             logits = model(codes, labels, order, cells).logits
         elif kind == "mergear":
-            logits = mergear_logits(model, codes, labels, K, rep_from_codes(codes))
+            logits = model(codes, labels, K, rep_from_codes(codes))
         else:
-            logits = model(codes if factorized else codes[:, :-1], labels)[:2 if factorized else 1]
+            logits = model(codes, labels)[:2 if factorized else 1]
         loss = {eps: train_stage2.Stage2Loss(model, kind, rep="codes", label_smoothing=eps)(
             codes, labels, K, torch.empty(0), order, cells).item() for eps in (0.0, 0.1)}
         cell_nll = 0.0                                                  # RandAR: + the cells' NLL, never smoothed
