@@ -4,7 +4,9 @@ One file per split, a dict: for each kept count K the merged indices (rows, K) a
 (and its mirror image with --flip), the labels, the stage-1 tokenizer it came from and hashes of both, so that a run
 refuses codes of another tokenizer (check_codes_fit) and a resume refuses other codes (codes_identity). The raster
 models read the N recovered codes of a row, recovered[j] = indices[source[j]] (Eq. (11) on indices: gather_codes);
-RandAR on merged tokens reads the K indices and their anchors, the cells they sit at (merged_codes).
+RandAR on merged tokens reads the K indices and their anchors, the cells they sit at (merged_codes). A MergeTok
+tokenizer's file also holds its continuous latents on the N grid and their per-channel statistics, which the DiT reads
+normalised (scaled_latents).
 
     from codes_table import read_codes, gather_codes        # used by train_stage2.py
 """
@@ -89,3 +91,27 @@ def merged_codes(table, rows, K):
     """RandAR's tokens: rows (B,) at one kept count K -> the K merged indices (B, K) in ToMe's output order and
     their anchors (B, K), the cell of the N grid each one is generated at (merge.anchors), int64."""
     return table["indices"][K][rows].long(), anchors(table["source"][K][rows], K)
+
+
+def check_latents(table, path, K):
+    """One line when a codes file holds no continuous latents at K (only `extract` of a MergeTok tokenizer writes
+    them)."""
+    if "latents" not in table:
+        raise ValueError(f"codes file {path} holds no continuous latents: extract them from a mergetok tokenizer "
+                         f"(its VAE branch; `train_stage2.py extract` writes them for one)")
+    if K not in table["latents"]:
+        raise ValueError(f"codes file {path} holds latents at K {sorted(table['latents'])}, not at K={K}")
+
+
+def latent_statistics(latents):
+    """Per-channel mean and standard deviation (C,) of latents (M, C, g, g) over rows and grid positions, float64
+    sums: what scales them to zero mean and unit variance for the DiT."""
+    x = latents.double().transpose(0, 1).reshape(latents.shape[1], -1)     # (C, M*g*g)
+    return x.mean(dim=1).float(), x.std(dim=1).float()
+
+
+def scaled_latents(table, rows, K, mean, std):
+    """Rows (B,) at one K -> their latents (B, C, g, g) normalised per channel: (x - mean) / std, mean and std (C,)
+    the statistics of the training latents (a held-out file is scaled by the training file's)."""
+    x = table["latents"][K][rows].float()                                    # (B, C, g, g)
+    return (x - mean[:, None, None]) / std[:, None, None]

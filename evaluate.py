@@ -55,7 +55,8 @@ import data as data_lib
 import losses
 import plots
 from common import (Stopped, all_gather_rows, check_device, check_output_file, dist_info, loader_workers,
-                    progress_bar, refuse_output_over_inputs, run_distributed, signals_raise, teardown_distributed)
+                    progress_bar, read_checkpoint, refuse_output_over_inputs, run_distributed, signals_raise,
+                    teardown_distributed)
 from inception import (RANDOM_MARK, FeatureMoments, build_inception, feature_stats, frechet_distance,
                        inception_score, is_stats_file, load_stats, open_npz, read_npz, save_stats)
 from lfq import CodebookUsage
@@ -769,6 +770,9 @@ def add_shapes_args(p):
     p.add_argument("--keep", dest="K", metavar="K", type=int, default=None, help="K of the reconstructions")
     p.add_argument("--source", choices=["true", "predicted", "both"], default="true",
                    help="reconstructions decoded with the true source, the predicted one (RandAR's ceiling) or both")
+    p.add_argument("--branch", choices=["discrete", "continuous", "both"], default="discrete",
+                   help="a mergetok tokenizer's reconstructions from its codes (discrete), its continuous latents "
+                        "(true source: a DiT's ceiling) or both")
     p.add_argument("--num-images", type=int, default=500, help="held-out images of the real and reconstruction rows")
     p.add_argument("--seed", type=int, default=0, help="the classifier's seed")
     p.add_argument("--data", choices=sorted(data_lib.SHAPES_DATA), default="shapes",
@@ -778,6 +782,17 @@ def add_shapes_args(p):
                         "runs/shapes_classifier_rich_seed<seed>.pt; trained if missing)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+
+
+def reconstruction_rows(args):
+    """The (source, branch) pairs of `shapes --reconstructions`: the discrete branch at each --source, then the
+    continuous one (true source only)."""
+    sources = ["true", "predicted"] if args.source == "both" else [args.source]
+    if args.branch == "continuous" and args.source != "true":
+        raise ValueError(f"--branch continuous --source {args.source}: the continuous branch decodes with the true "
+                         f"source only (the Source Recovery Model reads discrete codes)")
+    rows = [(s, "discrete") for s in sources] if args.branch != "continuous" else []
+    return rows + ([("true", "continuous")] if args.branch != "discrete" else [])
 
 
 def run_shapes(args):
@@ -791,6 +806,13 @@ def run_shapes(args):
     if not os.path.exists(path):                                    # trained now and cached there
         _check_outputs({"--classifier": path}, sources)
     inputs = _shapes_inputs(args.samples) if args.samples else None               # a bad file stops at once
+    recon_rows = reconstruction_rows(args) if args.reconstructions else []
+    if args.branch != "discrete" and args.reconstructions:
+        variant = read_checkpoint(args.reconstructions, "stage-1 checkpoint", required=("tokenizer_config",),
+                                  mmap=True)["tokenizer_config"].get("variant")
+        if variant != "mergetok":
+            raise ValueError(f"--branch {args.branch}: {args.reconstructions} is a {variant} tokenizer, which has no "
+                             f"continuous branch (only --variant mergetok has one)")
     rank = dist_info()[0]
     teardown_distributed()                 # rank 0 alone from here: no rank waits in a barrier while it trains
     if rank != 0:
@@ -803,10 +825,11 @@ def run_shapes(args):
     rows = {}
     if inputs is not None:
         rows[f"samples {args.samples}"] = shapes_score(model, info, *inputs)
-    for source in (["true", "predicted"] if args.source == "both" else [args.source]) if args.reconstructions else []:
+    for source, branch in recon_rows:
         rec, y, K = shapes_reconstructions(args.reconstructions, start, args.num_images, args.K, args.device,
-                                           source=source, style=style)
-        rows[f"reconstructions K={K} {source} source {args.reconstructions}"] = shapes_score(model, info, rec, y)
+                                           source=source, style=style, branch=branch)
+        name = f"reconstructions K={K} {source} source{' continuous' if branch == 'continuous' else ''}"
+        rows[f"{name} {args.reconstructions}"] = shapes_score(model, info, rec, y)
     real, y = shapes_images("val", start, args.num_images, style=style)
     rows["held-out real images"] = shapes_score(model, info, real, y)
     print(f"{'accuracy':>9} {'FD':>9} {'images':>7}  set")

@@ -177,6 +177,20 @@ class MergeTokenizer(MergeVQTokenizer):
         z = self.vae_in(latent.to(self.vae_in.weight.dtype))          # (B, K, d)
         return self.decode_codes(z, source)
 
+    def grid_latent(self, enc):
+        """The continuous latent a diffusion generator models (train_stage2.py extract): the merged latents
+        recovered to the N grid with the encoder's source (Eq. (11)), (B, C, g, g). Decoding it is decode_latent's
+        path: W acts on each token alone, so W then recovery (decode_latent) equals recovery then W (below)."""
+        z = recover(enc.latent.float(), enc.source)                    # (B, N, C)
+        return z.transpose(1, 2).reshape(len(z), -1, self.cfg.grid, self.cfg.grid)   # (B, C, g, g)
+
+    def decode_grid_latent(self, x):
+        """A latent on the N grid (B, C, g, g), generated or from grid_latent -> images (B, 3, H, W): W, then the
+        decoder with every position in place (the identity source)."""
+        B, N = x.shape[0], self.cfg.num_tokens
+        z = self.vae_in(x.flatten(2).transpose(1, 2).to(self.vae_in.weight.dtype))   # (B, N, d)
+        return self.decode_codes(z, torch.arange(N, device=x.device).expand(B, N))
+
     def forward(self, x, K=None, generator=None):
         """The stage-1 forward: both branches decoded with the true source in one decoder call, the recovery loss
         (Eq. 9) on the discrete codes, and (sem_target dinov2) the projection of mu that (i) aligns. generator: the

@@ -162,19 +162,31 @@ def shapes_score(model, info, images, labels=None):
 
 
 @torch.no_grad()
-def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50, source="true", style="simple"):
+def shapes_reconstructions(ckpt, start, n, K=None, device="cpu", batch_size=50, source="true", style="simple",
+                           branch="discrete"):
     """A tokenizer's reconstructions (target K unless given) of held-out shapes start .. start + n - 1, decoded with
     the encoder's true source or the Source Recovery Model's predicted one from the codes at their anchors (the
     ceiling of RandAR's path, which generates codes and anchors but no source) -> (images (n, 3, S, S) in [-1, 1],
-    labels (n,), K)."""
+    labels (n,), K). branch "continuous": a MergeTok tokenizer's continuous branch instead of its codes, the merged
+    posterior means decoded with the true source (decode_latent: the ceiling of a DiT on its latents)."""
     if source not in ("true", "predicted"):
         raise ValueError(f"source must be 'true' or 'predicted', got {source!r}")
+    if branch not in ("discrete", "continuous"):
+        raise ValueError(f"branch must be 'discrete' or 'continuous', got {branch!r}")
     tok = load_tokenizer(ckpt, ema=True, device=device)
+    if branch == "continuous" and not hasattr(tok, "decode_latent"):
+        raise ValueError(f"--branch continuous: {ckpt} is a {tok.cfg.variant} tokenizer, which has no continuous "
+                         f"branch (only --variant mergetok has one)")
+    if branch == "continuous" and source != "true":
+        raise ValueError("--branch continuous decodes with the true source: the Source Recovery Model reads discrete "
+                         "codes only")
     K = tok.check_K(tok.cfg.K if K is None else K)
     x, y = shapes_images("val", start, n, size=tok.cfg.image_size, style=style)
     out = []
     for s in range(0, n, batch_size):
         enc = tok.encode(x[s:s + batch_size].to(device), K=K)                     # indices (b, K), source (b, N)
         given = enc.source if source == "true" else None                         # None: predicted from the codes
-        out.append(tok.decode(enc.indices, given, anchors(enc.source, K)).float().clamp(-1, 1).cpu())
+        rec = (tok.decode_latent(enc.latent, enc.source) if branch == "continuous" else
+               tok.decode(enc.indices, given, anchors(enc.source, K)))            # (b, 3, S, S)
+        out.append(rec.float().clamp(-1, 1).cpu())
     return torch.cat(out), y, K

@@ -1,11 +1,15 @@
-"""Stage 2: class-conditional autoregressive generators on MergeVQ tokens (paper Sec. 4, Appendix A.2, Table A2).
+"""Stage 2: class-conditional generators on MergeVQ tokens (paper Sec. 4, Appendix A.2, Table A2) and a diffusion
+generator on MergeTok's continuous latents.
 
 The subcommands, in the order a run uses them:
 
   extract  A stage-1 checkpoint (its EMA weights) tokenizes the training images once, into one file: for every
            image (and, with --flip, its mirror image) the K merged LFQ indices and the source map at several kept
            counts K - by default the tokenizer's candidate counts (its target K and the larger candidates of its
-           KeptTokenSampler), so MergeAR training can draw K per image (Appendix A.3).
+           KeptTokenSampler), so MergeAR training can draw K per image (Appendix A.3). A MergeTok tokenizer's file
+           also holds its continuous latents at every K (MergeTokenizer.grid_latent: the merged posterior means
+           recovered to the N grid with the source, the tensor its decoder path reads, (C, g, g) per row) and their
+           per-channel mean and std, which scale them to unit variance for the DiT (--no-latents: left out).
   train    A GPT (gpt.py: LlamaGen's GPT, with the factorized 2^18-code head when the tokenizer has d = 18
            LFQ bits, the plain vocabulary otherwise) on those codes, raster order:
              --model llamagen  the plain causal model;
@@ -21,11 +25,17 @@ The subcommands, in the order a run uses them:
                                order per image (drawn from (seed, step), like K); no source is modelled (the Source
                                Recovery Model predicts it). --tokens grid: RandAR over all N grid cells instead, each
                                holding its recovered code (Table 3's baseline row; no Source Recovery Model).
+             --model dit       a DiT trained as a rectified flow (diffusion.py) on the normalised continuous
+                               latents at the target K, with an EMA of its weights (the MergeTok abstract's "diffusion
+                               generators"); DiT's recipe (DIT_TRAIN_PRESETS), --dit for its size.
   sample   Class-conditional samples of a trained generator, decoded by the tokenizer: a PNG grid (one row per
            class) and an ADM-format .npz (`arr_0` uint8 N x H x W x 3, `labels`) for `evaluate.py fid` or
            `evaluate.py shapes`. MergeAR decodes with its compacted KV cache at kept count K (--keep); RandAR decodes
            K tokens in --num-steps parallel steps (linear CFG), then the Source Recovery Model predicts the source.
-  nll      Held-out negative log-likelihood per code (codes of `extract --split val`).
+           The DiT (EMA weights) integrates its flow in --num-steps Euler steps with guidance --cfg; the latent,
+           unscaled, is decoded through the tokenizer's continuous path (MergeTokenizer.decode_grid_latent).
+  nll      Held-out negative log-likelihood per code (codes of `extract --split val`); a DiT has none: its figure is
+           the flow loss on held-out latents, with the labels and with the null class.
   finetune-recovery
            Appendix A.1's optional step: the Source Recovery Model fine-tuned on a RandAR generator's tokens of
            real images against their true source; writes a stage-1 checkpoint with the new recovery weights.
@@ -67,6 +77,7 @@ over an existing checkpoint, codes or sample file without --overwrite, or over a
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -85,8 +96,10 @@ from torch.utils.data import DataLoader
 import common
 import data as data_lib
 from resources import check_stage2 as check_memory                 # the memory estimate (resources.py)
-from codes_table import (check_codes_fit, check_tokenizer_identity, codes_hash, codes_identity, gather_codes,
-                         merged_codes, read_codes, tokenizer_hash)
+from codes_table import (check_codes_fit, check_latents, check_tokenizer_identity, codes_hash, codes_identity,
+                         gather_codes, latent_statistics, merged_codes, read_codes, scaled_latents, tokenizer_hash)
+from diffusion import DIT_PRESETS, DiT, DiTConfig, build_dit, flow_loss
+from diffusion import sample as sample_dit
 from merge import KeptTokenSampler
 from gpt import CLASS_COND, GPT_PRESETS, GPTConfig, Transformer, build_gpt, count_parameters, generate
 from mergear import (MergeARTransformer, build_mergear, generate_mergear, merge_window, mergear_loss, rep_disagreement,
@@ -95,8 +108,9 @@ from randar import (RandARTransformer, build_randar, decode_with_recovery, gener
                     randar_losses, random_orders, teacher_forced_samples)
 from tokenizer import load_tokenizer
 
-MODELS = ("llamagen", "mergear", "randar")
+MODELS = ("llamagen", "mergear", "randar", "dit")
 RANDAR_STEPS = {256: 88, 144: 64}   # Table 3: RandAR's parallel steps for K = 256 (G) and 144 (G+R)
+DIT_STEPS = 50                      # the DiT's Euler steps by default (diffusion.sample)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training configuration: Table A2 (paper) and a CPU preset (tiny)
@@ -122,6 +136,8 @@ class TrainConfig:
     class_cond: str = "prefix"      # LlamaGen's class token only; "add": also added to every code (gpt.CLASS_COND)
     log_every: int = 50
     ckpt_every: int = 5000
+    dit: str = "B/2"                # --model dit: the DiT's size (diffusion.DIT_PRESETS)
+    ema_decay: float = 0.9999       # --model dit: the EMA it samples from (DiT's 0.9999, warmed up: common.ema_decay)
 
 
 TRAIN_PRESETS = {
@@ -135,6 +151,19 @@ TRAIN_PRESETS = {
     "tiny": dataclasses.replace(TrainConfig(), gpt="tiny", batch_size=32, epochs=0, steps=1500, lr=3e-3,
                                 warmup_steps=100, label_smoothing=0.0, dropout=0.0, class_cond="add",
                                 log_every=50, ckpt_every=250),
+}
+
+# --model dit: DiT's training (facebookresearch/DiT train.py: AdamW lr 1e-4 without weight decay, global batch 256,
+# a constant lr, EMA 0.9999, no clipping; 400K steps for its Table 4) on MergeTok's continuous latents, and a CPU
+# preset (tiny) measured on MergeTok tiny's 8 x 8 x 18 latents (docs/mergetok.md, "Diffusion on the continuous
+# latents").
+DIT_TRAIN_PRESETS = {
+    "paper": dataclasses.replace(TrainConfig(), dit="B/2", batch_size=256, epochs=0, steps=400_000, lr=1e-4,
+                                 betas=(0.9, 0.999), weight_decay=0.0, label_smoothing=0.0, grad_clip=float("inf"),
+                                 lr_schedule="constant", dropout=0.0, log_every=100, ckpt_every=50_000),
+    "tiny": dataclasses.replace(TrainConfig(), dit="tiny", batch_size=64, epochs=0, steps=3000, lr=1e-3,
+                                betas=(0.9, 0.999), weight_decay=0.0, label_smoothing=0.0, warmup_steps=100,
+                                lr_schedule="step", dropout=0.0, ema_decay=0.999, log_every=50, ckpt_every=500),
 }
 
 # Fields a resumed run may change; every other one must equal the checkpoint's.
@@ -199,6 +228,24 @@ def encode_counts(tok, x, Ks):
         return {K: tok.encode(x, K=K) for K in Ks}
 
 
+def wants_latents(args, tok):
+    """Whether `extract` writes continuous latents: by default for a MergeTok tokenizer (its VAE branch), --latents
+    asks for them (one line for a tokenizer without that branch), --no-latents leaves them out."""
+    has = hasattr(tok, "grid_latent")                                       # mergetok.MergeTokenizer
+    if args.latents and not has:
+        raise ValueError(f"--latents: {args.tokenizer} is a {tok.cfg.variant} tokenizer, which has no continuous "
+                         f"latents (only --variant mergetok has a VAE branch)")
+    return has if args.latents is None else args.latents
+
+
+def latent_entries(latents):
+    """The codes file's continuous entries: per K the latents (M, C, g, g) and their per-channel mean and standard
+    deviation (codes_table.latent_statistics), which scale them to zero mean and unit variance for the DiT."""
+    stats = {K: latent_statistics(x) for K, x in latents.items()}
+    return {"latents": latents, "latent_mean": {K: m for K, (m, _) in stats.items()},
+            "latent_std": {K: sd for K, (_, sd) in stats.items()}}
+
+
 def report_extract(args, out, t0):
     """The lines `extract` prints once the codes file is written."""
     Ks, M = out["Ks"].tolist(), len(out["labels"])
@@ -215,6 +262,11 @@ def report_extract(args, out, t0):
         print(f"K={K}: MergeAR's representatives from code equality vs from the true source differ on "
               f"{token_rate:.1%} of positions ({sequence_rate:.0%} of sequences; {folded:.1f} of {K} groups share an "
               f"earlier group's code)", flush=True)
+    for K, x in out.get("latents", {}).items():
+        std, mean = out["latent_std"][K], out["latent_mean"][K]
+        print(f"K={K}: continuous latents {tuple(x.shape[1:])} per row (the merged latents recovered to the N grid "
+              f"with the source), per-channel std {std.min():.3g} .. {std.max():.3g}, |mean| up to "
+              f"{mean.abs().max():.3g}", flush=True)
 
 
 @torch.no_grad()
@@ -224,6 +276,7 @@ def run_extract(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok, ckpt = load_tokenizer(args.tokenizer, ema=True, device=device, return_checkpoint=True)
     cfg = tok.cfg
+    continuous = wants_latents(args, tok)
     Ks, probs = kept_counts(cfg, args.keep)
     Ks = [tok.check_K(K) for K in Ks]                                       # one line for an unreachable K
     dataset = extraction_dataset(args.data, cfg.image_size, args.split)
@@ -234,6 +287,8 @@ def run_extract(args):
     indices = {K: torch.empty(M, K, dtype=torch.int32) for K in Ks}        # LFQ indices < 2^d <= 2^31
     source = {K: torch.empty(M, N, dtype=torch.int16) for K in Ks}         # values < K <= N
     labels = torch.empty(M, dtype=torch.int64)
+    latents = ({K: torch.empty(M, cfg.vae_channels, cfg.grid, cfg.grid) for K in Ks}   # float32, (M, C, g, g)
+               if continuous else {})
     # MergeAR's two readings of the Eq. (12) representatives (--rep source / codes) differ wherever two merged
     # groups share a code: how often (docs/stage2_cpu.md), summed batch by batch (no pass over the whole table)
     disagreement = {K: torch.zeros(3, dtype=torch.float64) for K in Ks}
@@ -242,7 +297,8 @@ def run_extract(args):
     loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=args.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     print(f"extract | {args.tokenizer} (step {ckpt.get('step')}, variant {cfg.variant}, N={N}, d={cfg.z_channels}) "
-          f"| {args.split}: {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} | {device}, amp {amp}, "
+          f"| {args.split}: {n} images x {V} ({'with' if args.flip else 'no'} flip) | K {Ks} "
+          f"{'+ continuous latents ' if continuous else ''}| {device}, amp {amp}, "
           f"{workers} loader worker(s)", flush=True)
     bar, start, t0 = common.progress_bar(n, desc="extract"), 0, time.time()
     for x, y in loader:
@@ -256,6 +312,8 @@ def run_extract(args):
             for K, enc in encodings.items():
                 indices[K][rows] = enc.indices.to(torch.int32).cpu()
                 source[K][rows] = enc.source.to(torch.int16).cpu()
+                if continuous:
+                    latents[K][rows] = tok.grid_latent(enc).cpu()                # (B, C, g, g)
                 recovered = enc.indices.gather(1, enc.source)               # Eq. (11) on indices: (B, N)
                 disagreement[K] += torch.tensor(rep_disagreement(enc.source, recovered), dtype=torch.float64) * len(x)
             labels[rows] = y.long()
@@ -271,7 +329,8 @@ def run_extract(args):
            "num_classes": len(dataset.classes), "classes_present": int(labels.unique().numel()), "num_images": n,
            "tokenizer": os.path.abspath(args.tokenizer), "subset_seed": args.seed,
            "tokenizer_config": dataclasses.asdict(cfg), "tokenizer_step": ckpt.get("step"),
-           "tokenizer_hash": tokenizer_hash(tok), "data": args.data or "embedded shapes", "split": args.split}
+           "tokenizer_hash": tokenizer_hash(tok), "data": args.data or "embedded shapes", "split": args.split,
+           **(latent_entries(latents) if continuous else {})}
     out["codes_hash"] = codes_hash(out)                                     # what a stage-2 resume compares
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.clear_stale_temporaries(args.out)
@@ -309,7 +368,9 @@ class Stage2Loss(nn.Module):
               Merge Instruction token of each sequence's K; duplicates are targets too (Fig. 6).
     randar:   codes (B, L) at cells (B, L) - the K merged indices at their anchors, or the N recovered codes at
               their own cells - and order (B, L) the generation order of each: the NLL of the (cell, token) pairs
-              in that order (Sec. 4.2, Eq. (13), randar.py; the cells are predicted for merged tokens only)."""
+              in that order (Sec. 4.2, Eq. (13), randar.py; the cells are predicted for merged tokens only).
+    dit:      codes are normalised continuous latents (B, C, g, g): the rectified-flow loss (diffusion.flow_loss),
+              its times, noise and label dropout from the global RNG (restored on resume)."""
 
     def __init__(self, model, kind, window=None, rep="codes", label_smoothing=0.0):
         super().__init__()
@@ -317,6 +378,8 @@ class Stage2Loss(nn.Module):
 
     def forward(self, codes, labels, K, source, order=None, cells=None):
         m = self.model
+        if self.kind == "dit":
+            return flow_loss(m, codes, labels)
         if self.kind == "randar":
             return randar_loss(m, codes, labels, cells, order, label_smoothing=self.ls)
         if self.kind == "llamagen":
@@ -328,6 +391,8 @@ class Stage2Loss(nn.Module):
 def build_generator(kind, cfg, table, K=None, tokens="merged"):
     """The GPT for the codes: the tokenizer's vocabulary (factorized when d = 18) and block_size N, the grid (one
     Merge Instruction row per extracted K for MergeAR; RandAR on the merged tokens predicts their cells on it)."""
+    if kind == "dit":
+        return build_dit_generator(cfg, table, K)
     tok_cfg = table["tokenizer_config"]
     d, N = tok_cfg["z_channels"], table["source"][int(table["Ks"][0])].shape[1]
     common_args = dict(vocab_size=2 ** d, factorized=d == 18, num_classes=table["num_classes"],
@@ -338,6 +403,13 @@ def build_generator(kind, cfg, table, K=None, tokens="merged"):
     if kind == "mergear":
         return build_mergear(cfg.gpt, block_size=N, merge_counts=table["Ks"].tolist(), **common_args)
     return build_gpt(cfg.gpt, block_size=N, **common_args)
+
+
+def build_dit_generator(cfg, table, K):
+    """The DiT for the table's continuous latents at K: their grid and channels, the table's classes."""
+    C, g = table["latents"][K].shape[1:3]
+    return build_dit(cfg.dit, input_size=g, in_channels=C, num_classes=table["num_classes"],
+                     class_dropout_prob=cfg.class_dropout)
 
 
 def optimizer_groups(model, weight_decay):
@@ -353,11 +425,11 @@ def optimizer_groups(model, weight_decay):
 
 
 def build_train_config(args):
-    cfg = TRAIN_PRESETS[args.preset]
+    cfg = (DIT_TRAIN_PRESETS if args.model == "dit" else TRAIN_PRESETS)[args.preset]
     overrides = {k: getattr(args, k) for k in ["gpt", "steps", "epochs", "batch_size", "lr", "label_smoothing",
                                                "lr_schedule", "warmup_steps", "dropout", "class_dropout", "class_cond",
-                                               "log_every", "ckpt_every"]
-                 if getattr(args, k) is not None}
+                                               "log_every", "ckpt_every", "dit", "ema_decay"]
+                 if getattr(args, k, None) is not None}
     if args.betas is not None:
         overrides["betas"] = tuple(args.betas)
     elif args.model == "randar":
@@ -417,7 +489,8 @@ def snapshot(run, step, args):
     """Everything a resumed run and `sample` need; every rank takes part (the RNG states are gathered)."""
     return {**{name: obj.state_dict() for name, obj in run.state.items()}, "step": step,
             "model_kind": args.model, "tokens": args.tokens, "K": run.K,
-            "gpt_config": dataclasses.asdict(run.model.cfg),
+            ("dit_config" if args.model == "dit" else "gpt_config"): dataclasses.asdict(run.model.cfg),
+            **({"latent_mean": run.latent_mean, "latent_std": run.latent_std} if args.model == "dit" else {}),
             "train_config": dataclasses.asdict(run.cfg), "rep": args.rep, "window": args.window, "keep": args.keep,
             "seed": args.seed, "codes": os.path.abspath(args.codes), "codes_identity": run.codes_identity,
             "tokenizer": run.table["tokenizer"], "tokenizer_hash": run.table.get("tokenizer_hash"),
@@ -431,7 +504,10 @@ def setup(args, rank, world, device):
     run.cfg = cfg = build_train_config(args)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    if device.type != "cuda" and cfg.gpt not in ("tiny", "small") and not args.run_anyway:
+    if device.type != "cuda" and args.model == "dit" and cfg.dit != "tiny" and not args.run_anyway:
+        raise ValueError(f"no GPU: DiT-{cfg.dit} trains for days on GPUs. On a CPU: python train_stage2.py train "
+                         f"--codes {args.codes} --model dit --preset tiny (--run-anyway starts it regardless)")
+    if device.type != "cuda" and args.model != "dit" and cfg.gpt not in ("tiny", "small") and not args.run_anyway:
         raise ValueError(f"no GPU: GPT-{cfg.gpt} trains for days even on 8 GPUs. On a CPU: python train_stage2.py "
                          f"train --codes {args.codes} --model {args.model} --preset tiny (--run-anyway starts it "
                          f"regardless)")
@@ -447,12 +523,14 @@ def setup(args, rank, world, device):
         if args.keep not in run.Ks.tolist():
             raise ValueError(f"--keep {args.keep}: the codes file holds K {run.Ks.tolist()} only")
         run.K_probs = (run.Ks == args.keep).double()
-    elif args.model in ("llamagen", "randar"):                              # no M token: the tokenizer's target K
+    elif args.model in ("llamagen", "randar", "dit"):                       # no M token: the tokenizer's target K
         run.K_probs = (run.Ks == table["tokenizer_config"]["K"]).double()
         if run.K_probs.sum() == 0:
             raise ValueError(f"the codes file lacks the tokenizer's target K={table['tokenizer_config']['K']}: "
                              f"pass --keep K among {run.Ks.tolist()}")
     run.K = int(run.Ks[run.K_probs.argmax()])                              # llamagen, randar: the one K trained on
+    if args.model == "dit":
+        check_latents(table, args.codes, run.K)                             # one line: no latents at K
     torch.manual_seed(args.seed)                                            # identical initial weights on every rank
     run.model = model = build_generator(args.model, cfg, table, run.K, args.tokens).to(device)
     model.checkpoint_activations = args.checkpoint_activations               # blocks recomputed in backward
@@ -460,7 +538,10 @@ def setup(args, rank, world, device):
     if (cfg.batch_size // world) % run.grad_accum:
         raise ValueError(f"--grad-accum {run.grad_accum} must divide each process's batch ({cfg.batch_size} / "
                          f"{world} processes = {cfg.batch_size // world} sequences)")
-    check_memory(args, run, device)                                         # every rank: all stop, or none
+    if args.model == "dit":                                                 # its EMA and latent statistics
+        setup_dit(run, args)
+    else:
+        check_memory(args, run, device)                                     # every rank: all stop, or none
     torch.manual_seed(args.seed * world + rank)                             # per-rank dropout (DiT)
     run.loss = Stage2Loss(model, args.model, args.window, args.rep, cfg.label_smoothing)
     if world > 1:
@@ -474,11 +555,28 @@ def setup(args, rank, world, device):
     run.steps_per_epoch = len(run.rows) // cfg.batch_size                  # of the sampler: a pass over the rows
     images_per_epoch = int(table.get("num_images", len(run.rows)))         # the paper's epoch: a pass over images
     run.total = cfg.steps if cfg.steps > 0 else max(1, cfg.epochs * images_per_epoch // cfg.batch_size)
-    run.state = {"model": model, "opt": run.opt}
+    run.state = {"model": model, "opt": run.opt, **({"ema": run.ema} if args.model == "dit" else {})}
     run.step = 0
     if args.resume:
         run.step = resume(args.resume, run, args)
     return run
+
+
+def setup_dit(run, args):
+    """--model dit: the statistics of the latents at the K trained on (the normalisation the checkpoint keeps for
+    sampling) and the EMA copy of the DiT (DiT samples from its EMA)."""
+    run.latent_mean, run.latent_std = run.table["latent_mean"][run.K], run.table["latent_std"][run.K]
+    run.ema = copy.deepcopy(run.model).requires_grad_(False)
+
+
+def dit_summary(args, run, device):
+    """The one-line summary `train --model dit` prints."""
+    c = run.model.cfg
+    return (f"stage 2 | dit DiT-{run.cfg.dit} | {count_parameters(run.model) / 1e6:.2f}M parameters | latents "
+            f"{c.in_channels} x {c.input_size} x {c.input_size} (K={run.K}), patch {c.patch_size}: "
+            f"{(c.input_size // c.patch_size) ** 2} tokens | {len(run.rows)} rows | {run.world} process(es) on "
+            f"{device} | global batch {run.cfg.batch_size} | {run.total} steps | EMA {run.cfg.ema_decay} | amp "
+            f"{run.amp} | out {run.out_dir}")
 
 
 def start_log(args, run, device):
@@ -486,6 +584,9 @@ def start_log(args, run, device):
     common.prepare_out_dir(run.out_dir, {"args": vars(args), "train": dataclasses.asdict(run.cfg),
                                          "gpt": dataclasses.asdict(run.model.cfg), "world_size": run.world},
                            replace=getattr(args, "overwrite_files", ()))
+    if args.model == "dit":
+        print(dit_summary(args, run, device), flush=True)
+        return
     c = run.model.cfg
     Ks = [K for K, p in zip(run.Ks.tolist(), run.K_probs.tolist()) if p > 0]
     print(f"stage 2 | {args.model} GPT-{run.cfg.gpt} | {count_parameters(run.model) / 1e6:.2f}M parameters | "
@@ -516,6 +617,9 @@ def train_step(rows, step, run, device):
         order = draw_orders(codes.shape[1], step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)
     elif run.kind == "randar":
         (codes, cells), source = merged_codes(run.table, rows, run.K), torch.empty(0)   # (b, K) each: at anchors
+    elif run.kind == "dit":                                                 # (b, C, g, g), zero mean, unit variance
+        codes = scaled_latents(run.table, rows, run.K, run.latent_mean, run.latent_std)
+        source = torch.empty(0)
         order = draw_orders(run.K, step, run.seed, run.cfg.batch_size, run.rank, run.world).to(device)   # (b, K)
     else:
         codes, source = gather_codes(run.table, rows, K)                    # (b, N) each
@@ -537,6 +641,8 @@ def train_step(rows, step, run, device):
     terms = {"loss": loss_sum, "K": K.float().mean()}
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.opt.step()
+    if run.kind == "dit":
+        common.update_ema(run.ema, run.model, common.ema_decay(step, run.cfg.ema_decay))
     return terms
 
 
@@ -601,9 +707,13 @@ GPT_FIELDS_ADDED = {"intra_post_input": "pre", "position_head": False}
 
 
 def load_generator(path, device):
-    """The generator of a `train` checkpoint, in eval mode, and the checkpoint dict."""
-    ckpt = common.read_checkpoint(path, "generator checkpoint", required=("model", "gpt_config", "model_kind",
-                                                                          "tokenizer", "tokenizer_config"))
+    """The generator of a `train` checkpoint, in eval mode, and the checkpoint dict (a DiT: load_dit)."""
+    ckpt = common.read_checkpoint(path, "generator checkpoint", required=("model", "model_kind", "tokenizer",
+                                                                          "tokenizer_config"))
+    if ckpt["model_kind"] == "dit":
+        return load_dit(path, ckpt, device), ckpt
+    if "gpt_config" not in ckpt:
+        raise ValueError(f"generator checkpoint {path} lacks the entries gpt_config: not a file of this kind")
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["gpt_config"].items()}
     saved = {**{k: v for k, v in GPT_FIELDS_ADDED.items() if k not in saved}, **saved}
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -614,6 +724,23 @@ def load_generator(path, device):
         GPTConfig(**saved))
     common.load_strict(model, ckpt["model"], f"generator checkpoint {path}")
     return model.to(device).eval(), ckpt
+
+
+def load_dit(path, ckpt, device):
+    """The DiT of a `train --model dit` checkpoint with its EMA weights (DiT samples from the EMA), in eval mode; the
+    statistics its latents were normalised by ride along as latent_mean and latent_std (C,)."""
+    missing = [k for k in ("ema", "dit_config", "latent_mean", "latent_std") if k not in ckpt]
+    if missing:
+        raise ValueError(f"generator checkpoint {path} lacks the entries {', '.join(missing)}: not a file of this kind")
+    saved, fields = ckpt["dit_config"], {f.name for f in dataclasses.fields(DiTConfig)}
+    if set(saved) != fields:
+        raise ValueError(f"generator checkpoint {path} was written by another version of diffusion.py (config fields "
+                         f"differ: {', '.join(sorted(set(saved) ^ fields))})")
+    model = DiT(DiTConfig(**saved))
+    common.load_strict(model, ckpt["ema"], f"generator checkpoint {path}, entry 'ema',")
+    model = model.to(device).eval()
+    model.latent_mean, model.latent_std = ckpt["latent_mean"].to(device), ckpt["latent_std"].to(device)
+    return model
 
 
 def randar_K(ckpt):
@@ -641,7 +768,10 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
     identity source). randar generates the K merged tokens in --num-steps parallel steps; the Source Recovery Model
     predicts their source from them and their generated anchors, Eq. (11) recovers N tokens, and the decoder runs
     (Sec. 4.2). randar over the grid (tokens="grid") generates the N recovered codes of the grid cells in random
-    order and decodes them in place."""
+    order and decodes them in place. dit integrates the flow from noise to a latent on the N grid in --num-steps Euler
+    steps (diffusion.sample), unscales it and decodes it through the tokenizer's continuous path."""
+    if kind == "dit":
+        return dit_images(model, tok, y, args, generator)
     N = tok.cfg.num_tokens
     sampling = dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, generator=generator)
@@ -658,6 +788,37 @@ def sample_images(kind, model, tok, y, K, args, window, generator, tokens="merge
         codes = generate(model, y, N, **sampling)                                           # (B, N)
     identity = torch.arange(N, device=codes.device).expand(len(y), N)                       # the N codes, in place
     return tok.decode(codes, identity).float().clamp(-1, 1)                                 # (B, 3, S, S)
+
+
+def dit_images(model, tok, y, args, generator):
+    """DiT samples for labels y (B,) -> images (B, 3, S, S) in [-1, 1]: Euler with classifier-free guidance at scale
+    --cfg, then x * std + mean (the training latents' statistics) and MergeTok's decode_grid_latent (W, decoder)."""
+    x = sample_dit(model, y, num_steps=args.num_steps, cfg_scale=args.cfg, generator=generator)   # (B, C, g, g)
+    x = x * model.latent_std[:, None, None] + model.latent_mean[:, None, None]
+    return tok.decode_grid_latent(x).float().clamp(-1, 1)
+
+
+def check_dit_fits(tok, model, tok_path):
+    """One line when the tokenizer has no continuous path or its latent grid is not the DiT's."""
+    c = model.cfg
+    if not hasattr(tok, "decode_grid_latent"):
+        raise ValueError(f"tokenizer {tok_path} is a {tok.cfg.variant} tokenizer without a continuous branch: a DiT "
+                         f"decodes through a mergetok tokenizer's (pass the one its latents were extracted with)")
+    if (tok.cfg.vae_channels, tok.cfg.grid) != (c.in_channels, c.input_size):
+        raise ValueError(f"tokenizer {tok_path} writes latents of {tok.cfg.vae_channels} channels on a {tok.cfg.grid} "
+                         f"x {tok.cfg.grid} grid, the DiT generates {c.in_channels} on {c.input_size} x "
+                         f"{c.input_size}: pass the tokenizer its latents were extracted with")
+
+
+def check_dit_sampling(args):
+    """One line for a sampling setting a DiT does not have (it draws no tokens)."""
+    given = ([f"--temperature {args.temperature:g}"] if args.temperature != 1 else []) + \
+        ([f"--top-k {args.top_k}"] if args.top_k else []) + ([f"--top-p {args.top_p:g}"] if args.top_p != 1 else []) + \
+        ([f"--keep {args.keep}"] if args.keep is not None else []) + \
+        ([f"--cfg-schedule {args.cfg_schedule}"] if args.cfg_schedule not in (None, "constant") else [])
+    if given:
+        raise ValueError(f"{', '.join(given)}: not a setting of a DiT (it integrates a flow; its settings are --cfg "
+                         f"and --num-steps, the Euler steps)")
 
 
 def default_num_steps(L):
@@ -683,6 +844,8 @@ def sample_out(args, ckpt):
     parts += [f"topp{args.top_p:g}"] if args.top_p != 1 else []
     if kind == "randar":
         parts.append(f"steps{args.num_steps or default_num_steps(randar_length(ckpt))}")
+    elif kind == "dit":
+        parts.append(f"steps{args.num_steps or DIT_STEPS}")
     parts += [f"K{args.keep}"] if args.keep is not None else []
     parts.append(f"{args.num_per_class}perclass")
     if args.tokenizer and not common.same_path(args.tokenizer, ckpt.get("tokenizer", "")):
@@ -710,11 +873,17 @@ def run_sample(args):
     if args.cfg != 1 and class_dropout == 0:
         raise ValueError(f"--cfg {args.cfg:g}: the generator trained with --class-dropout 0, so its null class (the "
                          f"unconditional half of guidance) never trained; sample with --cfg 1")
+    if kind == "dit":
+        check_dit_sampling(args)
+        args.num_steps = args.num_steps or DIT_STEPS
     if args.cfg < 1:
         print(f"sample: note: --cfg {args.cfg:g} < 1 weakens the class toward the unconditional model"
               + (" (0: unconditional samples, the labels unused)" if args.cfg == 0 else ""), file=sys.stderr)
     tok = load_tokenizer(tok_path, ema=True, device=device)
-    check_generator_fits(tok, model, kind, tok_path)
+    if kind == "dit":
+        check_dit_fits(tok, model, tok_path)
+    else:
+        check_generator_fits(tok, model, kind, tok_path)
     check_tokenizer_identity(tok, tok_path, ckpt.get("tokenizer_hash"), ckpt["tokenizer"],
                              f"the generator {args.ckpt}'s codes")
     K = args.keep if args.keep is not None else tok.cfg.K
@@ -736,7 +905,9 @@ def run_sample(args):
           f"{args.cfg} ({args.cfg_schedule}) temperature {args.temperature} top-k {args.top_k} top-p {args.top_p}"
           + (f" | N={K}" if kind == "randar" and tokens != "merged" else f" | K={K}" if kind != "llamagen" else "")
           + (f" in {args.num_steps} steps, source predicted" if kind == "randar" and tokens == "merged" else
-             f" recovered codes in {args.num_steps} steps (no source to predict)" if kind == "randar" else "")
+             f" recovered codes in {args.num_steps} steps (no source to predict)" if kind == "randar" else
+             f" | {args.num_steps} Euler steps from the EMA, decoded through the continuous branch" if kind == "dit"
+             else "")
           + f" | tokenizer {tok_path}", flush=True)
     out, S = sample_out(args, ckpt), tok.cfg.image_size
     shown = grid_classes(c.num_classes)                                     # the grid: a few classes, a few each
@@ -785,6 +956,8 @@ def run_nll(args):
     model, ckpt = load_generator(args.ckpt, device)
     table = read_codes(args.codes)
     kind, c = ckpt["model_kind"], model.cfg
+    if kind == "dit":
+        return dit_heldout_loss(args, model, ckpt, table)
     N = table["source"][int(table["Ks"][0])].shape[1]
     if N != c.block_size or 2 ** table["tokenizer_config"]["z_channels"] != c.vocab_size:
         raise ValueError(f"codes file {args.codes} (N={N}, 2^{table['tokenizer_config']['z_channels']} codes) does "
@@ -834,6 +1007,41 @@ def run_nll(args):
           + (f"cells {cell_nll:.4f} nats per merged token (Eq. (13)) | " if merged else "")
           + f"{(nll + cell_nll) * (K if merged else N) / math.log(2):.0f} bits per image "
           f"({K if merged else N} codes{' and their cells' if merged else ''})", flush=True)
+    return 0
+
+
+@torch.no_grad()
+def dit_heldout_loss(args, model, ckpt, table):
+    """`nll` of a DiT: a flow model has no likelihood here, so its figure is the flow loss (diffusion.flow_loss, the
+    velocity's mean squared error per element at logit-normal times) on held-out latents scaled by the training
+    statistics, with the true labels and with the null class on the same times and noise (seeded by --seed): the
+    gap is what the label tells the DiT. EMA weights, no label dropout."""
+    K = int(ckpt["K"])
+    check_latents(table, args.codes, K)
+    C, g = table["latents"][K].shape[1:3]
+    if (C, g) != (model.cfg.in_channels, model.cfg.input_size):
+        raise ValueError(f"codes file {args.codes} holds latents {C} x {g} x {g}, the DiT generates "
+                         f"{model.cfg.in_channels} x {model.cfg.input_size} x {model.cfg.input_size}")
+    if table.get("tokenizer_hash") != ckpt.get("tokenizer_hash"):
+        print(f"nll: warning: {args.codes} was extracted with {table['tokenizer']}, the DiT was trained on latents of "
+              f"{ckpt['tokenizer']}: the loss means something only for the same tokenizer", file=sys.stderr)
+    if table.get("split") != "val":
+        print(f"nll: warning: {args.codes} holds {table.get('split', 'train')} images, not held-out ones "
+              f"(extract with --split val)", file=sys.stderr)
+    n = len(table["labels"]) if args.max_rows is None else min(args.max_rows, len(table["labels"]))
+    device = model.latent_mean.device
+    totals, g_cond, g_null = [0.0, 0.0], torch.Generator(device).manual_seed(args.seed), torch.Generator(device)
+    for s in range(0, n, args.batch_size):
+        r = torch.arange(s, min(s + args.batch_size, n))
+        x = scaled_latents(table, r, K, ckpt["latent_mean"], ckpt["latent_std"]).to(device)   # (B, C, g, g)
+        y = table["labels"][r].to(device)
+        g_null.set_state(g_cond.get_state())                              # the same times and noise for both
+        totals[0] += flow_loss(model, x, y, generator=g_cond).item() * len(r)
+        totals[1] += flow_loss(model, x, torch.full_like(y, model.cfg.num_classes), generator=g_null).item() * len(r)
+    cond, null = totals[0] / n, totals[1] / n
+    print(f"nll | dit step {ckpt.get('step')} | {n} latents of {table.get('split', 'train')} images at K={K} | no "
+          f"likelihood: held-out flow loss {cond:.4f} per element with the labels, {null:.4f} with the null class "
+          f"(the label's share {null - cond:.4f})", flush=True)
     return 0
 
 
@@ -969,6 +1177,9 @@ def add_extract_args(sub):
     p.add_argument("--keep", dest="keep", metavar="K", type=int, nargs="+", default=None,
                    help="the kept counts K to extract (default: the tokenizer's candidates, Appendix A.3)")
     p.add_argument("--flip", action="store_true", help="also extract every image mirrored (recorded in `flips`)")
+    p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write the continuous latents on the N grid and their statistics, for --model dit "
+                        "(default: for a mergetok tokenizer; --latents refuses any other, --no-latents skips them)")
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="the images to tokenize: training (default) or held-out ones (for `nll`)")
     p.add_argument("--num-images", type=int, default=None,
@@ -1022,6 +1233,10 @@ def add_train_args(sub):
                    help="randar: the K merged tokens (Sec. 4.2, their source predicted by the Source Recovery Model), "
                         "or grid: Table 3's baseline, all N grid cells, each holding its recovered code (Eq. (11); "
                         "decoded in place). The old spelling of grid, recovered, is accepted")
+    p.add_argument("--dit", default=None, choices=list(DIT_PRESETS),
+                   help="--model dit: the DiT's size (the paper preset: B/2; tiny: the CPU's)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="--model dit: the EMA decay of the weights it samples from (DiT: 0.9999; tiny: 0.999)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one: that run's last.pt, config.json and "
@@ -1156,6 +1371,7 @@ def check_args(args):
         if args.tokens != "merged" and args.model != "randar":
             raise ValueError(f"--tokens {args.tokens} is for --model randar (the raster models always read the N "
                              f"recovered codes)")
+        check_dit_train_args(args)
         if not os.path.isfile(args.codes):
             raise FileNotFoundError(f"--codes {args.codes}: no such file (write it with `train_stage2.py extract`)")
         if args.resume and not os.path.isfile(args.resume):
@@ -1186,6 +1402,28 @@ def check_args(args):
                              f"{args.temperature}, {args.top_p}, {args.top_k}")
         if args.out:
             check_sample_out(args, sample_out(args, {}))
+
+
+# `train` flags of one family of models: the GPTs' and the DiT's
+GPT_ONLY_FLAGS = {"gpt": "--gpt", "label_smoothing": "--label-smoothing", "dropout": "--dropout",
+                  "class_cond": "--class-cond", "window": "--window"}
+DIT_ONLY_FLAGS = {"dit": "--dit", "ema_decay": "--ema-decay"}
+
+
+def check_dit_train_args(args):
+    """One line for a flag of the GPTs given with --model dit, or of the DiT with a GPT."""
+    if args.model == "dit":
+        given = [flag for name, flag in GPT_ONLY_FLAGS.items() if getattr(args, name) is not None]
+        given += ["--checkpoint-activations"] if args.checkpoint_activations else []
+        given += ["--rep source"] if args.rep != "codes" else []
+        if given:
+            raise ValueError(f"{', '.join(given)}: not a setting of --model dit (its size is --dit)")
+        if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    else:
+        given = [flag for name, flag in DIT_ONLY_FLAGS.items() if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: a setting of --model dit, not of {args.model}")
 
 
 def check_train_folder(args):

@@ -90,3 +90,43 @@ def test_reconstruction_rows_decode_with_the_true_or_the_predicted_source(tmp_pa
         torch.testing.assert_close(rec, expected.clamp(-1, 1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="source must be"):
         shapes_score.shapes_reconstructions(ckpt, 7, 3, source="oracle")
+
+
+def test_continuous_reconstructions_of_a_mergetok_tokenizer(tmp_path, capsys):
+    """--branch continuous: a MergeTok tokenizer's held-out shapes decoded from the merged posterior means with the
+    true source (decode_latent, the DiT's ceiling), not from the codes; a tokenizer without that branch, or the
+    predicted source, is refused - on the command line with one line before any other output."""
+    import dataclasses
+    from common import save_checkpoint
+    from tokenizer import build_tokenizer, get_config, load_tokenizer
+    ckpts = {}
+    for variant in ("mergetok", "g"):
+        cfg = get_config(variant, "tiny")
+        torch.manual_seed(0)
+        tok = build_tokenizer(variant, config=cfg).eval()
+        ckpts[variant] = str(tmp_path / f"{variant}.pt")
+        save_checkpoint(ckpts[variant], {"model": tok.state_dict(), "ema": tok.state_dict(),
+                                         "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
+    x, y = shapes_score.shapes_images("val", 7, 3, size=32)
+    tok_m = load_tokenizer(ckpts["mergetok"])
+    with torch.no_grad():
+        enc = tok_m.encode(x, K=36)
+        continuous = tok_m.decode_latent(enc.latent, enc.source).clamp(-1, 1)
+        discrete = tok_m.decode(enc.indices, enc.source).clamp(-1, 1)
+    rec, labels, K = shapes_score.shapes_reconstructions(ckpts["mergetok"], 7, 3, K=36, branch="continuous")
+    assert K == 36 and torch.equal(labels, y)
+    torch.testing.assert_close(rec, continuous, rtol=1e-5, atol=1e-5)
+    assert (rec - discrete).abs().max() > 0.1                              # not the codes' reconstruction
+    with pytest.raises(ValueError, match="no continuous branch"):
+        shapes_score.shapes_reconstructions(ckpts["g"], 7, 3, branch="continuous")
+    with pytest.raises(ValueError, match="true source"):
+        shapes_score.shapes_reconstructions(ckpts["mergetok"], 7, 3, source="predicted", branch="continuous")
+    never = str(tmp_path / "never.pt")                                      # the classifier is never trained
+    for argv, message in [(["--reconstructions", ckpts["g"], "--branch", "continuous"], "no continuous branch"),
+                          (["--reconstructions", ckpts["mergetok"], "--branch", "continuous", "--source",
+                            "predicted"], "true source only")]:
+        assert evaluate.main(["shapes", *argv, "--classifier", never, "--device", "cpu"]) != 0
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert len(err.splitlines()) == 1 and message in err and not captured.out, err
+    assert not (tmp_path / "never.pt").exists()
