@@ -63,10 +63,9 @@ def tensor_to_uint8(x):
 CLASSES = ["circle", "square", "triangle", "ring", "cross", "star", "stripes", "checker", "gradient blob",
            "ellipse"]
 STYLES = ("simple", "rich")
-# simple: one shape in one of four colours on a dark background. Why so few colours (docs/stage2_cpu.md): a code
-# of the tokenizer describes a colour pair and an edge together, so every colour pair multiplies the codes a small
-# generator must learn to place; with random colours and 10 colours its samples were blobs (34%), with these four
-# it draws the shapes (67%), and the tokenizer's reconstructions score 86% against 81%.
+# simple: one shape in one of four colours on a dark background. Why so few colours: a code of the tokenizer
+# describes a colour pair and an edge together, so every colour pair multiplies the codes a small generator must
+# learn to place; with random or 10 colours it drew blobs (docs/stage2_cpu.md, "How the scale was chosen").
 SIMPLE_COLORS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200)]
 SIMPLE_BACKGROUND = (30, 30, 30)
 BACKGROUNDS = ["flat", "linear gradient", "smooth noise", "stripes"]          # rich

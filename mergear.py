@@ -26,8 +26,9 @@ sentences and one figure; the rules below are our reading of them, each with the
     N = 256, 32 at N = 1024): then every token sees the token directly above it and the row between, the
     neighbourhood 2D RoPE measures offsets in, however the image was merged; with W = 2 a token inside a long
     group would lose its upper neighbour. The price is W more keys per step: at most 2 + K + W + 1 (163 at
-    N = 256, K = 144) instead of the plain cache's up to N + 1. The likelihood of both windows is measured in
-    docs/stage2_cpu.md (`train_stage2.py train --model mergear --window W`, then `nll`).
+    N = 256, K = 144) instead of the plain cache's up to N + 1. The likelihood of both windows was measured on an
+    earlier preset (docs/stage2_cpu.md, "The previous recipes"; `train_stage2.py train --model mergear --window W`,
+    then `nll`).
   Where rep comes from. Training has the tokenizer's true source (merge.py's index map): rep_from_source. The
     decoder has only codes; Sec. 4.1: "MergeAR compares it against existing tokens in the KV cache. If it is a
     duplicate ..." - a code equal to an earlier code is a duplicate: rep_from_codes. The two differ wherever two

@@ -10,7 +10,7 @@ layout below is read off RandAR's code, the positions of merged tokens are our r
 
   Tokens and cells. Every token has a cell of the N grid, its "original position in raster order": a merged token
     its anchor (merge.anchors: the first original position its group holds; K distinct cells of N), a recovered
-    code (`--tokens recovered`, Table 3's baseline row: all N cells, RandAR over a raster tokenizer's grid) its own
+    code (`--tokens grid`, Table 3's baseline row: all N cells, RandAR over a raster tokenizer's grid) its own
     cell. The model's RoPE grid is the N grid (block_size N): cell (r, c) rotates by [r theta, c theta].
   The model. gpt.py's Transformer with the same keys and shapes (LlamaGen's names, the plain or the factorized
     2^18 vocabulary) plus the position instruction embedding `pos_instruct_embeddings` (1, dim), N(0, 0.02),
@@ -173,7 +173,7 @@ class RandARTransformer(Transformer):
     def cell_logits(self, h):
         """Position head: outputs h (B, S, D) -> float32 logits (B, S, N) of the next token's cell (unmasked)."""
         if not self.cfg.position_head:
-            raise ValueError("this RandAR model has no position head (its cells are given: --tokens recovered)")
+            raise ValueError("this RandAR model has no position head (its cells are given: --tokens grid)")
         return self.position_output(self.norm(h)).float()
 
     def run_rotated(self, h, freqs, input_pos=None):

@@ -115,9 +115,9 @@ PRESETS = {
                              K=36, K_low=0, K_high=4, align_layers=3),
     },
     # tiny: narrow and shallow, for 2 CPU cores. GroupNorm(32) on 32-128 channels is nearly an instance norm that
-    # strips colour; 4 groups learn about twice as fast there (measured: MSE 0.21 vs 0.10 after 40 steps on a fixed
-    # batch). G: 32 x 32 images, an 8 x 8 grid (N = 64) merged to K = 36: the scale at which a small generator
-    # draws the shapes' outlines (docs/stage2_cpu.md); G+R and R: 64 x 64 images.
+    # strips colour; 4 groups learn faster there (docs/tokenizer_cpu.md, "How the tiny settings were chosen"). G:
+    # 32 x 32 images, an 8 x 8 grid (N = 64) merged to K = 36: the scale at which a small generator draws the shapes'
+    # outlines (docs/stage2_cpu.md); G+R and R: 64 x 64 images.
     "tiny": {
         "g": TokenizerConfig(variant="g", image_size=32, z_channels=10, ch=32, enc_ch_mult=(1, 2, 4), enc_res_blocks=1,
                              norm_groups=4, embed_dim=128, enc_layers=4, enc_heads=4, dec_ch_mult=(1, 2, 4),

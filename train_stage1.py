@@ -104,19 +104,15 @@ TRAIN_PRESETS = {
         "gr": TrainConfig(w_align=1.0),
         "r": TrainConfig(epochs=300, lr_schedule="cosine", w_recovery=1.0, w_align=1.0),
     },
-    # tiny: the README's quick start on 2 CPU cores, the paper's losses at settings measured to learn in its budget
-    # (held-out PSNR at K = 64 after 250 steps, one process, on the 64-px 18-bit tiny preset of commit 6fbf62d, whose
-    # README gave these figures; today's preset, 32 px and d = 10, keeps the settings):
+    # tiny: the README's quick start on 2 CPU cores, the paper's losses at settings that learn in its budget (each
+    # one's measurement: docs/tokenizer_cpu.md, "How the tiny settings were chosen"):
     #  - no discriminator (disc_start past the end): without pretrained LPIPS there is no perceptual loss, and the
-    #    PatchGAN cost 40% of the step time and 1-2 dB (a fixed 0.8 weight wrecked the decoder: MSE 0.17 -> 0.51);
-    #    its 40% buys 1000 steps instead of 600 in the same time;
-    #  - LFQ entropy weight 0.02 instead of 0.1: 20.2 vs 18.5 dB. The batch entropy of 16 images (1024 tokens)
-    #    pulls the codes apart harder than reconstruction can use at this scale;
-    #  - source recovery weight 0.1 instead of 0.5: its gradient reaches the encoder through the codes; cutting that
-    #    gradient gained 0.6 dB (18.5 vs 17.8), weight 0.1 kept the gain (18.8 vs 18.1, measured with a 3x recovery
-    #    learning rate) at a recovery accuracy of 0.16 instead of 0.23.
-    #  lr 1e-3 (1e-4 is far too slow for 1000 steps; 2e-3 lost 2 dB), the step schedule with its x0.1 drop at 90%
-    #  (cosine with warm-up and betas (0.9, 0.99) lost 0.4 dB), batch 16 (8 x 500 or 32 x 125 steps lost 0.1-0.3 dB).
+    #    PatchGAN cost time and PSNR that more steps buy back;
+    #  - LFQ entropy weight 0.02 instead of 0.1: the batch entropy of 16 images pulls the codes apart harder than
+    #    reconstruction can use at this scale;
+    #  - source recovery weight 0.1 instead of 0.5: its gradient reaches the encoder through the codes and costs
+    #    reconstruction;
+    #  - lr 1e-3 with the step schedule (x0.1 at 90%), batch 16.
     "tiny": {
         v: dataclasses.replace(c, batch_size=16, epochs=0, steps=1000, disc_start=10 ** 9, w_entropy=0.02,
                                w_recovery=0.1, adaptive_gan_weight=True, align_size=56, log_every=10, ckpt_every=200,

@@ -17,8 +17,8 @@ The subcommands, in the order a run uses them:
                                built from code equality (--rep codes, the mask decoding mirrors) or from the true
                                source (--rep source, the paper's training reading), window W = one grid row unless
                                --window; K drawn per image among the extracted counts with the tokenizer's
-                               weights (Eq. (15) / (16)). Both defaults were measured on the 18-bit preset of
-                               commit 0786991 (docs/stage2_cpu.md, "The previous recipe").
+                               weights (Eq. (15) / (16)). The --rep default is measured in docs/stage2_cpu.md
+                               ("MergeAR's mask in training"), the window in mergear.py's docstring.
            Both models see the same sequence: the N recovered codes, recovered[j] = indices[source[j]] (Eq. (11)),
            so the two are compared on the same tokens, as Table 3's "LlamaGen" and "MergeAR" rows are.
              --model randar    RandAR (Sec. 4.2, randar.py) on the K merged tokens of the target K, one random
@@ -142,10 +142,11 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "paper": TrainConfig(),
-    # tiny: the CPU demo (experiments/stage2_cpu.py); each choice is measured in docs/stage2_cpu.md:
-    # - class_cond "add": with LlamaGen's class token alone the label was ignored at this scale;
+    # tiny: the CPU demo (experiments/stage2_cpu.py); the first two choices are measured in docs/stage2_cpu.md:
+    # - class_cond "add": with LlamaGen's class token alone the label was ignored at this scale ("The class
+    #   embedding added to every code");
     # - GPT tiny (width 64, 2 blocks), 1500 steps of batch 32 at lr 3e-3, no dropout: more steps or a wider model
-    #   did not draw the shapes better;
+    #   did not draw the shapes better ("How the scale was chosen");
     # - no label smoothing: with sampling over the whole vocabulary its uniform floor draws invalid codes; a short
     #   warm-up for the larger lr.
     "tiny": dataclasses.replace(TrainConfig(), gpt="tiny", batch_size=32, epochs=0, steps=1500, lr=3e-3,

@@ -1,6 +1,6 @@
 """Does the factorized 2^18 head learn a class that lives only in the post sub-token? (docs/factorized_head.md)
 
-The toy of issue 27: an 8 x 8 grid of 18-bit codes; every cell outside the central 4 x 4 block draws one of 16
+The toy: an 8 x 8 grid of 18-bit codes; every cell outside the central 4 x 4 block draws one of 16
 background codes shared by all cells, every cell of the block one of 4 codes of the conditioning class (10 classes).
 The class codes differ only in the post sub-token (lfq.split_index: pre = low 6 bits, post = high 12 bits): code j
 of class c is join_index(pre_j, post_{c,j}), the 4 pre values the same for every class. The plain-head control

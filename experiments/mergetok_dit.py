@@ -17,7 +17,7 @@ The MergeTok abstract claims its tokens are "compatible with both autoregressive
                --cfg-llamagen
   6. score     `evaluate.py shapes` on every sample set and on the ceilings: each tokenizer's reconstructions of 500
                held-out images through its continuous branch (the DiT's ceiling) and its discrete one with the true
-               source (LlamaGen's); the bar of issue 30, (samples - 10%) >= 0.8 x (ceiling - 10%), checked per DiT row
+               source (LlamaGen's); the bar, (samples - 10%) >= 0.8 x (ceiling - 10%), checked per DiT row
 
 Everything lands in --out (refused if it holds files): the tokenizers, codes, generators, every command's log
 (logs/), `table.md` and `table.json` (the rows, their per-class accuracy, the bar, the wall time and the load
@@ -47,7 +47,7 @@ CHANCE = 0.1                                    # 10 classes
 
 
 def meets_bar(samples, ceiling):
-    """Issue 30's bar: the samples reach 80% of the ceiling's margin above chance."""
+    """The bar: the samples reach 80% of the ceiling's margin above chance."""
     return samples - CHANCE >= 0.8 * (ceiling - CHANCE)
 
 

@@ -336,7 +336,7 @@ def test_first_queries_and_cached_keys_equal_teacher_forcing(plain, factorized, 
 
 
 def test_given_cells_decode_in_a_random_order_as_teacher_forcing(plain):
-    """RandAR over a grid (--tokens recovered): the cells are given, every one of the N, in a random order."""
+    """RandAR over a grid (--tokens grid): the cells are given, every one of the N, in a random order."""
     cond, cells = torch.tensor([0, 5]), torch.arange(N).expand(2, N)
     order = random_orders(2, N, torch.Generator().manual_seed(4))
     d = decode_randar(plain, cond, N, N, order=order, cells=cells, generator=torch.Generator().manual_seed(0))
