@@ -67,11 +67,11 @@ class DiTConfig:
 
 # DiT's Table 1 sizes (its models.py DiT_models), at patch 2, and a CPU toy. The defaults of DiTConfig are DiT-B/2 on
 # ImageNet 256's 32 x 32 x 4 latents; build_dit's overrides set the grid, channels and classes of other data.
-# tiny: MergeTok tiny's continuous latent (64 px images, f = 4 -> a 16 x 16 grid of C = 18), the 10 shape classes;
-# patch 2 gives 8 x 8 = 64 tokens (as many as MergeTok tiny's K = 64 merged tokens); width 64 and 6 blocks, the
-# size of the MNIST-scale DiTs that learn in minutes on a CPU.
+# tiny: MergeTok tiny's continuous latent (32 px images, f = 4 -> an 8 x 8 grid of C = 18), the 10 shape classes;
+# patch 2 gives 4 x 4 = 16 tokens; 6 blocks of width 192 (the MNIST-scale DiTs' width 64 drew blobs on these
+# latents: docs/mergetok.md, "Diffusion on the continuous latents").
 DIT_PRESETS = {
-    "tiny": dict(input_size=16, in_channels=18, patch_size=2, hidden_size=64, depth=6, num_heads=4, num_classes=10),
+    "tiny": dict(input_size=8, in_channels=18, patch_size=2, hidden_size=192, depth=6, num_heads=6, num_classes=10),
     "S/2": dict(hidden_size=384, depth=12, num_heads=6),
     "B/2": dict(hidden_size=768, depth=12, num_heads=12),
     "L/2": dict(hidden_size=1024, depth=24, num_heads=16),

@@ -162,7 +162,7 @@ DIT_TRAIN_PRESETS = {
     "paper": dataclasses.replace(TrainConfig(), dit="B/2", batch_size=256, epochs=0, steps=400_000, lr=1e-4,
                                  betas=(0.9, 0.999), weight_decay=0.0, label_smoothing=0.0, grad_clip=float("inf"),
                                  lr_schedule="constant", dropout=0.0, log_every=100, ckpt_every=50_000),
-    "tiny": dataclasses.replace(TrainConfig(), dit="tiny", batch_size=64, epochs=0, steps=3000, lr=1e-3,
+    "tiny": dataclasses.replace(TrainConfig(), dit="tiny", batch_size=64, epochs=0, steps=5000, lr=1e-3,
                                 betas=(0.9, 0.999), weight_decay=0.0, label_smoothing=0.0, warmup_steps=100,
                                 lr_schedule="step", dropout=0.0, ema_decay=0.999, log_every=50, ckpt_every=500),
 }

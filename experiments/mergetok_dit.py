@@ -115,7 +115,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/mergetok-dit", help="everything the command writes (a new folder)")
     p.add_argument("--num-images", type=int, default=4000, help="training images to extract (and their mirrors)")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class of each generator")
-    p.add_argument("--cfg-dit", type=float, default=2.0, help="the DiT's classifier-free guidance scale")
+    p.add_argument("--cfg-dit", type=float, default=4.0, help="the DiT's classifier-free guidance scale")
     p.add_argument("--euler-steps", type=int, default=50, help="the DiT's Euler steps")
     p.add_argument("--cfg-llamagen", type=float, default=2.0, help="LlamaGen's guidance scale (constant)")
     p.add_argument("--stage1-args", default="", help="extra `train_stage1.py` arguments, e.g. '--steps 100'")

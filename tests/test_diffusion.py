@@ -323,7 +323,13 @@ def test_tiny_preset_shapes():
     model = build_dit("tiny")
     B, c = 3, model.cfg
     out = model(torch.randn(B, c.in_channels, c.input_size, c.input_size), torch.rand(B), torch.tensor([0, 9, 10]))
-    assert out.shape == (B, 18, 16, 16) and model.pos_embed.shape == (1, 64, 64)
+    assert out.shape == (B, 18, 8, 8) and model.pos_embed.shape == (1, 16, 192)   # MergeTok tiny's 8 x 8 x 18 grid
+    # 6 blocks of width 192: attention 4 D^2 + 4 D, MLP 8 D^2 + 5 D, adaLN D x 6 D + 6 D; the patch embedding
+    # (2 x 2 x 18 -> D), time MLP (256 -> D -> D), labels (10 + 1 null rows), final adaLN (D -> 2 D) and Linear (D -> 72)
+    D = 192
+    blocks = 6 * ((4 * D * D + 4 * D) + (8 * D * D + 5 * D) + (6 * D * D + 6 * D))
+    rest = (72 * D + D) + (256 * D + D + D * D + D) + 11 * D + (2 * D * D + 2 * D) + (D * 72 + 72)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == blocks + rest
 
 
 # ----------------------------------------------------------------------------------------------------------------
