@@ -142,7 +142,7 @@ def shapes_dit(one_thread):
     """A tiny DiT (8 x 8 x 1 latents, patch 2: 16 tokens, width 64, 2 blocks) trained 250 steps of batch 64 on the
     two shapes plus N(0, 0.1^2) noise, labels dropped to the null class 20% of the time (7 s on one thread)."""
     torch.manual_seed(0)
-    model = build_dit("tiny", input_size=8, in_channels=1, num_classes=2, hidden_size=64, depth=2,
+    model = build_dit("tiny", input_size=8, in_channels=1, num_classes=2, hidden_size=64, num_heads=4, depth=2,
                       class_dropout_prob=0.2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     g, templates = torch.Generator().manual_seed(0), shape_templates()
@@ -183,7 +183,8 @@ def test_the_class_decides_the_shape_and_the_null_class_does_not(shapes_dit):
 def random_dit(seed=0, **overrides):
     """A tiny DiT whose zero-initialised layers (adaLN, final Linear) get random weights, so v is not 0."""
     torch.manual_seed(seed)
-    model = build_dit("tiny", input_size=8, in_channels=3, num_classes=5, hidden_size=32, depth=2, **overrides)
+    model = build_dit("tiny", input_size=8, in_channels=3, num_classes=5, hidden_size=32, num_heads=4, depth=2,
+                      **overrides)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -224,7 +225,8 @@ def test_guidance_is_v_u_plus_s_times_v_c_minus_v_u():
 
 def test_adaln_zero_blocks_are_the_identity_and_the_output_is_zero_at_init():
     torch.manual_seed(0)
-    model = build_dit("tiny", input_size=8, in_channels=3, num_classes=5, hidden_size=32, depth=3)
+    model = build_dit("tiny", input_size=8, in_channels=3, num_classes=5, hidden_size=32, num_heads=4,
+                      depth=3)
     h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
     for block in model.blocks:
         assert torch.equal(block(h, c), h)
