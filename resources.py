@@ -20,6 +20,7 @@ measures them again and prints each beside the constant:
 ACTIVATION_BYTES_PER_PIXEL, the float32 G figure the two factors scale, is older: it was set at commit 4659e79 from a
 CPU measurement whose method that commit does not record, and bench/bench_memory.py's count of G's saved tensors
 comes out higher. It is kept unchanged, so that every estimate stays what it was, until it is measured again.
+The figures behind each constant, and the command's output: docs/memory.md.
 
     python resources.py      # the estimates of the paper presets' runs per GPU (8 GPUs), and of the CPU presets
 """

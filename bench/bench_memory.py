@@ -88,7 +88,7 @@ def stage2():
                     codes = torch.randint(0, 16384, (B, T))
                     labels = torch.randint(0, 1000, (B,))
                     with autocast(amp):
-                        model(codes[:, :-1], labels, targets=codes, label_smoothing=0.1)
+                        model(codes, labels, targets=codes, label_smoothing=0.1)
                 return per_sample(forward, 2, 4)
             block = stack(2) - stack(1)                                      # one block, one sequence
             print(f"  block {amp:4s} T={T:4d}: {block / (T * D):6.1f} bytes per unit of width and position "
@@ -104,7 +104,7 @@ def stage2():
                     codes = torch.randint(0, vocab, (B, T))
                     labels = torch.randint(0, 1000, (B,))
                     with autocast(amp):                                  # logits and the loss, as training
-                        model(codes if factorized else codes[:, :-1], labels, targets=codes, label_smoothing=0.1)
+                        model(codes, labels, targets=codes, label_smoothing=0.1)
                 return per_sample(forward, 2, 4)
             head = heads(1) - (stack(2) - stack(1))                            # one block's share taken off
             per_position = head / T
