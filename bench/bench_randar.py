@@ -45,9 +45,10 @@ def main():
     torch.manual_seed(0)
     randar = build_randar("tiny", **size).eval()
     cond = torch.arange(args.batch) * 97 % 1000
+    cells = torch.arange(L).expand(args.batch, L)                         # all L grid cells, in a random order
     runs = {"raster (gpt.generate)": (L, lambda cfg: generate(raster, cond, L, cfg_scale=cfg)),
-            "RandAR T = 88": (88, lambda cfg: generate_randar(randar, cond, L, 88, cfg_scale=cfg)),
-            "RandAR T = 256": (256, lambda cfg: generate_randar(randar, cond, L, 256, cfg_scale=cfg))}
+            "RandAR T = 88": (88, lambda cfg: generate_randar(randar, cond, L, 88, cfg_scale=cfg, cells=cells)),
+            "RandAR T = 256": (256, lambda cfg: generate_randar(randar, cond, L, 256, cfg_scale=cfg, cells=cells))}
     print(f"width {args.dim}, {args.layers} blocks, factorized 2^18 codes, L = {L} tokens, batch {args.batch}, "
           f"{args.threads} thread(s), best of {args.repeats} interleaved runs")
     for cfg in (1.0, 3.0):
