@@ -50,11 +50,13 @@ def flops():
 
 @torch.no_grad()
 def tiny_times(batch=16, repeats=5):
-    print(f"tiny presets: forward time on the CPU ({torch.get_num_threads()} threads), batch {batch}, 64x64")
+    print(f"tiny presets: forward time on the CPU ({torch.get_num_threads()} threads), batch {batch}, each at its "
+          f"image size (G 32 px, G+R and R 64 px)")
     for v in VARIANTS:
         torch.manual_seed(0)
         m = build_tokenizer(v, "tiny").eval()
-        x = torch.rand(batch, 3, 64, 64) * 2 - 1
+        S = m.cfg.image_size
+        x = torch.rand(batch, 3, S, S) * 2 - 1                                # (B, 3, S, S)
         m(x)                                                            # warm-up
         t = time.perf_counter()
         for _ in range(repeats):
