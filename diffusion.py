@@ -388,7 +388,8 @@ if __name__ == "__main__":
         print(f"DiT-{name} on 32 x 32 x 4 latents, 1000 classes: {n:,} parameters ({n + extra:,} as DiT's release "
               f"counts, with its position table and variance outputs)")
     torch.manual_seed(0)
-    model = build_dit("tiny", input_size=8, in_channels=1, num_classes=4, hidden_size=64, depth=4)
+    model = build_dit("tiny", input_size=8, in_channels=1, num_classes=4, hidden_size=64, num_heads=4,
+                      depth=4)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
