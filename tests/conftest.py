@@ -43,3 +43,19 @@ def random_tokenizer_checkpoint(path, seed=0, **overrides):
     sd = build_tokenizer("g", config=cfg).state_dict()
     save_checkpoint(str(path), {"model": sd, "ema": sd, "tokenizer_config": dataclasses.asdict(cfg), "step": 1})
     return str(path)
+
+
+def assert_states_equal(a, b, where=""):
+    """Nested checkpoint entries (state dicts, optimizer states, RNG states) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

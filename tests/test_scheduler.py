@@ -21,7 +21,7 @@ import common
 import evaluate
 import train_stage1
 import train_stage2
-from conftest import random_tokenizer_checkpoint
+from conftest import assert_states_equal, random_tokenizer_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # the in-process runs: tiny models, one thread is faster
 
@@ -182,7 +182,7 @@ def test_a_step_stopped_inside_resumes_exactly_stage1(tmp_path, monkeypatch, cap
     assert train_stage1.main([*args, "--out", cut, "--resume", os.path.join(cut, "last.pt")]) == 0
     a, b = (torch.load(os.path.join(o, "last.pt"), weights_only=True) for o in (str(tmp_path / "straight"), cut))
     for key in ["model", "ema", "disc", "lecam", "opt_g", "opt_d", "rng", "noise_rng"]:
-        assert_equal(a[key], b[key], key)
+        assert_states_equal(a[key], b[key], key)
 
 
 def test_a_dropped_step_puts_back_what_it_drew():
@@ -203,22 +203,6 @@ def test_a_dropped_step_puts_back_what_it_drew():
     assert torch.equal(torch.get_rng_state(), before[0]) and torch.equal(g.get_state(), before[1])
     assert all(torch.equal(b, old) for b, old in zip(bn.buffers(), before[2]))
     assert common.StopRequest.active is None
-
-
-def assert_equal(a, b, where):
-    """Nested checkpoint entries (state dicts, optimizer states, RNG states) equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_point(f, tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image
 import common
 import tokenizer
 import train_stage1
+from conftest import assert_states_equal
 from data import ShapesDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -394,22 +395,6 @@ def test_the_last_step_writes_its_checkpoint_before_its_picture_at_counts_the_to
         train_stage1.main(["--variant", "g", "--preset", "tiny", *SMALL, "--steps", "1", "--sample-every", "1",
                            "--out", str(tmp_path / "broken")])
     assert torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["step"] == 1
-
-
-def assert_states_equal(a, b, where=""):
-    """Nested checkpoint entries (state dicts, optimizer states) equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.parametrize("variant", ["g", "gr", "r", "mergetok"])
